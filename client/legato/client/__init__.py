@@ -1,0 +1,40 @@
+"""The legato Python client: delegate tasks to other agents and pick up results.
+
+    from legato.client import AsyncClient
+
+    async with AsyncClient() as coder:
+        handle = await coder.create_task("current RPM for Tier 1?", labels=["@researcher"])
+        task = await handle.result(timeout=60)
+
+`Client` is the same API, blocking.
+"""
+
+from legato.client._async import AsyncClient, AsyncJob, AsyncTaskHandle
+from legato.client._sync import Client, Job, TaskHandle
+from legato.client.errors import (
+    LegatoError,
+    RPCError,
+    TaskCanceledError,
+    TaskFailedError,
+    TaskOutcomeError,
+)
+from legato.client.models import EventType, Task, TaskEvent, TaskPage, TaskStatus
+
+__all__ = [
+    "AsyncClient",
+    "AsyncJob",
+    "AsyncTaskHandle",
+    "Client",
+    "EventType",
+    "Job",
+    "LegatoError",
+    "RPCError",
+    "Task",
+    "TaskCanceledError",
+    "TaskEvent",
+    "TaskFailedError",
+    "TaskHandle",
+    "TaskOutcomeError",
+    "TaskPage",
+    "TaskStatus",
+]

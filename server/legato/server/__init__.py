@@ -1,0 +1,1 @@
+"""The legato daemon: a grpc.aio server persisting tasks and events to SQLite."""

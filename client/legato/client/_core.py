@@ -1,0 +1,184 @@
+"""What the sync and async clients share: everything but the I/O.
+
+Request building, response conversion, outcome rules and the watch resume
+policy live here once; `Client` and `AsyncClient` only make the calls.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+from legato.v1 import tasks_pb2
+
+from legato.client.errors import (
+    RPCError,
+    TaskCanceledError,
+    TaskFailedError,
+)
+from legato.client.models import Task, TaskStatus, dict_to_struct
+from legato.server.paths import default_address
+
+AGENT_METADATA = "legato-agent"
+_AGENT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+
+# Message limits match the daemon's.
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.max_send_message_length", 4 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+]
+
+# A watch resumes by itself after these; anything else is the caller's to see.
+RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+RESUME_FIRST_DELAY = 0.05
+RESUME_MAX_DELAY = 2.0
+
+
+def duration(seconds: float | None) -> duration_pb2.Duration | None:
+    if seconds is None:
+        return None
+    message = duration_pb2.Duration()
+    message.FromMicroseconds(round(seconds * 1_000_000))
+    return message
+
+
+def outcome(task: Task) -> Task:
+    """The task if it is DONE; raises for FAILED or CANCELED."""
+    if task.status is TaskStatus.FAILED:
+        raise TaskFailedError(task)
+    if task.status is TaskStatus.CANCELED:
+        raise TaskCanceledError(task)
+    return task
+
+
+class Deadline:
+    """An optional point in time after which waiting stops."""
+
+    def __init__(self, timeout: float | None):
+        self._at = None if timeout is None else time.monotonic() + timeout
+
+    @property
+    def bounded(self) -> bool:
+        return self._at is not None
+
+    def remaining(self) -> float | None:
+        """Seconds left (None: no deadline); raises TimeoutError once passed."""
+        if self._at is None:
+            return None
+        left = self._at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out waiting for the task")
+        return left
+
+
+class Resume:
+    """When a dropped watch stream reconnects: resumable codes only, with backoff."""
+
+    def __init__(self) -> None:
+        self._delay = RESUME_FIRST_DELAY
+
+    def progressed(self) -> None:
+        self._delay = RESUME_FIRST_DELAY
+
+    def delay_after(self, error: RPCError, deadline: Deadline) -> float:
+        """Seconds to wait before reconnecting; re-raises what cannot be resumed."""
+        if error.code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline.bounded:
+            raise TimeoutError("timed out waiting for the task") from error
+        if error.code not in RESUMABLE:
+            raise error
+        delay = self._delay
+        self._delay = min(self._delay * 2, RESUME_MAX_DELAY)
+        left = deadline.remaining()
+        return delay if left is None else min(delay, left)
+
+
+class ClientCore:
+    """Configuration and request building shared by `Client` and `AsyncClient`."""
+
+    def __init__(self, address: str | None, agent: str | None, timeout: float | None):
+        self.address = address or default_address()
+        name = agent if agent is not None else os.environ.get("LEGATO_AGENT", "")
+        if name and not _AGENT_NAME.fullmatch(name):
+            raise ValueError(
+                f"agent name {name!r} must be 1 to 63 of a-z, 0-9, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        self.agent = name
+        self.timeout = timeout
+        self._metadata: tuple[tuple[str, str], ...] = ((AGENT_METADATA, name),) if name else ()
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this legato client is closed; create a new one")
+
+    @staticmethod
+    def _create_request(
+        content: str,
+        labels: Sequence[str],
+        context: Mapping[str, Any] | None,
+        parent_id: str,
+        idempotency_key: str,
+        max_attempts: int,
+    ) -> tasks_pb2.CreateTaskRequest:
+        if isinstance(labels, str):
+            labels = [labels]
+        return tasks_pb2.CreateTaskRequest(
+            content=content,
+            labels=labels,
+            context=dict_to_struct(context, "context"),
+            parent_id=parent_id,
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts,
+        )
+
+    @staticmethod
+    def _list_request(
+        labels: Sequence[str],
+        statuses: Sequence[TaskStatus | str],
+        parent_id: str,
+        page_size: int,
+        page_token: str,
+    ) -> tasks_pb2.ListTasksRequest:
+        return tasks_pb2.ListTasksRequest(
+            labels=[labels] if isinstance(labels, str) else labels,
+            statuses=[TaskStatus(s).proto for s in statuses],
+            parent_id=parent_id,
+            page_size=page_size,
+            page_token=page_token,
+        )
+
+    @staticmethod
+    def _claim_request(
+        labels: Sequence[str], task_id: str, lease: float | None
+    ) -> tasks_pb2.ClaimTaskRequest:
+        return tasks_pb2.ClaimTaskRequest(
+            labels=[labels] if isinstance(labels, str) else labels,
+            id=task_id,
+            lease=duration(lease),
+        )
+
+    @staticmethod
+    def _watch_request(
+        labels: Sequence[str], task_ids: Sequence[str], after_seq: int
+    ) -> tasks_pb2.WatchTasksRequest:
+        return tasks_pb2.WatchTasksRequest(
+            labels=[labels] if isinstance(labels, str) else labels,
+            task_ids=[task_ids] if isinstance(task_ids, str) else task_ids,
+            after_seq=after_seq,
+        )
+
+    @staticmethod
+    def _complete_request(
+        task_id: str, lease_token: str, result: Mapping[str, Any] | None
+    ) -> tasks_pb2.CompleteTaskRequest:
+        return tasks_pb2.CompleteTaskRequest(
+            id=task_id, lease_token=lease_token, result=dict_to_struct(result or {}, "result")
+        )

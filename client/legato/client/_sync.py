@@ -1,0 +1,257 @@
+"""The blocking face of the client: `Client`, `TaskHandle`, `Job`.
+
+Same methods, names and behaviour as the asyncio face in `_async`; only the
+I/O differs. Shared logic lives in `_core`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from legato.v1 import tasks_pb2, tasks_pb2_grpc
+
+from legato.client._core import CHANNEL_OPTIONS, ClientCore, Deadline, Resume, duration, outcome
+from legato.client.errors import from_rpc_error
+from legato.client.models import Task, TaskEvent, TaskPage, TaskStatus
+
+Response = TypeVar("Response")
+
+
+class Client(ClientCore):
+    """A blocking client of the legato daemon; see `AsyncClient` for the arguments."""
+
+    def __init__(
+        self, address: str | None = None, *, agent: str | None = None, timeout: float | None = 30.0
+    ):
+        super().__init__(address, agent, timeout)
+        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
+
+    @classmethod
+    def connect(
+        cls,
+        address: str | None = None,
+        *,
+        agent: str | None = None,
+        timeout: float | None = 30.0,
+        connect_timeout: float = 5.0,
+    ) -> Client:
+        """Creates a client and waits until the daemon answers; UnavailableError if it does not."""
+        client = cls(address, agent=agent, timeout=timeout)
+        try:
+            client._call(client._stub.ListTasks, tasks_pb2.ListTasksRequest(page_size=1), connect_timeout)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def _call(
+        self, method: Callable[..., Response], request: Any, timeout: float | None = None
+    ) -> Response:
+        self._check_open()
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, address=self.address) from None
+
+    def create_task(
+        self,
+        content: str,
+        *,
+        labels: Sequence[str],
+        context: Mapping[str, Any] | None = None,
+        parent_id: str = "",
+        idempotency_key: str = "",
+        max_attempts: int = 0,
+    ) -> TaskHandle:
+        """Creates a task routed to `labels` and returns a handle to wait for its result."""
+        request = self._create_request(
+            content, labels, context, parent_id, idempotency_key, max_attempts
+        )
+        task = Task.from_proto(self._call(self._stub.CreateTask, request))
+        return TaskHandle(self, task.id, task)
+
+    def get_handle(self, task_id: str) -> TaskHandle:
+        """A handle to an existing task."""
+        return TaskHandle(self, task_id)
+
+    def get_task(self, task_id: str) -> Task:
+        return Task.from_proto(self._call(self._stub.GetTask, tasks_pb2.GetTaskRequest(id=task_id)))
+
+    def list_tasks(
+        self,
+        *,
+        labels: Sequence[str] = (),
+        statuses: Sequence[TaskStatus | str] = (),
+        parent_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> TaskPage:
+        """One page of tasks, oldest first, and the event cursor of the listing."""
+        request = self._list_request(labels, statuses, parent_id, page_size, page_token)
+        response = self._call(self._stub.ListTasks, request)
+        return TaskPage(
+            [Task.from_proto(t) for t in response.tasks], response.next_page_token, response.cursor
+        )
+
+    def claim(
+        self, labels: Sequence[str] = (), *, task_id: str = "", lease: float | None = None
+    ) -> Job | None:
+        """Claims the oldest pending task with any of `labels` (or `task_id`); None if none."""
+        response = self._call(self._stub.ClaimTask, self._claim_request(labels, task_id, lease))
+        if not response.HasField("task"):
+            return None
+        return Job(self, Task.from_proto(response.task), response.lease_token)
+
+    def heartbeat(
+        self, task_id: str, lease_token: str, *, lease: float | None = None
+    ) -> tuple[Task, bool]:
+        """Extends a lease; returns the task and whether it was canceled (stop work if so)."""
+        request = tasks_pb2.HeartbeatRequest(
+            id=task_id, lease_token=lease_token, lease=duration(lease)
+        )
+        response = self._call(self._stub.Heartbeat, request)
+        return Task.from_proto(response.task), response.cancel_requested
+
+    def complete_task(
+        self, task_id: str, lease_token: str, result: Mapping[str, Any] | None = None
+    ) -> Task:
+        request = self._complete_request(task_id, lease_token, result)
+        return Task.from_proto(self._call(self._stub.CompleteTask, request))
+
+    def fail_task(
+        self, task_id: str, lease_token: str, error: str, *, retryable: bool = False
+    ) -> Task:
+        request = tasks_pb2.FailTaskRequest(
+            id=task_id, lease_token=lease_token, error=error, retryable=retryable
+        )
+        return Task.from_proto(self._call(self._stub.FailTask, request))
+
+    def cancel_task(self, task_id: str, reason: str = "") -> Task:
+        request = tasks_pb2.CancelTaskRequest(id=task_id, reason=reason)
+        return Task.from_proto(self._call(self._stub.CancelTask, request))
+
+    def watch(
+        self,
+        *,
+        labels: Sequence[str] = (),
+        task_ids: Sequence[str] = (),
+        after_seq: int | None = None,
+    ) -> Iterator[TaskEvent]:
+        """Task events in seq order, resuming by itself when the stream drops.
+
+        With `after_seq`, stored events after it come first; without, events
+        from now on. Either way no event is missed or repeated across reconnects.
+        """
+        return self._watch(labels, task_ids, after_seq, Deadline(None))
+
+    def _watch(
+        self,
+        labels: Sequence[str],
+        task_ids: Sequence[str],
+        after_seq: int | None,
+        deadline: Deadline,
+    ) -> Iterator[TaskEvent]:
+        if after_seq is None:
+            after_seq = self.list_tasks(page_size=1).cursor
+        resume = Resume()
+        while True:
+            self._check_open()
+            call = self._stub.WatchTasks(
+                self._watch_request(labels, task_ids, after_seq),
+                timeout=deadline.remaining(),
+                metadata=self._metadata,
+            )
+            try:
+                for message in call:
+                    event = TaskEvent.from_proto(message)
+                    after_seq = event.seq
+                    resume.progressed()
+                    yield event
+            except grpc.RpcError as exc:
+                delay = resume.delay_after(from_rpc_error(exc, address=self.address), deadline)
+                time.sleep(delay)  # backoff before reconnecting
+            finally:
+                call.cancel()
+
+    def close(self) -> None:
+        """Closes the channel; the client cannot be used afterwards."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class TaskHandle:
+    """A task this client can wait on, inspect or cancel."""
+
+    def __init__(self, client: Client, task_id: str, task: Task | None = None):
+        self._client = client
+        self.id = task_id
+        self.task = task
+
+    def get(self) -> Task:
+        """The task as it is now."""
+        self.task = self._client.get_task(self.id)
+        return self.task
+
+    def result(self, *, timeout: float | None = None) -> Task:
+        """Waits on the watch stream for the task to finish and returns it.
+
+        Raises `TaskFailedError` or `TaskCanceledError` if it did not finish
+        DONE, and `TimeoutError` after `timeout` seconds.
+        """
+        with closing(self._client._watch((), (self.id,), 0, Deadline(timeout))) as events:
+            for event in events:
+                if event.task.status.terminal:
+                    self.task = event.task
+                    return outcome(event.task)
+        raise AssertionError("the watch stream ended without an error")  # it resumes instead
+
+    def cancel(self, reason: str = "") -> Task:
+        self.task = self._client.cancel_task(self.id, reason)
+        return self.task
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.id!r})"
+
+
+class Job:
+    """A task this worker holds a lease on."""
+
+    def __init__(self, client: Client, task: Task, lease_token: str):
+        self._client = client
+        self.task = task
+        self.lease_token = lease_token
+
+    @property
+    def id(self) -> str:
+        return self.task.id
+
+    def heartbeat(self, *, lease: float | None = None) -> bool:
+        """Extends the lease; True means the task was canceled and work should stop."""
+        self.task, cancel_requested = self._client.heartbeat(self.id, self.lease_token, lease=lease)
+        return cancel_requested
+
+    def complete(self, result: Mapping[str, Any] | None = None) -> Task:
+        self.task = self._client.complete_task(self.id, self.lease_token, result)
+        return self.task
+
+    def fail(self, error: str, *, retryable: bool = False) -> Task:
+        self.task = self._client.fail_task(self.id, self.lease_token, error, retryable=retryable)
+        return self.task
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"

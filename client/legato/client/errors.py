@@ -1,0 +1,155 @@
+"""The client's exceptions: one tree, with gRPC status codes mapped in one place.
+
+    LegatoError
+    ├── RPCError                      a call failed; `.code` is the grpc.StatusCode
+    │   ├── CancelledError            CANCELLED
+    │   ├── UnknownError              UNKNOWN
+    │   ├── InvalidArgumentError      INVALID_ARGUMENT
+    │   ├── DeadlineExceededError     DEADLINE_EXCEEDED
+    │   ├── NotFoundError             NOT_FOUND
+    │   ├── AlreadyExistsError        ALREADY_EXISTS
+    │   ├── PermissionDeniedError     PERMISSION_DENIED
+    │   ├── ResourceExhaustedError    RESOURCE_EXHAUSTED
+    │   ├── FailedPreconditionError   FAILED_PRECONDITION
+    │   ├── AbortedError              ABORTED
+    │   ├── OutOfRangeError           OUT_OF_RANGE
+    │   ├── UnimplementedError        UNIMPLEMENTED
+    │   ├── InternalError             INTERNAL
+    │   ├── UnavailableError          UNAVAILABLE (e.g. the daemon is not running)
+    │   ├── DataLossError             DATA_LOSS
+    │   └── UnauthenticatedError      UNAUTHENTICATED
+    └── TaskOutcomeError              a task ended without a result; `.task` is it
+        ├── TaskFailedError           FAILED
+        └── TaskCanceledError         CANCELED
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+
+if TYPE_CHECKING:
+    from legato.client.models import Task
+
+
+class LegatoError(Exception):
+    """Root of every error the legato client raises."""
+
+
+class RPCError(LegatoError):
+    """A call to the daemon failed with a gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.code.name})"
+
+
+class CancelledError(RPCError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class UnknownError(RPCError):
+    code = grpc.StatusCode.UNKNOWN
+
+
+class InvalidArgumentError(RPCError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class DeadlineExceededError(RPCError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class NotFoundError(RPCError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(RPCError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDeniedError(RPCError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhaustedError(RPCError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPreconditionError(RPCError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AbortedError(RPCError):
+    code = grpc.StatusCode.ABORTED
+
+
+class OutOfRangeError(RPCError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class UnimplementedError(RPCError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class InternalError(RPCError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class UnavailableError(RPCError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DataLossError(RPCError):
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class UnauthenticatedError(RPCError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+_BY_CODE: dict[grpc.StatusCode, type[RPCError]] = {
+    cls.code: cls
+    for cls in (
+        CancelledError, UnknownError, InvalidArgumentError, DeadlineExceededError,
+        NotFoundError, AlreadyExistsError, PermissionDeniedError, ResourceExhaustedError,
+        FailedPreconditionError, AbortedError, OutOfRangeError, UnimplementedError,
+        InternalError, UnavailableError, DataLossError, UnauthenticatedError,
+    )
+}  # fmt: skip
+
+
+def from_rpc_error(exc: grpc.RpcError, *, address: str = "") -> RPCError:
+    """The `RPCError` subclass for a failed call (sync or asyncio)."""
+    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+    details: str = exc.details() or code.name  # type: ignore[attr-defined]
+    if code is grpc.StatusCode.UNAVAILABLE and address:
+        details = (
+            f"cannot reach the legato daemon at {address}: {details}. "
+            "Start it with `legato serve` (or `make run`), or point LEGATO_ADDRESS at it"
+        )
+    return _BY_CODE.get(code, UnknownError)(details, code=code)
+
+
+class TaskOutcomeError(LegatoError):
+    """A task finished without a result."""
+
+    def __init__(self, task: Task):
+        super().__init__(f"task {task.id} {task.status.value}: {task.error or 'no reason given'}")
+        self.task = task
+
+
+class TaskFailedError(TaskOutcomeError):
+    """The task ended FAILED; `task.error` says why."""
+
+
+class TaskCanceledError(TaskOutcomeError):
+    """The task was canceled; `task.error` holds the reason."""

@@ -1,0 +1,157 @@
+"""Plain Python views of the `legato.v1` messages the client returns."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from legato.v1 import tasks_pb2
+
+JSON = dict[str, Any]
+
+_SAFE_INT = 2**53
+
+
+class TaskStatus(str, Enum):
+    """Where a task is in its life. DONE, FAILED and CANCELED are terminal."""
+
+    PENDING = "pending"
+    CLAIMED = "claimed"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELED)
+
+    @property
+    def proto(self) -> tasks_pb2.TaskStatus.ValueType:
+        return tasks_pb2.TaskStatus.Value(f"TASK_STATUS_{self.name}")
+
+
+class EventType(str, Enum):
+    """What changed in a `TaskEvent`."""
+
+    CREATED = "created"
+    CLAIMED = "claimed"
+    HEARTBEAT = "heartbeat"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    REQUEUED = "requeued"
+
+
+def _plain(value: Any) -> Any:
+    # Struct numbers are JSON doubles; give whole ones back as int for readability.
+    if isinstance(value, float) and value.is_integer() and abs(value) < _SAFE_INT:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def struct_to_dict(message: struct_pb2.Struct) -> JSON:
+    return _plain(json_format.MessageToDict(message))  # type: ignore[no-any-return]
+
+
+def dict_to_struct(value: Mapping[str, Any] | None, field: str) -> struct_pb2.Struct | None:
+    """A JSON-like mapping as a Struct; TypeError names the field when it is not JSON."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{field} must be a dict of JSON values, not {type(value).__name__}")
+    message = struct_pb2.Struct()
+    try:
+        message.update(value)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise TypeError(f"{field} must hold only JSON values (str, number, bool, None, list, dict): {exc}") from None
+    return message
+
+
+def _time(message: timestamp_pb2.Timestamp) -> datetime:
+    return message.ToDatetime(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A task as the daemon reported it."""
+
+    id: str
+    content: str
+    labels: tuple[str, ...]
+    context: JSON
+    result: JSON | None
+    status: TaskStatus
+    error: str
+    created_by: str
+    claimed_by: str
+    parent_id: str
+    root_id: str
+    attempt: int
+    max_attempts: int
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    lease_expires_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, message: tasks_pb2.Task) -> Task:
+        return cls(
+            id=message.id,
+            content=message.content,
+            labels=tuple(message.labels),
+            context=struct_to_dict(message.context),
+            result=struct_to_dict(message.result) if message.HasField("result") else None,
+            status=TaskStatus[tasks_pb2.TaskStatus.Name(message.status).removeprefix("TASK_STATUS_")],
+            error=message.error,
+            created_by=message.created_by,
+            claimed_by=message.claimed_by,
+            parent_id=message.parent_id,
+            root_id=message.root_id,
+            attempt=message.attempt,
+            max_attempts=message.max_attempts,
+            version=message.version,
+            created_at=_time(message.created_at),
+            updated_at=_time(message.updated_at),
+            lease_expires_at=(
+                _time(message.lease_expires_at) if message.HasField("lease_expires_at") else None
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    """One change of a task; `seq` is the cursor to resume a watch from."""
+
+    seq: int
+    type: EventType
+    task: Task
+    actor: str
+    time: datetime
+
+    @classmethod
+    def from_proto(cls, message: tasks_pb2.TaskEvent) -> TaskEvent:
+        name = tasks_pb2.TaskEventType.Name(message.type).removeprefix("TASK_EVENT_TYPE_")
+        return cls(
+            seq=message.seq,
+            type=EventType[name],
+            task=Task.from_proto(message.task),
+            actor=message.actor,
+            time=_time(message.time),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """One page of `list_tasks`; pass `next_page_token` for the next ("" on the last)."""
+
+    tasks: list[Task]
+    next_page_token: str
+    cursor: int

@@ -1,0 +1,76 @@
+"""Conversions between domain records and `legato.v1` messages."""
+
+from __future__ import annotations
+
+from google.protobuf import struct_pb2
+from legato.v1 import tasks_pb2
+
+from legato.server.errors import InvalidArgument
+from legato.server.model import Event, Status, TaskRecord
+
+
+def struct_bytes(message: tasks_pb2.CreateTaskRequest | tasks_pb2.CompleteTaskRequest, field: str) -> bytes:
+    """A Struct field serialized deterministically, or b'' when unset.
+
+    Deterministic, so that the same blob always has the same bytes: idempotent
+    retries compare them.
+    """
+    if not message.HasField(field):  # type: ignore[arg-type]
+        return b""
+    blob: struct_pb2.Struct = getattr(message, field)
+    return blob.SerializeToString(deterministic=True)
+
+
+def duration_us(message: object, field: str) -> int | None:
+    """A Duration field in microseconds, or None when unset."""
+    if not message.HasField(field):  # type: ignore[attr-defined]
+        return None
+    value: int = getattr(message, field).ToMicroseconds()
+    return value
+
+
+def statuses(values: list[int]) -> list[Status]:
+    try:
+        return [Status(v) for v in values]
+    except ValueError:
+        raise InvalidArgument(
+            f"statuses has an unknown value among {values}; use TASK_STATUS_PENDING .. "
+            "TASK_STATUS_CANCELED"
+        ) from None
+
+
+def task_proto(task: TaskRecord) -> tasks_pb2.Task:
+    message = tasks_pb2.Task(
+        id=task.id,
+        content=task.content,
+        labels=task.labels,
+        status=int(task.status),  # type: ignore[arg-type]
+        error=task.error,
+        created_by=task.created_by,
+        claimed_by=task.claimed_by,
+        parent_id=task.parent_id,
+        root_id=task.root_id,
+        attempt=task.attempt,
+        max_attempts=task.max_attempts,
+        version=task.version,
+    )
+    if task.context:
+        message.context.MergeFromString(task.context)
+    if task.result:
+        message.result.MergeFromString(task.result)
+    message.created_at.FromMicroseconds(task.created_at)
+    message.updated_at.FromMicroseconds(task.updated_at)
+    if task.lease_expires_at is not None and task.status is Status.CLAIMED:
+        message.lease_expires_at.FromMicroseconds(task.lease_expires_at)
+    return message
+
+
+def event_proto(event: Event) -> tasks_pb2.TaskEvent:
+    message = tasks_pb2.TaskEvent(
+        seq=event.seq,
+        type=int(event.type),  # type: ignore[arg-type]
+        task=task_proto(event.task),
+        actor=event.actor,
+    )
+    message.time.FromMicroseconds(event.at)
+    return message

@@ -1,0 +1,193 @@
+"""The daemon process: lock the data dir, open the store, serve, shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from legato.v1 import tasks_pb2, tasks_pb2_grpc
+
+from legato.server.db import Durability
+from legato.server.paths import DB_NAME, LOCK_NAME, SOCKET_NAME, default_data_dir, private_dir
+from legato.server.paths import default_runtime_dir
+from legato.server.service import TaskService
+from legato.server.tasks import TaskManager
+
+log = logging.getLogger(__name__)
+
+# The largest request or response: a task carries up to 64 KiB of content and
+# 1 MiB each of context and result; the rest is headroom.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SERVICE_NAME = "legato.v1.TaskService"
+
+GRPC_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Watch streams may sit idle for hours: ping them so dead peers are noticed.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+class AlreadyRunning(RuntimeError):
+    """Another daemon holds the data dir."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """How the daemon runs. `listen` is `unix:PATH` or `HOST:PORT`."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    listen: str = ""
+    durability: Durability = Durability.NORMAL
+    grace: float = 5.0
+
+    @property
+    def address(self) -> str:
+        return self.listen or f"unix:{default_runtime_dir() / SOCKET_NAME}"
+
+
+class DataDirLock:
+    """An exclusive lock on the data dir, held for the daemon's life.
+
+    gRPC silently unlinks and takes over a unix socket another server is bound
+    to, so a second daemon must be stopped before it binds: this lock does it.
+    """
+
+    def __init__(self, data_dir: Path):
+        self.path = data_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> DataDirLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another legato daemon (pid {holder}) is already serving {self.path.parent}; "
+                "stop it first, or start this one with a different --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _prepare_socket(address: str) -> None:
+    if not address.startswith("unix:"):
+        return
+    if address.startswith("unix-abstract:"):
+        raise ValueError("abstract unix sockets have no permissions; use a unix:PATH socket")
+    path = Path(address.removeprefix("unix:").removeprefix("//"))
+    private_dir(path.parent)
+
+
+class Daemon:
+    """A running legato daemon; `async with Daemon(config)` serves until closed."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.tasks: TaskManager | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._lock = DataDirLock(private_dir(config.data_dir))
+
+    async def start(self) -> None:
+        self._lock.__enter__()
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        self.tasks = await TaskManager.open(
+            self.config.data_dir / DB_NAME, durability=self.config.durability
+        )
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskService(self.tasks), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [
+                tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        _prepare_socket(self.config.address)
+        old_umask = os.umask(0o077)  # the socket file: owner only
+        try:
+            if server.add_insecure_port(self.config.address) == 0:
+                raise OSError(f"cannot listen on {self.config.address}")
+        finally:
+            os.umask(old_umask)
+        await server.start()
+        self._server = server
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        """Graceful stop: NOT_SERVING, end watch streams, drain calls, close the database.
+
+        Watch streams are ended first because `server.stop(grace)` otherwise
+        waits out the whole grace period while any stream is open.
+        """
+        await self._health.enter_graceful_shutdown()
+        if self.tasks is not None:
+            self.tasks.bus.close()
+        if self._server is not None:
+            await self._server.stop(self.config.grace)
+            self._server = None
+        if self.tasks is not None:
+            await self.tasks.close()
+            self.tasks = None
+        self._lock.__exit__(None, None, None)
+
+    async def __aenter__(self) -> Daemon:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    """Runs the daemon until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Daemon(config):
+        print(
+            f"legato serving on {config.address} (data: {config.data_dir}, "
+            f"durability: {config.durability.value})",
+            flush=True,
+        )
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("shutting down")
+    print("legato stopped", flush=True)

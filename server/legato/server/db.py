@@ -1,0 +1,215 @@
+"""SQLite access on dedicated threads, one whole transaction per hop.
+
+Every write is a function run on the single writer thread inside
+`BEGIN IMMEDIATE ... COMMIT`; the awaiting coroutine gets its answer only after
+COMMIT. Writes that queue up while a commit is under way are committed
+together (group commit): each runs inside its own SAVEPOINT, so one that raises
+is rolled back alone, and all of them share one COMMIT and one sync.
+
+Running whole transactions as one function is what makes the usual asyncio
+SQLite traps impossible here: no two coroutines interleave statements inside
+one transaction, and cancelling a caller cannot leave a transaction open (the
+function runs to COMMIT or ROLLBACK on its thread whatever the caller does).
+Reads run on their own connections and threads, so they never wait behind a
+write's sync, and WAL gives each read a consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from queue import Empty, SimpleQueue
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+# How many queued writes may share one transaction. Bounds the latency a write
+# adds to the others of its group.
+MAX_GROUP = 256
+
+
+class Durability(str, Enum):
+    """How far a commit is synced before it is acknowledged.
+
+    NORMAL survives a crash or `kill -9` of the daemon; FULL also survives an
+    operating system crash or power loss, at the cost of a sync per commit.
+    """
+
+    NORMAL = "normal"
+    FULL = "full"
+
+
+@dataclass
+class _Job(Generic[T]):
+    fn: Callable[[sqlite3.Connection], T]
+    future: asyncio.Future[T]
+    after_commit: Callable[[T], None] | None = None
+    outcome: T | None = None
+    error: BaseException | None = field(default=None)
+
+
+def connect(path: Path, durability: Durability, *, readonly: bool = False) -> sqlite3.Connection:
+    """Opens a connection configured for the daemon (WAL, autocommit mode).
+
+    `isolation_level=None` stops the sqlite3 module from opening implicit
+    DEFERRED transactions: a deferred transaction that reads then writes gets
+    SQLITE_BUSY at once instead of waiting, so writers issue `BEGIN IMMEDIATE`.
+    """
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {durability.value.upper()}")
+    return conn
+
+
+class Database:
+    """A SQLite database file served by one writer thread and a few reader threads."""
+
+    def __init__(self, path: Path, *, durability: Durability = Durability.NORMAL, readers: int = 2):
+        self.path = path
+        self.durability = durability
+        self._loop = asyncio.get_running_loop()
+        self._writes: SimpleQueue[_Job[Any] | None] = SimpleQueue()
+        self._reads: SimpleQueue[_Job[Any] | None] = SimpleQueue()
+        # Create the file under a private umask: the database, its WAL and SHM
+        # hold every task and must be readable by the owner only.
+        old_umask = os.umask(0o077)
+        try:
+            self._writer_conn = connect(path, durability)
+            self._reader_conns = [connect(path, durability, readonly=True) for _ in range(readers)]
+        finally:
+            os.umask(old_umask)
+        self._threads = [
+            threading.Thread(target=self._writer, name="legato-db-writer", daemon=True),
+            *(
+                threading.Thread(target=self._reader, args=(c,), name="legato-db-reader", daemon=True)
+                for c in self._reader_conns
+            ),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._closed = False
+
+    async def write(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        after_commit: Callable[[T], None] | None = None,
+    ) -> T:
+        """Runs `fn` in a write transaction and returns its value once committed.
+
+        `after_commit` runs on the event loop right after the commit, in commit
+        order across all writes, before any caller is answered: the place to
+        publish what the write changed.
+        """
+        return await self._submit(self._writes, fn, after_commit)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs `fn` on a reader connection; it may open its own read transaction."""
+        return await self._submit(self._reads, fn, None)
+
+    def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs `fn` on the writer connection from the calling thread; for start-up only."""
+        return fn(self._writer_conn)
+
+    async def _submit(
+        self,
+        queue: SimpleQueue[_Job[Any] | None],
+        fn: Callable[[sqlite3.Connection], T],
+        after_commit: Callable[[T], None] | None,
+    ) -> T:
+        if self._closed:
+            raise RuntimeError("the database is closed")
+        future: asyncio.Future[T] = self._loop.create_future()
+        queue.put(_Job(fn, future, after_commit))
+        return await future
+
+    def _writer(self) -> None:
+        conn = self._writer_conn
+        while True:
+            first = self._writes.get()
+            if first is None:
+                break
+            group = [first]
+            stop = False
+            while len(group) < MAX_GROUP:
+                try:
+                    job = self._writes.get_nowait()
+                except Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                group.append(job)
+            self._commit_group(conn, group)
+            if stop:
+                break
+        conn.close()
+
+    def _commit_group(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in group:
+                conn.execute("SAVEPOINT job")
+                try:
+                    job.outcome = job.fn(conn)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    conn.execute("ROLLBACK TO job")
+                    job.error = exc
+                conn.execute("RELEASE job")
+            conn.execute("COMMIT")
+        except BaseException as exc:  # noqa: BLE001 - nothing of the group committed
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for job in group:
+                job.outcome, job.error = None, exc
+        self._loop.call_soon_threadsafe(self._deliver, group)
+
+    def _deliver(self, group: list[_Job[Any]]) -> None:
+        for job in group:
+            if job.error is None and job.after_commit is not None:
+                job.after_commit(job.outcome)
+        for job in group:
+            if job.future.done():  # the caller was cancelled; the write stands
+                continue
+            if job.error is not None:
+                job.future.set_exception(job.error)
+            else:
+                job.future.set_result(job.outcome)
+
+    def _reader(self, conn: sqlite3.Connection) -> None:
+        while True:
+            job = self._reads.get()
+            if job is None:
+                break
+            try:
+                job.outcome = job.fn(conn)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                job.error = exc
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            self._loop.call_soon_threadsafe(self._deliver, [job])
+        conn.close()
+
+    async def close(self) -> None:
+        """Finishes queued work, then closes every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writes.put(None)
+        for _ in self._reader_conns:
+            self._reads.put(None)
+        await asyncio.to_thread(self._join)
+
+    def _join(self) -> None:
+        for thread in self._threads:
+            thread.join()

@@ -1,0 +1,114 @@
+"""Live fan-out of committed events to watch streams.
+
+Each subscription has a bounded buffer. A subscriber that falls further behind
+than that is cut off (it resumes from its last seq, losing nothing) instead of
+letting the daemon's memory grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict, deque
+from collections.abc import Iterable
+
+from legato.server.model import Event
+
+# Events a watcher may have undelivered before it is cut off.
+DEFAULT_BUFFER = 10_000
+
+
+class SubscriptionOverflow(Exception):
+    """The subscriber fell too far behind; it must resume from its last seq."""
+
+
+class SubscriptionClosed(Exception):
+    """The bus was closed (the daemon is shutting down)."""
+
+
+class Subscription:
+    """The live events of tasks with any of `labels` or any of `task_ids`, in seq order."""
+
+    def __init__(self, labels: Iterable[str], task_ids: Iterable[str], buffer: int):
+        self.labels = frozenset(labels)
+        self.task_ids = frozenset(task_ids)
+        self._buffer = buffer
+        self._events: deque[Event] = deque()
+        self._wakeup = asyncio.Event()
+        self._overflowed = False
+        self._closed = False
+
+    def _offer(self, event: Event) -> None:
+        if self._overflowed:
+            return
+        if len(self._events) >= self._buffer:
+            self._overflowed = True
+            self._events.clear()  # free the memory now; the stream is ending
+        else:
+            self._events.append(event)
+        self._wakeup.set()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+
+    async def get(self) -> Event:
+        """The next event; raises `SubscriptionOverflow` or `SubscriptionClosed`."""
+        while not self._events:
+            if self._overflowed:
+                raise SubscriptionOverflow
+            if self._closed:
+                raise SubscriptionClosed
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        if self._overflowed:
+            raise SubscriptionOverflow
+        return self._events.popleft()
+
+
+class EventBus:
+    """Routes each committed event to the subscriptions that match it."""
+
+    def __init__(self, buffer: int = DEFAULT_BUFFER):
+        self._buffer = buffer
+        self._by_label: defaultdict[str, set[Subscription]] = defaultdict(set)
+        self._by_task: defaultdict[str, set[Subscription]] = defaultdict(set)
+        self._closed = False
+
+    def subscribe(self, labels: Iterable[str], task_ids: Iterable[str]) -> Subscription:
+        sub = Subscription(labels, task_ids, self._buffer)
+        if self._closed:
+            sub._close()
+        for label in sub.labels:
+            self._by_label[label].add(sub)
+        for task_id in sub.task_ids:
+            self._by_task[task_id].add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        for index, keys in ((self._by_label, sub.labels), (self._by_task, sub.task_ids)):
+            for key in keys:
+                subs = index.get(key)
+                if subs is not None:
+                    subs.discard(sub)
+                    if not subs:
+                        del index[key]
+
+    @property
+    def subscriber_count(self) -> int:
+        return len({s for subs in (*self._by_label.values(), *self._by_task.values()) for s in subs})
+
+    def publish(self, events: Iterable[Event]) -> None:
+        """Delivers events, which must come in seq order, to every matching subscription."""
+        for event in events:
+            targets = set(self._by_task.get(event.task.id, ()))
+            for label in event.task.labels:
+                targets.update(self._by_label.get(label, ()))
+            for sub in targets:
+                sub._offer(event)
+
+    def close(self) -> None:
+        """Ends every subscription, present and future."""
+        self._closed = True
+        for subs in (*self._by_label.values(), *self._by_task.values()):
+            for sub in subs:
+                sub._close()

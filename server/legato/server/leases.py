@@ -1,0 +1,72 @@
+"""Ends expired leases on a timer: no one polls for them.
+
+The reaper sleeps until the earliest lease ends and is woken early only when a
+claim sets an earlier one. On start it first ends the leases that ran out while
+the daemon was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from legato.server.model import Clock
+
+log = logging.getLogger(__name__)
+
+
+class LeaseReaper:
+    """Calls `expire(now)` whenever a lease may have ended."""
+
+    def __init__(
+        self,
+        *,
+        expire: Callable[[int], Awaitable[int]],
+        next_expiry: Callable[[], Awaitable[int | None]],
+        clock: Clock,
+    ):
+        self._expire = expire
+        self._next_expiry = next_expiry
+        self._clock = clock
+        self._wakeup = asyncio.Event()
+        self._due: int | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="legato-lease-reaper")
+
+    def lease_set(self, expires_at: int) -> None:
+        """Tells the reaper a lease now ends at `expires_at`."""
+        if self._due is None or expires_at < self._due:
+            self._due = expires_at
+            self._wakeup.set()
+
+    async def _run(self) -> None:
+        while True:
+            # Clear before reading the next expiry: a lease set after this
+            # point wakes the wait below instead of being missed.
+            self._wakeup.clear()
+            try:
+                expired = await self._expire(self._clock())
+                if expired:
+                    log.info("ended %d expired lease(s)", expired)
+                self._due = await self._next_expiry()
+            except Exception:
+                log.exception("ending expired leases failed; retrying in 1 s")
+                self._due = self._clock() + 1_000_000
+            # A millisecond of slack: asyncio timers may fire a hair early.
+            timeout = None if self._due is None else max(0.0, (self._due - self._clock()) / 1e6) + 0.001
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None

@@ -1,0 +1,87 @@
+"""The daemon's domain records: tasks and the events that change them.
+
+Structured blobs (`context`, `result`) stay serialized `google.protobuf.Struct`
+bytes here: the daemon stores and forwards them without looking inside.
+Times are integer microseconds since the Unix epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+
+Clock = Callable[[], int]
+
+
+def system_clock() -> int:
+    """Microseconds since the Unix epoch."""
+    return time.time_ns() // 1000
+
+
+class Status(IntEnum):
+    """Task states; values match `legato.v1.TaskStatus`."""
+
+    PENDING = 1
+    CLAIMED = 2
+    DONE = 3
+    FAILED = 4
+    CANCELED = 5
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.DONE, Status.FAILED, Status.CANCELED)
+
+
+class EventType(IntEnum):
+    """Kinds of change; values match `legato.v1.TaskEventType`."""
+
+    CREATED = 1
+    CLAIMED = 2
+    HEARTBEAT = 3
+    COMPLETED = 4
+    FAILED = 5
+    CANCELED = 6
+    REQUEUED = 7
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A task as stored, including the daemon-private lease fields."""
+
+    id: str
+    content: str
+    labels: tuple[str, ...]
+    context: bytes
+    created_by: str
+    created_at: int
+    max_attempts: int
+    parent_id: str = ""
+    root_id: str = ""
+    idempotency_key: str = ""
+    status: Status = Status.PENDING
+    result: bytes = b""
+    error: str = ""
+    claimed_by: str = ""
+    attempt: int = 1
+    version: int = 1
+    updated_at: int = 0
+    lease_token: str = ""
+    lease_expires_at: int | None = None
+    lease_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One committed change: the task as it is after it."""
+
+    seq: int
+    type: EventType
+    task: TaskRecord
+    actor: str
+    at: int
+
+
+# The actor recorded for changes the daemon makes on its own (lease expiry).
+DAEMON_ACTOR = "legato"

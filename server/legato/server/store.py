@@ -1,0 +1,472 @@
+"""All SQL of the daemon: the schema and every query, behind a narrow interface.
+
+Tasks live in `tasks`; their labels in `task_labels`, where `pending = 1` marks
+the rows of tasks waiting to be claimed (a partial index makes "oldest pending
+task with one of these labels" an index seek however long the history). Each
+change appends one row to `events`, whose `seq` is the watch cursor.
+
+An event row stores only what a change can alter (status, claimant, attempt,
+error, times) as JSON; the immutable parts (content, labels, context) and the
+result, which is set once on the terminal DONE, are joined from `tasks` when the
+event is read back. So an event costs a few dozen bytes, not a copy of the task.
+
+The state rules are not here: callers pass a `decide` function (see
+`lifecycle`) that runs inside the write transaction on the task as stored.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from legato.server.db import Database, Durability
+from legato.server.errors import AlreadyExists, NotFound
+from legato.server.model import Event, EventType, Status, TaskRecord
+
+T = TypeVar("T")
+Change = tuple[TaskRecord, EventType]
+Decide = Callable[[TaskRecord], Change | None]
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    rowid            INTEGER PRIMARY KEY,
+    id               TEXT    NOT NULL UNIQUE,
+    content          TEXT    NOT NULL,
+    labels           TEXT    NOT NULL,
+    context          BLOB    NOT NULL,
+    created_by       TEXT    NOT NULL,
+    created_at       INTEGER NOT NULL,
+    max_attempts     INTEGER NOT NULL,
+    parent_id        TEXT    NOT NULL,
+    root_id          TEXT    NOT NULL,
+    idempotency_key  TEXT    NOT NULL,
+    status           INTEGER NOT NULL,
+    result           BLOB    NOT NULL,
+    error            TEXT    NOT NULL,
+    claimed_by       TEXT    NOT NULL,
+    attempt          INTEGER NOT NULL,
+    version          INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL,
+    lease_token      TEXT    NOT NULL,
+    lease_expires_at INTEGER,
+    lease_us         INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency
+    ON tasks (created_by, idempotency_key) WHERE idempotency_key != '';
+CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (lease_expires_at) WHERE status = 2;
+CREATE INDEX IF NOT EXISTS tasks_parent ON tasks (parent_id) WHERE parent_id != '';
+
+CREATE TABLE IF NOT EXISTS task_labels (
+    label     TEXT    NOT NULL,
+    task_rowid INTEGER NOT NULL REFERENCES tasks (rowid),
+    pending   INTEGER NOT NULL,
+    PRIMARY KEY (label, task_rowid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS task_labels_pending
+    ON task_labels (label, task_rowid) WHERE pending = 1;
+
+CREATE TABLE IF NOT EXISTS events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_rowid INTEGER NOT NULL REFERENCES tasks (rowid),
+    type       INTEGER NOT NULL,
+    actor      TEXT    NOT NULL,
+    at         INTEGER NOT NULL,
+    state      TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_task ON events (task_rowid, seq);
+"""
+
+_TASK_COLUMNS = (
+    "id, content, labels, context, created_by, created_at, max_attempts, parent_id, root_id, "
+    "idempotency_key, status, result, error, claimed_by, attempt, version, updated_at, "
+    "lease_token, lease_expires_at, lease_us"
+)
+_SELECT_TASK = f"SELECT rowid, {_TASK_COLUMNS} FROM tasks"  # noqa: S608 - constant
+
+
+def _task_from_row(row: Sequence[Any]) -> TaskRecord:
+    return TaskRecord(
+        id=row[0],
+        content=row[1],
+        labels=tuple(json.loads(row[2])),
+        context=row[3],
+        created_by=row[4],
+        created_at=row[5],
+        max_attempts=row[6],
+        parent_id=row[7],
+        root_id=row[8],
+        idempotency_key=row[9],
+        status=Status(row[10]),
+        result=row[11],
+        error=row[12],
+        claimed_by=row[13],
+        attempt=row[14],
+        version=row[15],
+        updated_at=row[16],
+        lease_token=row[17],
+        lease_expires_at=row[18],
+        lease_us=row[19],
+    )
+
+
+def _state_json(task: TaskRecord) -> str:
+    return json.dumps(
+        {
+            "status": int(task.status),
+            "error": task.error,
+            "claimed_by": task.claimed_by,
+            "attempt": task.attempt,
+            "version": task.version,
+            "updated_at": task.updated_at,
+            "lease_expires_at": task.lease_expires_at,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _task_at_event(current: TaskRecord, state: str) -> TaskRecord:
+    fields = json.loads(state)
+    status = Status(fields.pop("status"))
+    # The result is written once, with the terminal DONE: the stored one is the
+    # one this event carried if (and only if) the event left the task DONE.
+    result = current.result if status is Status.DONE else b""
+    return replace(current, status=status, result=result, lease_token="", lease_us=0, **fields)
+
+
+def _in(values: Sequence[object]) -> str:
+    return ",".join("?" * len(values))
+
+
+@dataclass(frozen=True, slots=True)
+class TaskQuery:
+    """Filters of a task listing; empty sequences mean no filter."""
+
+    labels: Sequence[str] = ()
+    statuses: Sequence[Status] = ()
+    parent_id: str = ""
+    limit: int = 100
+    after_position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    tasks: list[TaskRecord]
+    # Position of the last task on the page when more may follow, else None.
+    next_position: int | None
+    # The event seq the listing is consistent with.
+    cursor: int
+
+
+class Store:
+    """The persistent task store. Every method is one transaction."""
+
+    def __init__(self, db: Database):
+        self._db = db
+        # Called on the event loop with the events of each commit, in seq order.
+        self.on_commit: Callable[[list[Event]], None] = lambda events: None
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        durability: Durability = Durability.NORMAL,
+    ) -> Store:
+        """Opens (creating if needed) the database at `path`."""
+        db = Database(path, durability=durability)
+        try:
+            await db.write(_migrate)
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db)
+
+    @property
+    def path(self) -> Path:
+        return self._db.path
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], tuple[T, list[Event]]]) -> T:
+        def publish(outcome: tuple[T, list[Event]]) -> None:
+            if outcome[1]:
+                self.on_commit(outcome[1])
+
+        value, _ = await self._db.write(fn, after_commit=publish)
+        return value
+
+    # -- writes -----------------------------------------------------------------
+
+    async def create_task(self, task: TaskRecord) -> tuple[TaskRecord, bool]:
+        """Inserts `task`, or returns the original for a repeated idempotency key.
+
+        Returns the stored task and whether it was created now. The parent must
+        exist; the root is taken from it.
+        """
+
+        def create(conn: sqlite3.Connection) -> tuple[tuple[TaskRecord, bool], list[Event]]:
+            if task.idempotency_key:
+                row = conn.execute(
+                    f"{_SELECT_TASK} WHERE created_by = ? AND idempotency_key = ?",
+                    (task.created_by, task.idempotency_key),
+                ).fetchone()
+                if row is not None:
+                    original = _task_from_row(row[1:])
+                    if _same_request(original, task):
+                        return (original, False), []
+                    raise AlreadyExists(
+                        f"idempotency_key {task.idempotency_key!r} was already used for a "
+                        f"different task ({original.id}); use a new key for a new task"
+                    )
+            new = replace(task, root_id=task.id)
+            if task.parent_id:
+                parent = conn.execute(
+                    "SELECT root_id FROM tasks WHERE id = ?", (task.parent_id,)
+                ).fetchone()
+                if parent is None:
+                    raise NotFound(f"parent_id {task.parent_id!r}: no such task")
+                new = replace(task, root_id=parent[0])
+            rowid = _insert_task(conn, new)
+            return (new, True), [_append_event(conn, rowid, new, EventType.CREATED, new.created_by)]
+
+        return await self._write(create)
+
+    async def update(self, task_id: str, decide: Decide, *, actor: str) -> TaskRecord:
+        """Applies `decide` to the stored task and records the change it returns.
+
+        `decide` returning None leaves the task as it is. NOT_FOUND if no such task.
+        """
+
+        def update(conn: sqlite3.Connection) -> tuple[TaskRecord, list[Event]]:
+            loaded = _load(conn, "id = ?", (task_id,))
+            if loaded is None:
+                raise NotFound(f"task {task_id!r} not found")
+            return _apply(conn, *loaded, decide, actor)
+
+        return await self._write(update)
+
+    async def claim_next(self, labels: Sequence[str], decide: Decide, *, actor: str) -> TaskRecord | None:
+        """Claims the oldest pending task carrying any of `labels`, if there is one."""
+
+        def claim(conn: sqlite3.Connection) -> tuple[TaskRecord | None, list[Event]]:
+            row = conn.execute(
+                f"SELECT task_rowid FROM task_labels WHERE pending = 1 AND label IN ({_in(labels)}) "  # noqa: S608
+                "ORDER BY task_rowid LIMIT 1",
+                tuple(labels),
+            ).fetchone()
+            if row is None:
+                return None, []
+            loaded = _load(conn, "rowid = ?", (row[0],))
+            assert loaded is not None  # task_labels rows always have their task
+            return _apply(conn, *loaded, decide, actor)
+
+        return await self._write(claim)
+
+    async def expire_leases(self, now: int, decide: Decide, *, actor: str) -> int:
+        """Applies `decide` to every claimed task whose lease ended by `now`."""
+
+        def expire(conn: sqlite3.Connection) -> tuple[int, list[Event]]:
+            rows = conn.execute(
+                f"{_SELECT_TASK} WHERE status = ? AND lease_expires_at <= ?",
+                (int(Status.CLAIMED), now),
+            ).fetchall()
+            events: list[Event] = []
+            for row in rows:
+                _, changed = _apply(conn, row[0], _task_from_row(row[1:]), decide, actor)
+                events.extend(changed)
+            return len(events), events
+
+        return await self._write(expire)
+
+    # -- reads ------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        def get(conn: sqlite3.Connection) -> TaskRecord | None:
+            loaded = _load(conn, "id = ?", (task_id,))
+            return None if loaded is None else loaded[1]
+
+        return await self._db.read(get)
+
+    async def list_tasks(self, query: TaskQuery) -> TaskPage:
+        """One page of tasks, oldest first, with the event cursor of the same snapshot."""
+
+        def list_page(conn: sqlite3.Connection) -> TaskPage:
+            where = ["rowid > ?"]
+            params: list[Any] = [query.after_position]
+            if query.labels:
+                where.append(
+                    "EXISTS (SELECT 1 FROM task_labels l WHERE l.task_rowid = tasks.rowid "
+                    f"AND l.label IN ({_in(query.labels)}))"
+                )
+                params.extend(query.labels)
+            if query.statuses:
+                where.append(f"status IN ({_in(query.statuses)})")
+                params.extend(int(s) for s in query.statuses)
+            if query.parent_id:
+                where.append("parent_id = ?")
+                params.append(query.parent_id)
+            params.append(query.limit + 1)
+            conn.execute("BEGIN")
+            cursor = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            rows = conn.execute(
+                f"{_SELECT_TASK} WHERE {' AND '.join(where)} ORDER BY rowid LIMIT ?", params
+            ).fetchall()
+            conn.execute("COMMIT")
+            more = len(rows) > query.limit
+            rows = rows[: query.limit]
+            return TaskPage(
+                tasks=[_task_from_row(r[1:]) for r in rows],
+                next_position=rows[-1][0] if more else None,
+                cursor=cursor,
+            )
+
+        return await self._db.read(list_page)
+
+    async def events_after(
+        self, after_seq: int, *, labels: Sequence[str], task_ids: Sequence[str], limit: int
+    ) -> list[Event]:
+        """Stored events with seq > `after_seq` of tasks matching the filter, in seq order."""
+
+        def read(conn: sqlite3.Connection) -> list[Event]:
+            of_ids = f"e.task_rowid IN (SELECT rowid FROM tasks WHERE id IN ({_in(task_ids)}))"
+            of_labels = (
+                "EXISTS (SELECT 1 FROM task_labels l WHERE l.task_rowid = e.task_rowid "
+                f"AND l.label IN ({_in(labels)}))"
+            )
+            if labels and task_ids:
+                match, params = f"({of_labels} OR {of_ids})", [*labels, *task_ids]
+            elif labels:
+                match, params = of_labels, list(labels)
+            else:
+                match, params = of_ids, list(task_ids)
+            rows = conn.execute(
+                f"SELECT e.seq, e.type, e.actor, e.at, e.state, t.rowid, {_prefixed('t')} "  # noqa: S608
+                f"FROM events e JOIN tasks t ON t.rowid = e.task_rowid "
+                f"WHERE e.seq > ? AND {match} ORDER BY e.seq LIMIT ?",
+                [after_seq, *params, limit],
+            ).fetchall()
+            return [
+                Event(
+                    seq=r[0],
+                    type=EventType(r[1]),
+                    actor=r[2],
+                    at=r[3],
+                    task=_task_at_event(_task_from_row(r[6:]), r[4]),
+                )
+                for r in rows
+            ]
+
+        return await self._db.read(read)
+
+    async def last_seq(self) -> int:
+        def read(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+
+        return await self._db.read(read)
+
+    async def next_lease_expiry(self) -> int | None:
+        """When the earliest lease ends, or None if no task is claimed."""
+
+        def read(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT MIN(lease_expires_at) FROM tasks WHERE status = ?", (int(Status.CLAIMED),)
+            ).fetchone()
+            return None if row[0] is None else int(row[0])
+
+        return await self._db.read(read)
+
+
+def _prefixed(alias: str) -> str:
+    return ", ".join(f"{alias}.{c.strip()}" for c in _TASK_COLUMNS.split(","))
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"the database was written by a newer legato (schema {version}, this one reads "
+            f"up to {SCHEMA_VERSION}); upgrade legato"
+        )
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _same_request(original: TaskRecord, retry: TaskRecord) -> bool:
+    return (
+        original.content == retry.content
+        and original.labels == retry.labels
+        and original.context == retry.context
+        and original.parent_id == retry.parent_id
+        and original.max_attempts == retry.max_attempts
+    )
+
+
+def _load(conn: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> tuple[int, TaskRecord] | None:
+    row = conn.execute(f"{_SELECT_TASK} WHERE {where}", params).fetchone()  # noqa: S608
+    return None if row is None else (row[0], _task_from_row(row[1:]))
+
+
+def _insert_task(conn: sqlite3.Connection, task: TaskRecord) -> int:
+    cursor = conn.execute(
+        f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_in(range(20))})",  # noqa: S608
+        (
+            task.id, task.content, json.dumps(list(task.labels)), task.context, task.created_by,
+            task.created_at, task.max_attempts, task.parent_id, task.root_id,
+            task.idempotency_key, int(task.status), task.result, task.error, task.claimed_by,
+            task.attempt, task.version, task.updated_at, task.lease_token, task.lease_expires_at,
+            task.lease_us,
+        ),
+    )  # fmt: skip
+    rowid = cursor.lastrowid
+    assert rowid is not None
+    pending = int(task.status is Status.PENDING)
+    conn.executemany(
+        "INSERT INTO task_labels (label, task_rowid, pending) VALUES (?, ?, ?)",
+        [(label, rowid, pending) for label in task.labels],
+    )
+    return rowid
+
+
+def _apply(
+    conn: sqlite3.Connection, rowid: int, task: TaskRecord, decide: Decide, actor: str
+) -> tuple[TaskRecord, list[Event]]:
+    change = decide(task)
+    if change is None:
+        return task, []
+    new, event_type = change
+    conn.execute(
+        "UPDATE tasks SET status = ?, result = ?, error = ?, claimed_by = ?, attempt = ?, "
+        "version = ?, updated_at = ?, lease_token = ?, lease_expires_at = ?, lease_us = ? "
+        "WHERE rowid = ?",
+        (
+            int(new.status), new.result, new.error, new.claimed_by, new.attempt, new.version,
+            new.updated_at, new.lease_token, new.lease_expires_at, new.lease_us, rowid,
+        ),
+    )  # fmt: skip
+    was_pending, is_pending = task.status is Status.PENDING, new.status is Status.PENDING
+    if was_pending != is_pending:
+        conn.execute(
+            "UPDATE task_labels SET pending = ? WHERE task_rowid = ?", (int(is_pending), rowid)
+        )
+    return new, [_append_event(conn, rowid, new, event_type, actor)]
+
+
+def _append_event(
+    conn: sqlite3.Connection, rowid: int, task: TaskRecord, event_type: EventType, actor: str
+) -> Event:
+    cursor = conn.execute(
+        "INSERT INTO events (task_rowid, type, actor, at, state) VALUES (?, ?, ?, ?, ?)",
+        (rowid, int(event_type), actor, task.updated_at, _state_json(task)),
+    )
+    seq = cursor.lastrowid
+    assert seq is not None
+    return Event(seq=seq, type=event_type, task=task, actor=actor, at=task.updated_at)

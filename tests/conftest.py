@@ -1,0 +1,56 @@
+"""Fixtures: a real daemon on a temp unix socket with a real SQLite file."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from legato.client import AsyncClient
+from legato.server.daemon import Config, Daemon
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path: unix socket paths are limited to ~100 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="lg-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def config(short_tmp: Path) -> Config:
+    return Config(data_dir=short_tmp / "data", listen=f"unix:{short_tmp}/run/legato.sock", grace=2.0)
+
+
+@pytest.fixture
+async def daemon(config: Config) -> AsyncIterator[Daemon]:
+    async with Daemon(config) as running:
+        yield running
+
+
+@pytest.fixture
+async def connect(daemon: Daemon) -> AsyncIterator[type[AsyncClient]]:
+    """`connect(agent)` opens a client of the test daemon, closed after the test."""
+    clients: list[AsyncClient] = []
+
+    def open_client(agent: str = "") -> AsyncClient:
+        client = AsyncClient(daemon.config.address, agent=agent, timeout=10)
+        clients.append(client)
+        return client
+
+    yield open_client  # type: ignore[misc]
+    for client in clients:
+        await client.aclose()
+
+
+@pytest.fixture
+def coder(connect: type[AsyncClient]) -> AsyncClient:
+    return connect("coder")  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def researcher(connect: type[AsyncClient]) -> AsyncClient:
+    return connect("researcher")  # type: ignore[call-arg]
