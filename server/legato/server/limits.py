@@ -44,7 +44,7 @@ def check_text(field: str, text: str, limit: int, *, required: bool = False) -> 
 def check_label(field: str, label: str) -> str:
     if not LABEL_RE.fullmatch(label):
         raise InvalidArgument(
-            f"{field} {label[:80]!r} is not a label: labels are '@' followed by 1 to 63 of "
+            f"{field}: {label[:80]!r} is not a label; labels are '@' followed by 1 to 63 of "
             "a-z, 0-9, '.', '_' or '-', starting with a letter or digit (e.g. '@researcher')"
         )
     return label

@@ -1,0 +1,330 @@
+"""The `legato` command: run the daemon and work with tasks from a shell.
+
+Human-readable output by default, `--json` for scripts. Errors print one line
+to stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from legato.client._sync import Client
+from legato.client.errors import LegatoError
+from legato.client.models import Task, TaskEvent, TaskStatus
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, TaskStatus):
+        return value.value
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, default=_json_default, ensure_ascii=False)
+
+
+def _task_json(task: Task) -> dict[str, Any]:
+    return asdict(task)
+
+
+def _event_json(event: TaskEvent) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "type": event.type.value,
+        "actor": event.actor,
+        "time": event.time,
+        "task": _task_json(event.task),
+    }
+
+
+def _task_line(task: Task) -> str:
+    parts = [task.id, task.status.value, " ".join(task.labels), f"attempt {task.attempt}/{task.max_attempts}"]
+    if task.claimed_by and task.status is TaskStatus.CLAIMED:
+        parts.append(f"claimed by {task.claimed_by}")
+    return "  ".join(parts)
+
+
+def _task_text(task: Task) -> str:
+    lines = [_task_line(task), f"  content:    {task.content}"]
+    if task.context:
+        lines.append(f"  context:    {_dump(task.context)}")
+    if task.result is not None:
+        lines.append(f"  result:     {_dump(task.result)}")
+    if task.error:
+        lines.append(f"  error:      {task.error}")
+    lines.append(f"  created by: {task.created_by} at {task.created_at.isoformat()}")
+    if task.parent_id:
+        lines.append(f"  parent:     {task.parent_id} (root {task.root_id})")
+    if task.lease_expires_at is not None:
+        lines.append(f"  lease ends: {task.lease_expires_at.isoformat()}")
+    return "\n".join(lines)
+
+
+def _parse_json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"legato: {what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"legato: {what} must be a JSON object, e.g. '{{\"answer\": 42}}'")
+    return value
+
+
+def _read_arg(text: str) -> str:
+    """`-` reads standard input; `@path` reads a file; anything else is literal."""
+    if text == "-":
+        return sys.stdin.read()
+    if text.startswith("@") and Path(text[1:]).is_file():
+        return Path(text[1:]).read_text()
+    return text
+
+
+class Output:
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+
+    def task(self, task: Task) -> None:
+        print(_dump(_task_json(task)) if self.as_json else _task_text(task))
+
+    def event(self, event: TaskEvent) -> None:
+        if self.as_json:
+            print(_dump(_event_json(event)), flush=True)
+        else:
+            print(
+                f"{event.seq:>6}  {event.type.value:<9}  {_task_line(event.task)}  by {event.actor}",
+                flush=True,
+            )
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from legato.server.daemon import AlreadyRunning, Config, serve
+    from legato.server.db import Durability
+
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = Config(durability=Durability(args.durability), grace=args.grace, listen=args.listen or "")
+    if args.data_dir:
+        config = Config(
+            data_dir=Path(args.data_dir), listen=config.listen, durability=config.durability, grace=config.grace
+        )
+    try:
+        asyncio.run(serve(config))
+    except AlreadyRunning as exc:
+        print(f"legato: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"legato: cannot start the daemon: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
+    context = _parse_json_object(_read_arg(args.context), "--context") if args.context else None
+    handle = client.create_task(
+        _read_arg(args.content),
+        labels=args.label,
+        context=context,
+        parent_id=args.parent or "",
+        idempotency_key=args.idempotency_key or "",
+        max_attempts=args.max_attempts,
+    )
+    if args.wait is not None:
+        out.task(handle.result(timeout=args.wait or None))
+    elif out.as_json:
+        assert handle.task is not None
+        out.task(handle.task)
+    else:
+        print(handle.id)
+    return 0
+
+
+def cmd_get(client: Client, args: argparse.Namespace, out: Output) -> int:
+    out.task(client.get_task(args.id))
+    return 0
+
+
+def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
+    page_token, shown = args.page_token or "", 0
+    while True:
+        page = client.list_tasks(
+            labels=args.label or (),
+            statuses=args.status or (),
+            parent_id=args.parent or "",
+            page_size=min(args.limit - shown, 1000),
+            page_token=page_token,
+        )
+        for task in page.tasks:
+            print(_dump(_task_json(task)) if out.as_json else _task_line(task))
+        shown += len(page.tasks)
+        page_token = page.next_page_token
+        if not page_token or shown >= args.limit:
+            break
+    if page_token and not out.as_json:
+        print(f"(more: --page-token {page_token})", file=sys.stderr)
+    return 0
+
+
+def cmd_claim(client: Client, args: argparse.Namespace, out: Output) -> int:
+    job = client.claim(args.label or (), task_id=args.id or "", lease=args.lease)
+    if job is None:
+        print("null" if out.as_json else "nothing to claim")
+        return 0
+    if out.as_json:
+        print(_dump({"lease_token": job.lease_token, "task": _task_json(job.task)}))
+    else:
+        print(_task_text(job.task))
+        print(f"  lease token: {job.lease_token}")
+    return 0
+
+
+def cmd_heartbeat(client: Client, args: argparse.Namespace, out: Output) -> int:
+    task, cancel_requested = client.heartbeat(args.id, args.token, lease=args.lease)
+    if out.as_json:
+        print(_dump({"cancel_requested": cancel_requested, "task": _task_json(task)}))
+    elif cancel_requested:
+        print(f"{task.id} was canceled: stop working on it")
+    else:
+        assert task.lease_expires_at is not None
+        print(f"{task.id} lease extended to {task.lease_expires_at.isoformat()}")
+    return 0
+
+
+def cmd_complete(client: Client, args: argparse.Namespace, out: Output) -> int:
+    result = _parse_json_object(_read_arg(args.result), "--result") if args.result else {}
+    out.task(client.complete_task(args.id, args.token, result))
+    return 0
+
+
+def cmd_fail(client: Client, args: argparse.Namespace, out: Output) -> int:
+    out.task(client.fail_task(args.id, args.token, _read_arg(args.error), retryable=args.retryable))
+    return 0
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
+    out.task(client.cancel_task(args.id, args.reason or ""))
+    return 0
+
+
+def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if not args.labels and not args.task:
+        raise SystemExit("legato: give labels to watch (e.g. @researcher) or --task ID")
+    for event in client.watch(labels=args.labels, task_ids=args.task or (), after_seq=args.after_seq):
+        out.event(event)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", help="daemon address (default: LEGATO_ADDRESS or the default socket)")
+    common.add_argument("--agent", help="the agent name to act as (default: LEGATO_AGENT)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    parser = argparse.ArgumentParser(
+        prog="legato", description="Delegate tasks between AI coding agents through a local daemon."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    serve.add_argument("--listen", help="unix:PATH or HOST:PORT (default: a private unix socket)")
+    serve.add_argument("--data-dir", help="where the database lives (default: the per-user data dir)")
+    serve.add_argument("--durability", choices=["normal", "full"], default="normal",
+                       help="normal survives a daemon crash; full also survives power loss")  # fmt: skip
+    serve.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(run=cmd_serve)
+
+    task = commands.add_parser("task", help="create, claim, finish and watch tasks")
+    actions = task.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, run: Callable[..., int], help: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help, parents=[common])
+        sub.set_defaults(run=run)
+        return sub
+
+    create = action("create", cmd_create, "create a task for other agents")
+    create.add_argument("content", help="what to do (- reads stdin)")
+    create.add_argument("-l", "--label", action="append", required=True, help="route to @label (repeatable)")
+    create.add_argument("--context", help="JSON object of structured input (- reads stdin, @file reads a file)")
+    create.add_argument("--parent", help="parent task id")
+    create.add_argument("--idempotency-key", help="makes the create safe to retry")
+    create.add_argument("--max-attempts", type=int, default=0, help="claims before it fails for good (default 3)")
+    create.add_argument("--wait", type=float, nargs="?", const=0.0, metavar="SECONDS",
+                        help="wait for the result (for SECONDS at most)")  # fmt: skip
+
+    get = action("get", cmd_get, "show one task")
+    get.add_argument("id")
+
+    listing = action("list", cmd_list, "list tasks, oldest first")
+    listing.add_argument("-l", "--label", action="append", help="only tasks with this label (repeatable)")
+    listing.add_argument("--status", action="append", choices=[s.value for s in TaskStatus])
+    listing.add_argument("--parent", help="only children of this task")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    listing.add_argument("--page-token", help="continue a previous listing")
+
+    claim = action("claim", cmd_claim, "claim the oldest pending task for your labels")
+    claim.add_argument("-l", "--label", action="append", help="claim from @label (repeatable)")
+    claim.add_argument("--id", help="claim this task instead")
+    claim.add_argument("--lease", type=float, help="seconds the claim holds without a heartbeat (default 300)")
+
+    heartbeat = action("heartbeat", cmd_heartbeat, "extend the lease of a claimed task")
+    heartbeat.add_argument("id")
+    heartbeat.add_argument("--token", required=True, help="the lease token from claim")
+    heartbeat.add_argument("--lease", type=float, help="new lease in seconds")
+
+    complete = action("complete", cmd_complete, "finish a claimed task with a result")
+    complete.add_argument("id")
+    complete.add_argument("--token", required=True, help="the lease token from claim")
+    complete.add_argument("--result", help="JSON object (- reads stdin, @file reads a file)")
+
+    fail = action("fail", cmd_fail, "fail a claimed task")
+    fail.add_argument("id")
+    fail.add_argument("--token", required=True, help="the lease token from claim")
+    fail.add_argument("--error", required=True, help="why it failed")
+    fail.add_argument("--retryable", action="store_true", help="requeue it if attempts remain")
+
+    cancel = action("cancel", cmd_cancel, "cancel a pending or claimed task")
+    cancel.add_argument("id")
+    cancel.add_argument("--reason", help="why")
+
+    watch = action("watch", cmd_watch, "print task events live")
+    watch.add_argument("labels", nargs="*", help="labels to watch, e.g. @researcher")
+    watch.add_argument("--task", action="append", help="watch this task id (repeatable)")
+    watch.add_argument("--after-seq", type=int, help="replay stored events after this seq first")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `legato` command."""
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return int(args.run(args))
+    try:
+        with Client(args.address, agent=args.agent) as client:
+            return int(args.run(client, args, Output(args.json)))
+    except (LegatoError, TimeoutError, ValueError) as exc:
+        print(f"legato: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
