@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,9 @@ def short_tmp() -> Iterator[Path]:
 
 @pytest.fixture
 def config(short_tmp: Path) -> Config:
-    return Config(data_dir=short_tmp / "data", listen=f"unix:{short_tmp}/run/legato.sock", grace=2.0)
+    return Config(
+        data_dir=short_tmp / "data", listen=f"unix:{short_tmp}/run/legato.sock", grace=2.0
+    )
 
 
 @pytest.fixture
@@ -32,7 +34,7 @@ async def daemon(config: Config) -> AsyncIterator[Daemon]:
 
 
 @pytest.fixture
-async def connect(daemon: Daemon) -> AsyncIterator[type[AsyncClient]]:
+async def connect(daemon: Daemon) -> AsyncIterator[Callable[[str], AsyncClient]]:
     """`connect(agent)` opens a client of the test daemon, closed after the test."""
     clients: list[AsyncClient] = []
 
@@ -41,16 +43,16 @@ async def connect(daemon: Daemon) -> AsyncIterator[type[AsyncClient]]:
         clients.append(client)
         return client
 
-    yield open_client  # type: ignore[misc]
+    yield open_client
     for client in clients:
         await client.aclose()
 
 
 @pytest.fixture
-def coder(connect: type[AsyncClient]) -> AsyncClient:
-    return connect("coder")  # type: ignore[call-arg]
+def coder(connect: Callable[[str], AsyncClient]) -> AsyncClient:
+    return connect("coder")
 
 
 @pytest.fixture
-def researcher(connect: type[AsyncClient]) -> AsyncClient:
-    return connect("researcher")  # type: ignore[call-arg]
+def researcher(connect: Callable[[str], AsyncClient]) -> AsyncClient:
+    return connect("researcher")

@@ -32,7 +32,7 @@ async def test_result_arrives_on_the_watch_as_a_completed_event(
     coder: AsyncClient, researcher: AsyncClient
 ) -> None:
     events = coder.watch(labels=["@researcher"])
-    first = asyncio.create_task(anext(events))
+    first = asyncio.ensure_future(anext(events))
     handle = await coder.create_task("summarise RFC 9113", labels=["@researcher"])
     created = await first
     assert (created.type, created.task.id) == (EventType.CREATED, handle.id)
@@ -44,7 +44,7 @@ async def test_result_arrives_on_the_watch_as_a_completed_event(
     assert [claimed.type, completed.type] == [EventType.CLAIMED, EventType.COMPLETED]
     assert completed.task.result == {"summary": "HTTP/2"}
     assert created.seq < claimed.seq < completed.seq
-    await events.aclose()  # type: ignore[attr-defined]
+    await events.aclose()
 
 
 async def test_failed_task_raises_on_result(coder: AsyncClient, researcher: AsyncClient) -> None:

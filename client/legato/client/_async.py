@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
-from legato.v1 import tasks_pb2, tasks_pb2_grpc
-
 from legato.client._core import CHANNEL_OPTIONS, ClientCore, Deadline, Resume, duration, outcome
 from legato.client.errors import from_rpc_error
 from legato.client.models import Task, TaskEvent, TaskPage, TaskStatus
+from legato.v1 import tasks_pb2, tasks_pb2_grpc
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -48,7 +47,9 @@ class AsyncClient(ClientCore):
         """Creates a client and waits until the daemon answers; UnavailableError if it does not."""
         client = cls(address, agent=agent, timeout=timeout)
         try:
-            await client._call(client._stub.ListTasks, tasks_pb2.ListTasksRequest(page_size=1), connect_timeout)
+            await client._call(
+                client._stub.ListTasks, tasks_pb2.ListTasksRequest(page_size=1), connect_timeout
+            )
         except BaseException:
             await client.aclose()
             raise
@@ -62,9 +63,7 @@ class AsyncClient(ClientCore):
     ) -> Response:
         self._check_open()
         try:
-            return await method(
-                request, timeout=timeout or self.timeout, metadata=self._metadata
-            )
+            return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, address=self.address) from None
 
@@ -155,7 +154,7 @@ class AsyncClient(ClientCore):
         labels: Sequence[str] = (),
         task_ids: Sequence[str] = (),
         after_seq: int | None = None,
-    ) -> AsyncIterator[TaskEvent]:
+    ) -> AsyncGenerator[TaskEvent, None]:
         """Task events in seq order, resuming by itself when the stream drops.
 
         With `after_seq`, stored events after it come first; without, events
@@ -169,7 +168,7 @@ class AsyncClient(ClientCore):
         task_ids: Sequence[str],
         after_seq: int | None,
         deadline: Deadline,
-    ) -> AsyncIterator[TaskEvent]:
+    ) -> AsyncGenerator[TaskEvent, None]:
         if after_seq is None:
             after_seq = (await self.list_tasks(page_size=1)).cursor
         resume = Resume()
@@ -202,7 +201,10 @@ class AsyncClient(ClientCore):
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.aclose()
 
@@ -267,7 +269,9 @@ class AsyncJob:
         return self.task
 
     async def fail(self, error: str, *, retryable: bool = False) -> Task:
-        self.task = await self._client.fail_task(self.id, self.lease_token, error, retryable=retryable)
+        self.task = await self._client.fail_task(
+            self.id, self.lease_token, error, retryable=retryable
+        )
         return self.task
 
     def __repr__(self) -> str:

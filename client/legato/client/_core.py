@@ -14,8 +14,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
-from legato.v1 import tasks_pb2
-
 from legato.client.errors import (
     RPCError,
     TaskCanceledError,
@@ -23,6 +21,7 @@ from legato.client.errors import (
 )
 from legato.client.models import Task, TaskStatus, dict_to_struct
 from legato.server.paths import default_address
+from legato.v1 import tasks_pb2
 
 AGENT_METADATA = "legato-agent"
 _AGENT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")

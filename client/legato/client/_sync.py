@@ -7,17 +7,16 @@ I/O differs. Shared logic lives in `_core`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import closing
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
-from legato.v1 import tasks_pb2, tasks_pb2_grpc
-
 from legato.client._core import CHANNEL_OPTIONS, ClientCore, Deadline, Resume, duration, outcome
 from legato.client.errors import from_rpc_error
 from legato.client.models import Task, TaskEvent, TaskPage, TaskStatus
+from legato.v1 import tasks_pb2, tasks_pb2_grpc
 
 Response = TypeVar("Response")
 
@@ -44,7 +43,9 @@ class Client(ClientCore):
         """Creates a client and waits until the daemon answers; UnavailableError if it does not."""
         client = cls(address, agent=agent, timeout=timeout)
         try:
-            client._call(client._stub.ListTasks, tasks_pb2.ListTasksRequest(page_size=1), connect_timeout)
+            client._call(
+                client._stub.ListTasks, tasks_pb2.ListTasksRequest(page_size=1), connect_timeout
+            )
         except BaseException:
             client.close()
             raise
@@ -142,7 +143,7 @@ class Client(ClientCore):
         labels: Sequence[str] = (),
         task_ids: Sequence[str] = (),
         after_seq: int | None = None,
-    ) -> Iterator[TaskEvent]:
+    ) -> Generator[TaskEvent, None, None]:
         """Task events in seq order, resuming by itself when the stream drops.
 
         With `after_seq`, stored events after it come first; without, events
@@ -156,7 +157,7 @@ class Client(ClientCore):
         task_ids: Sequence[str],
         after_seq: int | None,
         deadline: Deadline,
-    ) -> Iterator[TaskEvent]:
+    ) -> Generator[TaskEvent, None, None]:
         if after_seq is None:
             after_seq = self.list_tasks(page_size=1).cursor
         resume = Resume()
@@ -189,7 +190,10 @@ class Client(ClientCore):
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 

@@ -49,7 +49,12 @@ def _event_json(event: TaskEvent) -> dict[str, Any]:
 
 
 def _task_line(task: Task) -> str:
-    parts = [task.id, task.status.value, " ".join(task.labels), f"attempt {task.attempt}/{task.max_attempts}"]
+    parts = [
+        task.id,
+        task.status.value,
+        " ".join(task.labels),
+        f"attempt {task.attempt}/{task.max_attempts}",
+    ]
     if task.claimed_by and task.status is TaskStatus.CLAIMED:
         parts.append(f"claimed by {task.claimed_by}")
     return "  ".join(parts)
@@ -101,10 +106,8 @@ class Output:
         if self.as_json:
             print(_dump(_event_json(event)), flush=True)
         else:
-            print(
-                f"{event.seq:>6}  {event.type.value:<9}  {_task_line(event.task)}  by {event.actor}",
-                flush=True,
-            )
+            line = f"{event.seq:>6}  {event.type.value:<9}  {_task_line(event.task)}"
+            print(f"{line}  by {event.actor}", flush=True)
 
 
 # -- commands -------------------------------------------------------------------
@@ -115,12 +118,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from legato.server.db import Durability
 
     logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    config = Config(durability=Durability(args.durability), grace=args.grace, listen=args.listen or "")
+    config = Config(
+        durability=Durability(args.durability), grace=args.grace, listen=args.listen or ""
+    )
     if args.data_dir:
         config = Config(
-            data_dir=Path(args.data_dir), listen=config.listen, durability=config.durability, grace=config.grace
+            data_dir=Path(args.data_dir),
+            listen=config.listen,
+            durability=config.durability,
+            grace=config.grace,
         )
     try:
         asyncio.run(serve(config))
@@ -223,7 +233,9 @@ def cmd_cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
 def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
     if not args.labels and not args.task:
         raise SystemExit("legato: give labels to watch (e.g. @researcher) or --task ID")
-    for event in client.watch(labels=args.labels, task_ids=args.task or (), after_seq=args.after_seq):
+    for event in client.watch(
+        labels=args.labels, task_ids=args.task or (), after_seq=args.after_seq
+    ):
         out.event(event)
     return 0
 
@@ -233,7 +245,9 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--address", help="daemon address (default: LEGATO_ADDRESS or the default socket)")
+    common.add_argument(
+        "--address", help="daemon address (default: LEGATO_ADDRESS or the default socket)"
+    )
     common.add_argument("--agent", help="the agent name to act as (default: LEGATO_AGENT)")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -244,10 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the daemon")
     serve.add_argument("--listen", help="unix:PATH or HOST:PORT (default: a private unix socket)")
-    serve.add_argument("--data-dir", help="where the database lives (default: the per-user data dir)")
-    serve.add_argument("--durability", choices=["normal", "full"], default="normal",
-                       help="normal survives a daemon crash; full also survives power loss")  # fmt: skip
-    serve.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
+    serve.add_argument(
+        "--data-dir", help="where the database lives (default: the per-user data dir)"
+    )
+    serve.add_argument(
+        "--durability",
+        choices=["normal", "full"],
+        default="normal",
+        help="normal survives a daemon crash; full also survives power loss",
+    )
+    serve.add_argument(
+        "--grace", type=float, default=5.0, help="seconds to drain calls on shutdown"
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=cmd_serve)
 
@@ -261,11 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     create = action("create", cmd_create, "create a task for other agents")
     create.add_argument("content", help="what to do (- reads stdin)")
-    create.add_argument("-l", "--label", action="append", required=True, help="route to @label (repeatable)")
-    create.add_argument("--context", help="JSON object of structured input (- reads stdin, @file reads a file)")
+    create.add_argument(
+        "-l", "--label", action="append", required=True, help="route to @label (repeatable)"
+    )
+    create.add_argument(
+        "--context", help="JSON object of structured input (- reads stdin, @file reads a file)"
+    )
     create.add_argument("--parent", help="parent task id")
     create.add_argument("--idempotency-key", help="makes the create safe to retry")
-    create.add_argument("--max-attempts", type=int, default=0, help="claims before it fails for good (default 3)")
+    create.add_argument(
+        "--max-attempts", type=int, default=0, help="claims before it fails for good (default 3)"
+    )
     create.add_argument("--wait", type=float, nargs="?", const=0.0, metavar="SECONDS",
                         help="wait for the result (for SECONDS at most)")  # fmt: skip
 
@@ -273,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("id")
 
     listing = action("list", cmd_list, "list tasks, oldest first")
-    listing.add_argument("-l", "--label", action="append", help="only tasks with this label (repeatable)")
+    listing.add_argument(
+        "-l", "--label", action="append", help="only tasks with this label (repeatable)"
+    )
     listing.add_argument("--status", action="append", choices=[s.value for s in TaskStatus])
     listing.add_argument("--parent", help="only children of this task")
     listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -282,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     claim = action("claim", cmd_claim, "claim the oldest pending task for your labels")
     claim.add_argument("-l", "--label", action="append", help="claim from @label (repeatable)")
     claim.add_argument("--id", help="claim this task instead")
-    claim.add_argument("--lease", type=float, help="seconds the claim holds without a heartbeat (default 300)")
+    claim.add_argument(
+        "--lease", type=float, help="seconds the claim holds without a heartbeat (default 300)"
+    )
 
     heartbeat = action("heartbeat", cmd_heartbeat, "extend the lease of a claimed task")
     heartbeat.add_argument("id")

@@ -1,26 +1,26 @@
 """The client's exceptions: one tree, with gRPC status codes mapped in one place.
 
-    LegatoError
-    ├── RPCError                      a call failed; `.code` is the grpc.StatusCode
-    │   ├── CancelledError            CANCELLED
-    │   ├── UnknownError              UNKNOWN
-    │   ├── InvalidArgumentError      INVALID_ARGUMENT
-    │   ├── DeadlineExceededError     DEADLINE_EXCEEDED
-    │   ├── NotFoundError             NOT_FOUND
-    │   ├── AlreadyExistsError        ALREADY_EXISTS
-    │   ├── PermissionDeniedError     PERMISSION_DENIED
-    │   ├── ResourceExhaustedError    RESOURCE_EXHAUSTED
-    │   ├── FailedPreconditionError   FAILED_PRECONDITION
-    │   ├── AbortedError              ABORTED
-    │   ├── OutOfRangeError           OUT_OF_RANGE
-    │   ├── UnimplementedError        UNIMPLEMENTED
-    │   ├── InternalError             INTERNAL
-    │   ├── UnavailableError          UNAVAILABLE (e.g. the daemon is not running)
-    │   ├── DataLossError             DATA_LOSS
-    │   └── UnauthenticatedError      UNAUTHENTICATED
-    └── TaskOutcomeError              a task ended without a result; `.task` is it
-        ├── TaskFailedError           FAILED
-        └── TaskCanceledError         CANCELED
+LegatoError
+├── RPCError                      a call failed; `.code` is the grpc.StatusCode
+│   ├── CancelledError            CANCELLED
+│   ├── UnknownError              UNKNOWN
+│   ├── InvalidArgumentError      INVALID_ARGUMENT
+│   ├── DeadlineExceededError     DEADLINE_EXCEEDED
+│   ├── NotFoundError             NOT_FOUND
+│   ├── AlreadyExistsError        ALREADY_EXISTS
+│   ├── PermissionDeniedError     PERMISSION_DENIED
+│   ├── ResourceExhaustedError    RESOURCE_EXHAUSTED
+│   ├── FailedPreconditionError   FAILED_PRECONDITION
+│   ├── AbortedError              ABORTED
+│   ├── OutOfRangeError           OUT_OF_RANGE
+│   ├── UnimplementedError        UNIMPLEMENTED
+│   ├── InternalError             INTERNAL
+│   ├── UnavailableError          UNAVAILABLE (e.g. the daemon is not running)
+│   ├── DataLossError             DATA_LOSS
+│   └── UnauthenticatedError      UNAUTHENTICATED
+└── TaskOutcomeError              a task ended without a result; `.task` is it
+    ├── TaskFailedError           FAILED
+    └── TaskCanceledError         CANCELED
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ _BY_CODE: dict[grpc.StatusCode, type[RPCError]] = {
 
 def from_rpc_error(exc: grpc.RpcError, *, address: str = "") -> RPCError:
     """The `RPCError` subclass for a failed call (sync or asyncio)."""
-    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-    details: str = exc.details() or code.name  # type: ignore[attr-defined]
+    code: grpc.StatusCode = exc.code()
+    details: str = exc.details() or code.name
     if code is grpc.StatusCode.UNAVAILABLE and address:
         details = (
             f"cannot reach the legato daemon at {address}: {details}. "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -16,7 +16,7 @@ JSON = dict[str, Any]
 _SAFE_INT = 2**53
 
 
-class TaskStatus(str, Enum):
+class TaskStatus(StrEnum):
     """Where a task is in its life. DONE, FAILED and CANCELED are terminal."""
 
     PENDING = "pending"
@@ -34,7 +34,7 @@ class TaskStatus(str, Enum):
         return tasks_pb2.TaskStatus.Value(f"TASK_STATUS_{self.name}")
 
 
-class EventType(str, Enum):
+class EventType(StrEnum):
     """What changed in a `TaskEvent`."""
 
     CREATED = "created"
@@ -71,7 +71,9 @@ def dict_to_struct(value: Mapping[str, Any] | None, field: str) -> struct_pb2.St
     try:
         message.update(value)
     except (ValueError, TypeError, AttributeError) as exc:
-        raise TypeError(f"{field} must hold only JSON values (str, number, bool, None, list, dict): {exc}") from None
+        raise TypeError(
+            f"{field} must hold only JSON values (str, number, bool, None, list, dict): {exc}"
+        ) from None
     return message
 
 
@@ -109,7 +111,9 @@ class Task:
             labels=tuple(message.labels),
             context=struct_to_dict(message.context),
             result=struct_to_dict(message.result) if message.HasField("result") else None,
-            status=TaskStatus[tasks_pb2.TaskStatus.Name(message.status).removeprefix("TASK_STATUS_")],
+            status=TaskStatus[
+                tasks_pb2.TaskStatus.Name(message.status).removeprefix("TASK_STATUS_")
+            ],
             error=message.error,
             created_by=message.created_by,
             claimed_by=message.claimed_by,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from google.protobuf import struct_pb2
-from legato.v1 import tasks_pb2
-
 from legato.server.errors import InvalidArgument
 from legato.server.model import Event, Status, TaskRecord
+from legato.v1 import tasks_pb2
 
 
-def struct_bytes(message: tasks_pb2.CreateTaskRequest | tasks_pb2.CompleteTaskRequest, field: str) -> bytes:
+def struct_bytes(
+    message: tasks_pb2.CreateTaskRequest | tasks_pb2.CompleteTaskRequest, field: str
+) -> bytes:
     """A Struct field serialized deterministically, or b'' when unset.
 
     Deterministic, so that the same blob always has the same bytes: idempotent

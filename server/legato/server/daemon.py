@@ -14,13 +14,18 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from legato.v1 import tasks_pb2, tasks_pb2_grpc
-
 from legato.server.db import Durability
-from legato.server.paths import DB_NAME, LOCK_NAME, SOCKET_NAME, default_data_dir, private_dir
-from legato.server.paths import default_runtime_dir
+from legato.server.paths import (
+    DB_NAME,
+    LOCK_NAME,
+    SOCKET_NAME,
+    default_data_dir,
+    default_runtime_dir,
+    private_dir,
+)
 from legato.server.service import TaskService
 from legato.server.tasks import TaskManager
+from legato.v1 import tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +91,10 @@ class DataDirLock:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -169,7 +177,10 @@ class Daemon:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.stop()
 

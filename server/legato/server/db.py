@@ -22,7 +22,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import Any, Generic, TypeVar
@@ -34,7 +34,7 @@ T = TypeVar("T")
 MAX_GROUP = 256
 
 
-class Durability(str, Enum):
+class Durability(StrEnum):
     """How far a commit is synced before it is acknowledged.
 
     NORMAL survives a crash or `kill -9` of the daemon; FULL also survives an
@@ -90,7 +90,9 @@ class Database:
         self._threads = [
             threading.Thread(target=self._writer, name="legato-db-writer", daemon=True),
             *(
-                threading.Thread(target=self._reader, args=(c,), name="legato-db-reader", daemon=True)
+                threading.Thread(
+                    target=self._reader, args=(c,), name="legato-db-reader", daemon=True
+                )
                 for c in self._reader_conns
             ),
         ]
@@ -161,12 +163,12 @@ class Database:
                 conn.execute("SAVEPOINT job")
                 try:
                     job.outcome = job.fn(conn)
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                except BaseException as exc:  # handed to the caller
                     conn.execute("ROLLBACK TO job")
                     job.error = exc
                 conn.execute("RELEASE job")
             conn.execute("COMMIT")
-        except BaseException as exc:  # noqa: BLE001 - nothing of the group committed
+        except BaseException as exc:  # nothing of the group committed
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             for job in group:
@@ -192,7 +194,7 @@ class Database:
                 break
             try:
                 job.outcome = job.fn(conn)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            except BaseException as exc:  # handed to the caller
                 job.error = exc
             finally:
                 if conn.in_transaction:

@@ -95,7 +95,9 @@ class EventBus:
 
     @property
     def subscriber_count(self) -> int:
-        return len({s for subs in (*self._by_label.values(), *self._by_task.values()) for s in subs})
+        return len(
+            {s for subs in (*self._by_label.values(), *self._by_task.values()) for s in subs}
+        )
 
     def publish(self, events: Iterable[Event]) -> None:
         """Delivers events, which must come in seq order, to every matching subscription."""

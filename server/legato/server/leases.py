@@ -8,6 +8,7 @@ the daemon was down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -56,17 +57,15 @@ class LeaseReaper:
                 log.exception("ending expired leases failed; retrying in 1 s")
                 self._due = self._clock() + 1_000_000
             # A millisecond of slack: asyncio timers may fire a hair early.
-            timeout = None if self._due is None else max(0.0, (self._due - self._clock()) / 1e6) + 0.001
-            try:
+            timeout = (
+                None if self._due is None else max(0.0, (self._due - self._clock()) / 1e6) + 0.001
+            )
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except TimeoutError:
-                pass
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None

@@ -89,7 +89,9 @@ def check_max_attempts(value: int) -> int:
     if value == 0:
         return DEFAULT_MAX_ATTEMPTS
     if not 1 <= value <= MAX_MAX_ATTEMPTS:
-        raise InvalidArgument(f"max_attempts must be 1 to {MAX_MAX_ATTEMPTS} (0 means 3); got {value}")
+        raise InvalidArgument(
+            f"max_attempts must be 1 to {MAX_MAX_ATTEMPTS} (0 means 3); got {value}"
+        )
     return value
 
 

@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from functools import wraps
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import grpc
-from legato.v1 import tasks_pb2, tasks_pb2_grpc
-
 from legato.server.convert import duration_us, event_proto, statuses, struct_bytes, task_proto
 from legato.server.errors import DomainError
 from legato.server.events import SubscriptionClosed, SubscriptionOverflow
 from legato.server.tasks import TaskManager
+from legato.v1 import tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-P = ParamSpec("P")
-R = TypeVar("R")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Context = grpc.aio.ServicerContext[Any, Any]
 
 # Until agents authenticate, a caller may name itself in this metadata key; the
 # name is recorded as created_by / claimed_by / actor.
@@ -53,13 +53,12 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def _unary(
-    handler: Callable[Concatenate[TaskService, P], Awaitable[R]],
-) -> Callable[Concatenate[TaskService, P], Awaitable[R]]:
+    handler: Callable[[TaskService, Req, Context], Coroutine[Any, Any, Resp]],
+) -> Callable[[TaskService, Req, Context], Coroutine[Any, Any, Resp]]:
     @wraps(handler)
-    async def wrapped(self: TaskService, *args: P.args, **kwargs: P.kwargs) -> R:
-        context: grpc.aio.ServicerContext[object, object] = args[-1]  # type: ignore[assignment]
+    async def wrapped(self: TaskService, request: Req, context: Context) -> Resp:
         try:
-            return await handler(self, *args, **kwargs)
+            return await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -70,15 +69,12 @@ def _unary(
     return wrapped
 
 
-def caller(context: grpc.aio.ServicerContext[object, object]) -> str:
+def caller(context: Context) -> str:
     """The agent name the caller gave in metadata, or 'anonymous'."""
     for key, value in context.invocation_metadata() or ():
         if key == AGENT_METADATA and isinstance(value, str) and _AGENT_NAME.fullmatch(value):
             return value
     return ANONYMOUS
-
-
-Context = grpc.aio.ServicerContext[object, object]
 
 
 class TaskService(tasks_pb2_grpc.TaskServiceServicer):
@@ -160,7 +156,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         return task_proto(task)
 
     @_unary
-    async def FailTask(self, request: tasks_pb2.FailTaskRequest, context: Context) -> tasks_pb2.Task:
+    async def FailTask(
+        self, request: tasks_pb2.FailTaskRequest, context: Context
+    ) -> tasks_pb2.Task:
         task = await self._tasks.fail(
             task_id=request.id,
             lease_token=request.lease_token,
@@ -179,7 +177,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         return task_proto(task)
 
-    async def WatchTasks(  # type: ignore[override]
+    async def WatchTasks(
         self, request: tasks_pb2.WatchTasksRequest, context: Context
     ) -> AsyncIterator[tasks_pb2.TaskEvent]:
         events = self._tasks.watch(

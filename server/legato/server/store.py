@@ -87,7 +87,7 @@ _TASK_COLUMNS = (
     "idempotency_key, status, result, error, claimed_by, attempt, version, updated_at, "
     "lease_token, lease_expires_at, lease_us"
 )
-_SELECT_TASK = f"SELECT rowid, {_TASK_COLUMNS} FROM tasks"  # noqa: S608 - constant
+_SELECT_TASK = f"SELECT rowid, {_TASK_COLUMNS} FROM tasks"
 
 
 def _task_from_row(row: Sequence[Any]) -> TaskRecord:
@@ -252,13 +252,15 @@ class Store:
 
         return await self._write(update)
 
-    async def claim_next(self, labels: Sequence[str], decide: Decide, *, actor: str) -> TaskRecord | None:
+    async def claim_next(
+        self, labels: Sequence[str], decide: Decide, *, actor: str
+    ) -> TaskRecord | None:
         """Claims the oldest pending task carrying any of `labels`, if there is one."""
 
         def claim(conn: sqlite3.Connection) -> tuple[TaskRecord | None, list[Event]]:
             row = conn.execute(
-                f"SELECT task_rowid FROM task_labels WHERE pending = 1 AND label IN ({_in(labels)}) "  # noqa: S608
-                "ORDER BY task_rowid LIMIT 1",
+                "SELECT task_rowid FROM task_labels "
+                f"WHERE pending = 1 AND label IN ({_in(labels)}) ORDER BY task_rowid LIMIT 1",
                 tuple(labels),
             ).fetchone()
             if row is None:
@@ -347,7 +349,7 @@ class Store:
             else:
                 match, params = of_ids, list(task_ids)
             rows = conn.execute(
-                f"SELECT e.seq, e.type, e.actor, e.at, e.state, t.rowid, {_prefixed('t')} "  # noqa: S608
+                f"SELECT e.seq, e.type, e.actor, e.at, e.state, t.rowid, {_prefixed('t')} "
                 f"FROM events e JOIN tasks t ON t.rowid = e.task_rowid "
                 f"WHERE e.seq > ? AND {match} ORDER BY e.seq LIMIT ?",
                 [after_seq, *params, limit],
@@ -410,14 +412,16 @@ def _same_request(original: TaskRecord, retry: TaskRecord) -> bool:
     )
 
 
-def _load(conn: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> tuple[int, TaskRecord] | None:
-    row = conn.execute(f"{_SELECT_TASK} WHERE {where}", params).fetchone()  # noqa: S608
+def _load(
+    conn: sqlite3.Connection, where: str, params: tuple[Any, ...]
+) -> tuple[int, TaskRecord] | None:
+    row = conn.execute(f"{_SELECT_TASK} WHERE {where}", params).fetchone()
     return None if row is None else (row[0], _task_from_row(row[1:]))
 
 
 def _insert_task(conn: sqlite3.Connection, task: TaskRecord) -> int:
     cursor = conn.execute(
-        f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_in(range(20))})",  # noqa: S608
+        f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_in(range(20))})",
         (
             task.id, task.content, json.dumps(list(task.labels)), task.context, task.created_by,
             task.created_at, task.max_attempts, task.parent_id, task.root_id,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 from legato.server import lifecycle, limits
@@ -220,7 +220,7 @@ class TaskManager:
 
     async def watch(
         self, *, labels: Sequence[str], task_ids: Sequence[str], after_seq: int | None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Events of the matching tasks in seq order: stored ones after `after_seq`, then live.
 
         Subscribes before reading the backlog, so an event committed meanwhile is
