@@ -259,7 +259,9 @@ class Store:
 
         def claim(conn: sqlite3.Connection) -> tuple[TaskRecord | None, list[Event]]:
             row = conn.execute(
-                "SELECT task_rowid FROM task_labels "
+                # Without INDEXED BY the planner may walk the primary key, i.e.
+                # every task that ever had the label, instead of the pending ones.
+                "SELECT task_rowid FROM task_labels INDEXED BY task_labels_pending "
                 f"WHERE pending = 1 AND label IN ({_in(labels)}) ORDER BY task_rowid LIMIT 1",
                 tuple(labels),
             ).fetchone()
