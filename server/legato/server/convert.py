@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 from legato.server.errors import InvalidArgument
 from legato.server.model import Event, Status, TaskRecord
 from legato.v1 import tasks_pb2
@@ -23,11 +23,18 @@ def struct_bytes(
 
 
 def duration_us(message: object, field: str) -> int | None:
-    """A Duration field in microseconds, or None when unset."""
+    """A Duration field in microseconds, or None when unset; INVALID_ARGUMENT if malformed."""
     if not message.HasField(field):  # type: ignore[attr-defined]
         return None
-    value: int = getattr(message, field).ToMicroseconds()
-    return value
+    value: duration_pb2.Duration = getattr(message, field)
+    mixed_signs = (value.seconds < 0 < value.nanos) or (value.nanos < 0 < value.seconds)
+    if mixed_signs or not -999_999_999 <= value.nanos <= 999_999_999:
+        raise InvalidArgument(
+            f"{field} is not a valid Duration (seconds={value.seconds}, nanos={value.nanos}): "
+            "nanos must be within ±999,999,999 and have the sign of seconds"
+        )
+    microseconds: int = value.ToMicroseconds()
+    return microseconds
 
 
 def statuses(values: list[int]) -> list[Status]:

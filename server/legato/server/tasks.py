@@ -41,7 +41,8 @@ def _decode_page_token(token: str) -> int:
         return 0
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        if raw.startswith("p") and raw[1:].isdigit():
+        # SQLite integers are signed 64-bit: a larger "position" was never issued.
+        if raw.startswith("p") and raw[1:].isdigit() and int(raw[1:]) < 2**63:
             return int(raw[1:])
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
