@@ -31,10 +31,10 @@ async def test_researcher_result_reaches_coder_without_polling(
 async def test_result_arrives_on_the_watch_as_a_completed_event(
     coder: AsyncClient, researcher: AsyncClient
 ) -> None:
-    events = coder.watch(labels=["@researcher"])
-    first = asyncio.ensure_future(anext(events))
+    cursor = (await coder.list_tasks(page_size=1)).cursor  # list, then watch from its cursor
+    events = coder.watch(labels=["@researcher"], after_seq=cursor)
     handle = await coder.create_task("summarise RFC 9113", labels=["@researcher"])
-    created = await first
+    created = await anext(events)
     assert (created.type, created.task.id) == (EventType.CREATED, handle.id)
 
     job = await researcher.claim(["@researcher"])

@@ -158,7 +158,9 @@ class AsyncClient(ClientCore):
         """Task events in seq order, resuming by itself when the stream drops.
 
         With `after_seq`, stored events after it come first; without, events
-        from now on. Either way no event is missed or repeated across reconnects.
+        from when iteration starts (not when `watch` is called: to miss nothing
+        after a point, pass `after_seq`, e.g. a `list_tasks` cursor). Either way
+        no event is missed or repeated across reconnects.
         """
         return self._watch(labels, task_ids, after_seq, Deadline(None))
 
