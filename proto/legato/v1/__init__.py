@@ -5,9 +5,9 @@ beside them; never edit them by hand (``make proto-check`` proves they match).
 """
 
 from legato.v1.tasks_pb2 import (
+    CancelTaskRequest,
     ClaimTaskRequest,
     ClaimTaskResponse,
-    CancelTaskRequest,
     CompleteTaskRequest,
     CreateTaskRequest,
     FailTaskRequest,

@@ -45,9 +45,11 @@ class LeaseReaper:
 
     async def _run(self) -> None:
         while True:
-            # Clear before reading the next expiry: a lease set after this
-            # point wakes the wait below instead of being missed.
+            # Clear before reading the next expiry, and forget the old due time:
+            # any lease set from here on (even one later than the deadline that
+            # just passed) wakes the wait below instead of being missed.
             self._wakeup.clear()
+            self._due = None
             try:
                 expired = await self._expire(self._clock())
                 if expired:
