@@ -27,45 +27,49 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15legato/v1/tasks.proto\x12\tlegato.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x03\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12(\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x06status\x18\x06 \x01(\x0e\x32\x15.legato.v1.TaskStatus\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\ncreated_by\x18\x08 \x01(\t\x12\x12\n\nclaimed_by\x18\t \x01(\t\x12\x11\n\tparent_id\x18\n \x01(\t\x12\x0f\n\x07root_id\x18\x0b \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x0c \x01(\x05\x12\x14\n\x0cmax_attempts\x18\r \x01(\x05\x12\x0f\n\x07version\x18\x0e \x01(\x03\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa0\x01\n\x11\x43reateTaskRequest\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12(\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tparent_id\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x85\x01\n\x10ListTasksRequest\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\'\n\x08statuses\x18\x02 \x03(\x0e\x32\x15.legato.v1.TaskStatus\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"\\\n\x11ListTasksResponse\x12\x1e\n\x05tasks\x18\x01 \x03(\x0b\x32\x0f.legato.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x03\"X\n\x10\x43laimTaskRequest\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12(\n\x05lease\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x11\x43laimTaskResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.legato.v1.Task\x12\x13\n\x0blease_token\x18\x02 \x01(\t\"]\n\x10HeartbeatRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12(\n\x05lease\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"L\n\x11HeartbeatResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.legato.v1.Task\x12\x18\n\x10\x63\x61ncel_requested\x18\x02 \x01(\x08\"_\n\x13\x43ompleteTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"T\n\x0f\x46\x61ilTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\"/\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"[\n\x11WatchTasksRequest\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x16\n\tafter_seq\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x0c\n\n_after_seq\"\x98\x01\n\tTaskEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.legato.v1.TaskEventType\x12\x1d\n\x04task\x18\x03 \x01(\x0b\x32\x0f.legato.v1.Task\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa9\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x17\n\x13TASK_STATUS_CLAIMED\x10\x02\x12\x14\n\x10TASK_STATUS_DONE\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x18\n\x14TASK_STATUS_CANCELED\x10\x05\"\x04\x08\x06\x10\x06*\x80\x02\n\rTaskEventType\x12\x1f\n\x1bTASK_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_EVENT_TYPE_CREATED\x10\x01\x12\x1b\n\x17TASK_EVENT_TYPE_CLAIMED\x10\x02\x12\x1d\n\x19TASK_EVENT_TYPE_HEARTBEAT\x10\x03\x12\x1d\n\x19TASK_EVENT_TYPE_COMPLETED\x10\x04\x12\x1a\n\x16TASK_EVENT_TYPE_FAILED\x10\x05\x12\x1c\n\x18TASK_EVENT_TYPE_CANCELED\x10\x06\x12\x1c\n\x18TASK_EVENT_TYPE_REQUEUED\x10\x07\x32\xd4\x04\n\x0bTaskService\x12;\n\nCreateTask\x12\x1c.legato.v1.CreateTaskRequest\x1a\x0f.legato.v1.Task\x12\x35\n\x07GetTask\x12\x19.legato.v1.GetTaskRequest\x1a\x0f.legato.v1.Task\x12\x46\n\tListTasks\x12\x1b.legato.v1.ListTasksRequest\x1a\x1c.legato.v1.ListTasksResponse\x12\x46\n\tClaimTask\x12\x1b.legato.v1.ClaimTaskRequest\x1a\x1c.legato.v1.ClaimTaskResponse\x12\x46\n\tHeartbeat\x12\x1b.legato.v1.HeartbeatRequest\x1a\x1c.legato.v1.HeartbeatResponse\x12?\n\x0c\x43ompleteTask\x12\x1e.legato.v1.CompleteTaskRequest\x1a\x0f.legato.v1.Task\x12\x37\n\x08\x46\x61ilTask\x12\x1a.legato.v1.FailTaskRequest\x1a\x0f.legato.v1.Task\x12;\n\nCancelTask\x12\x1c.legato.v1.CancelTaskRequest\x1a\x0f.legato.v1.Task\x12\x42\n\nWatchTasks\x12\x1c.legato.v1.WatchTasksRequest\x1a\x14.legato.v1.TaskEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15legato/v1/tasks.proto\x12\tlegato.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe8\x03\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12(\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x06status\x18\x06 \x01(\x0e\x32\x15.legato.v1.TaskStatus\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\ncreated_by\x18\x08 \x01(\t\x12\x12\n\nclaimed_by\x18\t \x01(\t\x12\x11\n\tparent_id\x18\n \x01(\t\x12\x0f\n\x07root_id\x18\x0b \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x0c \x01(\x05\x12\x14\n\x0cmax_attempts\x18\r \x01(\x05\x12\x0f\n\x07version\x18\x0e \x01(\x03\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08warnings\x18\x12 \x03(\t\"\xa0\x01\n\x11\x43reateTaskRequest\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12(\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tparent_id\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x85\x01\n\x10ListTasksRequest\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\'\n\x08statuses\x18\x02 \x03(\x0e\x32\x15.legato.v1.TaskStatus\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"\\\n\x11ListTasksResponse\x12\x1e\n\x05tasks\x18\x01 \x03(\x0b\x32\x0f.legato.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x03\"X\n\x10\x43laimTaskRequest\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12(\n\x05lease\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x11\x43laimTaskResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.legato.v1.Task\x12\x13\n\x0blease_token\x18\x02 \x01(\t\"]\n\x10HeartbeatRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12(\n\x05lease\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"L\n\x11HeartbeatResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.legato.v1.Task\x12\x18\n\x10\x63\x61ncel_requested\x18\x02 \x01(\x08\"_\n\x13\x43ompleteTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"T\n\x0f\x46\x61ilTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\"/\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"[\n\x11WatchTasksRequest\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x16\n\tafter_seq\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x0c\n\n_after_seq\"I\n\x15ListTaskEventsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"V\n\x16ListTaskEventsResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.legato.v1.TaskEvent\x12\x16\n\x0enext_after_seq\x18\x02 \x01(\x03\"\x98\x01\n\tTaskEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.legato.v1.TaskEventType\x12\x1d\n\x04task\x18\x03 \x01(\x0b\x32\x0f.legato.v1.Task\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa9\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x17\n\x13TASK_STATUS_CLAIMED\x10\x02\x12\x14\n\x10TASK_STATUS_DONE\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x18\n\x14TASK_STATUS_CANCELED\x10\x05\"\x04\x08\x06\x10\x06*\x80\x02\n\rTaskEventType\x12\x1f\n\x1bTASK_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_EVENT_TYPE_CREATED\x10\x01\x12\x1b\n\x17TASK_EVENT_TYPE_CLAIMED\x10\x02\x12\x1d\n\x19TASK_EVENT_TYPE_HEARTBEAT\x10\x03\x12\x1d\n\x19TASK_EVENT_TYPE_COMPLETED\x10\x04\x12\x1a\n\x16TASK_EVENT_TYPE_FAILED\x10\x05\x12\x1c\n\x18TASK_EVENT_TYPE_CANCELED\x10\x06\x12\x1c\n\x18TASK_EVENT_TYPE_REQUEUED\x10\x07\x32\xab\x05\n\x0bTaskService\x12;\n\nCreateTask\x12\x1c.legato.v1.CreateTaskRequest\x1a\x0f.legato.v1.Task\x12\x35\n\x07GetTask\x12\x19.legato.v1.GetTaskRequest\x1a\x0f.legato.v1.Task\x12\x46\n\tListTasks\x12\x1b.legato.v1.ListTasksRequest\x1a\x1c.legato.v1.ListTasksResponse\x12\x46\n\tClaimTask\x12\x1b.legato.v1.ClaimTaskRequest\x1a\x1c.legato.v1.ClaimTaskResponse\x12\x46\n\tHeartbeat\x12\x1b.legato.v1.HeartbeatRequest\x1a\x1c.legato.v1.HeartbeatResponse\x12?\n\x0c\x43ompleteTask\x12\x1e.legato.v1.CompleteTaskRequest\x1a\x0f.legato.v1.Task\x12\x37\n\x08\x46\x61ilTask\x12\x1a.legato.v1.FailTaskRequest\x1a\x0f.legato.v1.Task\x12;\n\nCancelTask\x12\x1c.legato.v1.CancelTaskRequest\x1a\x0f.legato.v1.Task\x12\x42\n\nWatchTasks\x12\x1c.legato.v1.WatchTasksRequest\x1a\x14.legato.v1.TaskEvent0\x01\x12U\n\x0eListTaskEvents\x12 .legato.v1.ListTaskEventsRequest\x1a!.legato.v1.ListTaskEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'legato.v1.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATUS']._serialized_start=1844
-  _globals['_TASKSTATUS']._serialized_end=2013
-  _globals['_TASKEVENTTYPE']._serialized_start=2016
-  _globals['_TASKEVENTTYPE']._serialized_end=2272
+  _globals['_TASKSTATUS']._serialized_start=2025
+  _globals['_TASKSTATUS']._serialized_end=2194
+  _globals['_TASKEVENTTYPE']._serialized_start=2197
+  _globals['_TASKEVENTTYPE']._serialized_end=2453
   _globals['_TASK']._serialized_start=132
-  _globals['_TASK']._serialized_end=602
-  _globals['_CREATETASKREQUEST']._serialized_start=605
-  _globals['_CREATETASKREQUEST']._serialized_end=765
-  _globals['_GETTASKREQUEST']._serialized_start=767
-  _globals['_GETTASKREQUEST']._serialized_end=795
-  _globals['_LISTTASKSREQUEST']._serialized_start=798
-  _globals['_LISTTASKSREQUEST']._serialized_end=931
-  _globals['_LISTTASKSRESPONSE']._serialized_start=933
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1025
-  _globals['_CLAIMTASKREQUEST']._serialized_start=1027
-  _globals['_CLAIMTASKREQUEST']._serialized_end=1115
-  _globals['_CLAIMTASKRESPONSE']._serialized_start=1117
-  _globals['_CLAIMTASKRESPONSE']._serialized_end=1188
-  _globals['_HEARTBEATREQUEST']._serialized_start=1190
-  _globals['_HEARTBEATREQUEST']._serialized_end=1283
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1285
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1361
-  _globals['_COMPLETETASKREQUEST']._serialized_start=1363
-  _globals['_COMPLETETASKREQUEST']._serialized_end=1458
-  _globals['_FAILTASKREQUEST']._serialized_start=1460
-  _globals['_FAILTASKREQUEST']._serialized_end=1544
-  _globals['_CANCELTASKREQUEST']._serialized_start=1546
-  _globals['_CANCELTASKREQUEST']._serialized_end=1593
-  _globals['_WATCHTASKSREQUEST']._serialized_start=1595
-  _globals['_WATCHTASKSREQUEST']._serialized_end=1686
-  _globals['_TASKEVENT']._serialized_start=1689
-  _globals['_TASKEVENT']._serialized_end=1841
-  _globals['_TASKSERVICE']._serialized_start=2275
-  _globals['_TASKSERVICE']._serialized_end=2871
+  _globals['_TASK']._serialized_end=620
+  _globals['_CREATETASKREQUEST']._serialized_start=623
+  _globals['_CREATETASKREQUEST']._serialized_end=783
+  _globals['_GETTASKREQUEST']._serialized_start=785
+  _globals['_GETTASKREQUEST']._serialized_end=813
+  _globals['_LISTTASKSREQUEST']._serialized_start=816
+  _globals['_LISTTASKSREQUEST']._serialized_end=949
+  _globals['_LISTTASKSRESPONSE']._serialized_start=951
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1043
+  _globals['_CLAIMTASKREQUEST']._serialized_start=1045
+  _globals['_CLAIMTASKREQUEST']._serialized_end=1133
+  _globals['_CLAIMTASKRESPONSE']._serialized_start=1135
+  _globals['_CLAIMTASKRESPONSE']._serialized_end=1206
+  _globals['_HEARTBEATREQUEST']._serialized_start=1208
+  _globals['_HEARTBEATREQUEST']._serialized_end=1301
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1303
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1379
+  _globals['_COMPLETETASKREQUEST']._serialized_start=1381
+  _globals['_COMPLETETASKREQUEST']._serialized_end=1476
+  _globals['_FAILTASKREQUEST']._serialized_start=1478
+  _globals['_FAILTASKREQUEST']._serialized_end=1562
+  _globals['_CANCELTASKREQUEST']._serialized_start=1564
+  _globals['_CANCELTASKREQUEST']._serialized_end=1611
+  _globals['_WATCHTASKSREQUEST']._serialized_start=1613
+  _globals['_WATCHTASKSREQUEST']._serialized_end=1704
+  _globals['_LISTTASKEVENTSREQUEST']._serialized_start=1706
+  _globals['_LISTTASKEVENTSREQUEST']._serialized_end=1779
+  _globals['_LISTTASKEVENTSRESPONSE']._serialized_start=1781
+  _globals['_LISTTASKEVENTSRESPONSE']._serialized_end=1867
+  _globals['_TASKEVENT']._serialized_start=1870
+  _globals['_TASKEVENT']._serialized_end=2022
+  _globals['_TASKSERVICE']._serialized_start=2456
+  _globals['_TASKSERVICE']._serialized_end=3139
 # @@protoc_insertion_point(module_scope)

@@ -113,6 +113,7 @@ class Task(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Opaque and unguessable."""
     content: _builtins.str
@@ -151,6 +152,12 @@ class Task(_message.Message):
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
         """Set while CLAIMED."""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only in the CreateTask response: things the creator should know, e.g.
+        that no agent holds one of the labels yet (a typo waits forever).
+        """
+
     def __init__(
         self,
         *,
@@ -171,10 +178,11 @@ class Task(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "created_at", b"created_at", "lease_expires_at", b"lease_expires_at", "result", b"result", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "claimed_by", b"claimed_by", "content", b"content", "context", b"context", "created_at", b"created_at", "created_by", b"created_by", "error", b"error", "id", b"id", "labels", b"labels", "lease_expires_at", b"lease_expires_at", "max_attempts", b"max_attempts", "parent_id", b"parent_id", "result", b"result", "root_id", b"root_id", "status", b"status", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "claimed_by", b"claimed_by", "content", b"content", "context", b"context", "created_at", b"created_at", "created_by", b"created_by", "error", b"error", "id", b"id", "labels", b"labels", "lease_expires_at", b"lease_expires_at", "max_attempts", b"max_attempts", "parent_id", b"parent_id", "result", b"result", "root_id", b"root_id", "status", b"status", "updated_at", b"updated_at", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,6 +547,57 @@ class WatchTasksRequest(_message.Message):
 Global___WatchTasksRequest: _TypeAlias = WatchTasksRequest  # noqa: Y015
 
 @_typing.final
+class ListTaskEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    after_seq: _builtins.int
+    """Events with a larger seq; 0 for all."""
+    page_size: _builtins.int
+    """0 means 100; at most 1000."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        after_seq: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "id", b"id", "page_size", b"page_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTaskEventsRequest: _TypeAlias = ListTaskEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListTaskEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    next_after_seq: _builtins.int
+    """Pass as after_seq for the next page; 0 on the last page."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___TaskEvent] | None = ...,
+        next_after_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_after_seq", b"next_after_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTaskEventsResponse: _TypeAlias = ListTaskEventsResponse  # noqa: Y015
+
+@_typing.final
 class TaskEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -551,7 +610,7 @@ class TaskEvent(_message.Message):
     """Strictly increasing over all events of the daemon."""
     type: Global___TaskEventType.ValueType
     actor: _builtins.str
-    """Who made the change (the daemon itself for lease expiry)."""
+    """The agent that made the change ("legato" when the daemon did, e.g. lease expiry)."""
     @_builtins.property
     def task(self) -> Global___Task:
         """The task as it is after the change."""

@@ -79,6 +79,11 @@ class TaskServiceStub:
                 request_serializer=legato_dot_v1_dot_tasks__pb2.WatchTasksRequest.SerializeToString,
                 response_deserializer=legato_dot_v1_dot_tasks__pb2.TaskEvent.FromString,
                 _registered_method=True)
+        self.ListTaskEvents = channel.unary_unary(
+                '/legato.v1.TaskService/ListTaskEvents',
+                request_serializer=legato_dot_v1_dot_tasks__pb2.ListTaskEventsRequest.SerializeToString,
+                response_deserializer=legato_dot_v1_dot_tasks__pb2.ListTaskEventsResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -149,6 +154,14 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTaskEvents(self, request, context):
+        """The stored events of one task, oldest first: who created, claimed,
+        completed or canceled it, and when.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +209,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.WatchTasks,
                     request_deserializer=legato_dot_v1_dot_tasks__pb2.WatchTasksRequest.FromString,
                     response_serializer=legato_dot_v1_dot_tasks__pb2.TaskEvent.SerializeToString,
+            ),
+            'ListTaskEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTaskEvents,
+                    request_deserializer=legato_dot_v1_dot_tasks__pb2.ListTaskEventsRequest.FromString,
+                    response_serializer=legato_dot_v1_dot_tasks__pb2.ListTaskEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -441,6 +459,33 @@ class TaskService:
             '/legato.v1.TaskService/WatchTasks',
             legato_dot_v1_dot_tasks__pb2.WatchTasksRequest.SerializeToString,
             legato_dot_v1_dot_tasks__pb2.TaskEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTaskEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/legato.v1.TaskService/ListTaskEvents',
+            legato_dot_v1_dot_tasks__pb2.ListTaskEventsRequest.SerializeToString,
+            legato_dot_v1_dot_tasks__pb2.ListTaskEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,10 @@ class TaskServiceStub:
     """Streams task events in `seq` order: first the stored ones after
     `after_seq` (if set), then live ones.
     """
+    ListTaskEvents: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListTaskEventsRequest, _tasks_pb2.ListTaskEventsResponse]
+    """The stored events of one task, oldest first: who created, claimed,
+    completed or canceled it, and when.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -84,6 +88,10 @@ class TaskServiceAsyncStub(TaskServiceStub):
     WatchTasks: _aio.UnaryStreamMultiCallable[_tasks_pb2.WatchTasksRequest, _tasks_pb2.TaskEvent]  # type: ignore[assignment]
     """Streams task events in `seq` order: first the stored ones after
     `after_seq` (if set), then live ones.
+    """
+    ListTaskEvents: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListTaskEventsRequest, _tasks_pb2.ListTaskEventsResponse]  # type: ignore[assignment]
+    """The stored events of one task, oldest first: who created, claimed,
+    completed or canceled it, and when.
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -161,6 +169,16 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_tasks_pb2.TaskEvent], _abc.AsyncIterator[_tasks_pb2.TaskEvent]]:
         """Streams task events in `seq` order: first the stored ones after
         `after_seq` (if set), then live ones.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTaskEvents(
+        self,
+        request: _tasks_pb2.ListTaskEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.ListTaskEventsResponse, _abc.Awaitable[_tasks_pb2.ListTaskEventsResponse]]:
+        """The stored events of one task, oldest first: who created, claimed,
+        completed or canceled it, and when.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
