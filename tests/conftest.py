@@ -1,15 +1,58 @@
-"""Fixtures: a real daemon on a temp unix socket with a real SQLite file."""
+"""Fixtures: a real daemon on a temp unix socket with a real SQLite file, and
+agents with real API keys created through the admin key the daemon bootstraps."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from legato.client import AsyncClient
 from legato.server.daemon import Config, Daemon
+
+# `await connect("coder")` → a client of a new agent `coder` holding `@coder`;
+# `await connect("both", ["@a", "@b"])` chooses the labels.
+Connect = Callable[..., Awaitable[AsyncClient]]
+
+
+def _with_key(details: grpc.aio.ClientCallDetails, key: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add("authorization", f"Bearer {key}")
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+# Two classes, not one: a grpc.aio channel files an interceptor under the first
+# kind it is an instance of, so one class of both kinds never sees streams.
+class _UnaryKey(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, key: str):
+        self._key = key
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_key(details, self._key), request)
+
+
+class _StreamKey(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, key: str):
+        self._key = key
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_key(details, self._key), request)
+
+
+def keyed_channel(
+    address: str, key: str, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    """A raw grpc.aio channel whose every call carries `key`, for tests that
+    need to send what the friendly client would not."""
+    return grpc.aio.insecure_channel(
+        address, options=options, interceptors=[_UnaryKey(key), _StreamKey(key)]
+    )
 
 
 @pytest.fixture
@@ -34,12 +77,36 @@ async def daemon(config: Config) -> AsyncIterator[Daemon]:
 
 
 @pytest.fixture
-async def connect(daemon: Daemon) -> AsyncIterator[Callable[[str], AsyncClient]]:
-    """`connect(agent)` opens a client of the test daemon, closed after the test."""
+def admin_key(daemon: Daemon) -> str:
+    return daemon.admin_key_path.read_text().strip()
+
+
+@pytest.fixture
+async def admin(daemon: Daemon, admin_key: str) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(daemon.config.address, api_key=admin_key, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+async def agent_key(admin: AsyncClient) -> Callable[..., Awaitable[str]]:
+    """`await agent_key("coder")` creates agent `coder` (labels default `@coder`); its key."""
+
+    async def create(name: str, labels: Sequence[str] | None = None) -> str:
+        _, key = await admin.create_agent(name, labels=[f"@{name}"] if labels is None else labels)
+        return key
+
+    return create
+
+
+@pytest.fixture
+async def connect(
+    daemon: Daemon, agent_key: Callable[..., Awaitable[str]]
+) -> AsyncIterator[Connect]:
     clients: list[AsyncClient] = []
 
-    def open_client(agent: str = "") -> AsyncClient:
-        client = AsyncClient(daemon.config.address, agent=agent, timeout=10)
+    async def open_client(name: str, labels: Sequence[str] | None = None) -> AsyncClient:
+        key = await agent_key(name, labels)
+        client = AsyncClient(daemon.config.address, api_key=key, timeout=10)
         clients.append(client)
         return client
 
@@ -49,10 +116,10 @@ async def connect(daemon: Daemon) -> AsyncIterator[Callable[[str], AsyncClient]]
 
 
 @pytest.fixture
-def coder(connect: Callable[[str], AsyncClient]) -> AsyncClient:
-    return connect("coder")
+async def coder(connect: Connect) -> AsyncClient:
+    return await connect("coder")
 
 
 @pytest.fixture
-def researcher(connect: Callable[[str], AsyncClient]) -> AsyncClient:
-    return connect("researcher")
+async def researcher(connect: Connect) -> AsyncClient:
+    return await connect("researcher")

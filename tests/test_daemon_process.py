@@ -25,6 +25,9 @@ from legato.v1 import tasks_pb2, tasks_pb2_grpc
 
 START_TIMEOUT = 15.0
 LEGATO = Path(sys.executable).with_name("legato")
+ADMIN_KEY = "admin.key"
+# A well-formed key no agent has.
+UNKNOWN_KEY = "lgt_0123456789ab_" + "A" * 43
 
 
 @dataclass
@@ -37,6 +40,8 @@ class DaemonProcess:
     process: asyncio.subprocess.Process
     stderr: Path
     stdout_lines: list[str] = field(default_factory=list)
+    # The key the daemon bootstrapped for `admin` into the data dir, read once it serves.
+    admin_key: str = ""
 
     @property
     def address(self) -> str:
@@ -65,7 +70,8 @@ def serve_args(data_dir: Path, socket: Path, grace: float) -> list[str]:
 
 @pytest.fixture
 async def spawn(short_tmp: Path) -> AsyncIterator[Spawn]:
-    """`await spawn()` starts a daemon on `short_tmp` and returns once it serves.
+    """`await spawn()` starts a daemon on `short_tmp` and returns once it serves,
+    with the admin key it wrote to its data dir.
 
     Every process started is killed at teardown, whatever the test did.
     """
@@ -90,6 +96,7 @@ async def spawn(short_tmp: Path) -> AsyncIterator[Spawn]:
         line = (await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT)).decode()
         assert line.startswith("legato serving on"), f"no ready line: {line!r}\n{daemon.log()}"
         daemon.stdout_lines.append(line.rstrip("\n"))
+        daemon.admin_key = (data_dir / ADMIN_KEY).read_text().strip()
         return daemon
 
     yield start
@@ -97,6 +104,13 @@ async def spawn(short_tmp: Path) -> AsyncIterator[Spawn]:
         if daemon.process.returncode is None:
             daemon.process.kill()
             await daemon.process.wait()
+
+
+async def new_agent(daemon: DaemonProcess, name: str, labels: list[str]) -> str:
+    """Creates agent `name` with the daemon's admin key; returns the agent's key."""
+    async with AsyncClient(daemon.address, api_key=daemon.admin_key, timeout=10) as admin:
+        _, key = await admin.create_agent(name, labels=labels)
+    return key
 
 
 async def list_all(client: AsyncClient) -> list[Task]:
@@ -144,9 +158,11 @@ async def test_every_acknowledged_create_survives_kill_9(spawn: Spawn) -> None:
     acknowledged: dict[str, str] = {}
     attempted: set[str] = set()
     daemon = await spawn()
+    # The agent and its key are stored like the tasks: they too must survive the kills.
+    key = await new_agent(daemon, "producer", ["@durable"])
     for number in range(3):
         round_ = Round(number)
-        async with AsyncClient(daemon.address, agent="producer", timeout=10) as client:
+        async with AsyncClient(daemon.address, api_key=key, timeout=10) as client:
             producers = [asyncio.create_task(round_.produce(client, p)) for p in range(PRODUCERS)]
             await asyncio.wait_for(round_.enough.wait(), 20)
             round_.killed = True
@@ -159,17 +175,20 @@ async def test_every_acknowledged_create_survives_kill_9(spawn: Spawn) -> None:
         attempted |= round_.attempted
 
         daemon = await spawn()
-        async with AsyncClient(daemon.address, agent="producer", timeout=10) as client:
-            for key, task_id in acknowledged.items():
-                assert (await client.get_task(task_id)).content == key
+        async with AsyncClient(daemon.address, api_key=key, timeout=10) as client:
+            assert (await client.whoami()).name == "producer"
+            for content, task_id in acknowledged.items():
+                assert (await client.get_task(task_id)).content == content
             tasks = await list_all(client)
             assert len(tasks) >= len(acknowledged)
-            assert [key for key, n in Counter(t.content for t in tasks).items() if n > 1] == []
+            assert [c for c, n in Counter(t.content for t in tasks).items() if n > 1] == []
 
             # Retrying every create of the round, answered or not, makes no second task.
-            for key in sorted(round_.attempted):
-                handle = await client.create_task(key, labels=["@durable"], idempotency_key=key)
-                assert handle.id == acknowledged.get(key, handle.id)
+            for content in sorted(round_.attempted):
+                handle = await client.create_task(
+                    content, labels=["@durable"], idempotency_key=content
+                )
+                assert handle.id == acknowledged.get(content, handle.id)
             assert len(await list_all(client)) == len(attempted)
 
 
@@ -178,12 +197,16 @@ async def test_every_acknowledged_create_survives_kill_9(spawn: Spawn) -> None:
 
 async def test_sigterm_ends_watch_streams_and_exits_within_the_grace(spawn: Spawn) -> None:
     daemon = await spawn(grace=2.0)
-    async with AsyncClient(daemon.address, agent="coder") as client:
+    key = await new_agent(daemon, "coder", ["@coder"])
+    async with AsyncClient(daemon.address, api_key=key) as client:
         ids = [(await client.create_task(f"task {i}", labels=["@watched"])).id for i in range(3)]
 
     async with grpc.aio.insecure_channel(daemon.address) as channel:
         stub = tasks_pb2_grpc.TaskServiceStub(channel)
-        watch = stub.WatchTasks(tasks_pb2.WatchTasksRequest(labels=["@watched"], after_seq=0))
+        watch = stub.WatchTasks(
+            tasks_pb2.WatchTasksRequest(labels=["@watched"], after_seq=0),
+            metadata=(("authorization", f"Bearer {key}"),),
+        )
         backlog = [await watch.read() for _ in ids]  # the stream is open and caught up
         assert [e.task.id if isinstance(e, tasks_pb2.TaskEvent) else e for e in backlog] == ids
 
@@ -201,7 +224,8 @@ async def test_sigterm_ends_watch_streams_and_exits_within_the_grace(spawn: Spaw
     assert daemon.stdout_lines[-1] == "legato stopped"
 
     restarted = await spawn()
-    async with AsyncClient(restarted.address) as client:
+    assert restarted.admin_key == daemon.admin_key  # the same admin across restarts
+    async with AsyncClient(restarted.address, api_key=key) as client:
         assert [t.id for t in await list_all(client)] == ids
 
 
@@ -230,7 +254,7 @@ async def test_a_second_daemon_on_the_same_data_dir_refuses_to_start(
     assert second.returncode != 0
     assert "already serving" in stderr.decode()
     assert first.process.returncode is None
-    async with AsyncClient(first.address, timeout=5) as client:
+    async with AsyncClient(first.address, api_key=first.admin_key, timeout=5) as client:
         handle = await client.create_task("still here?", labels=["@x"])
         assert (await client.get_task(handle.id)).content == "still here?"
 
@@ -248,12 +272,12 @@ async def test_files_are_private_to_the_owner_even_under_a_loose_umask(
     (short_tmp / "data").mkdir(mode=0o755)
     os.chmod(short_tmp / "data", 0o755)  # an existing dir with loose permissions
     daemon = await spawn(umask=0o000)
-    async with AsyncClient(daemon.address) as client:
+    async with AsyncClient(daemon.address, api_key=daemon.admin_key) as client:
         await client.create_task("something private", labels=["@x"])  # the WAL now exists
 
     assert mode(daemon.data_dir) == 0o700
     assert mode(daemon.socket.parent) == 0o700
-    for name in ("legato.db", "legato.db-wal", "legato.db-shm", "legato.lock"):
+    for name in ("legato.db", "legato.db-wal", "legato.db-shm", "legato.lock", ADMIN_KEY):
         assert mode(daemon.data_dir / name) == 0o600, name
     assert stat.S_ISSOCK(daemon.socket.stat().st_mode)
     assert mode(daemon.socket) & 0o077 == 0
@@ -270,6 +294,7 @@ async def channel(spawn: Spawn) -> AsyncIterator[grpc.aio.Channel]:
 
 
 async def test_health_reports_serving(channel: grpc.aio.Channel) -> None:
+    """Health needs no key; the task service on the same channel does."""
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "legato.v1.TaskService"):
         response = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
@@ -277,6 +302,11 @@ async def test_health_reports_serving(channel: grpc.aio.Channel) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
         await health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as keyless:
+        await tasks_pb2_grpc.TaskServiceStub(channel).ListTasks(
+            tasks_pb2.ListTasksRequest(), timeout=5
+        )
+    assert keyless.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_reflection_lists_and_describes_the_task_service(channel: grpc.aio.Channel) -> None:
@@ -288,7 +318,7 @@ async def test_reflection_lists_and_describes_the_task_service(channel: grpc.aio
     listed, described = [r async for r in reflection.ServerReflectionInfo(iter(requests))]
 
     names = {service.name for service in listed.list_services_response.service}
-    assert {"legato.v1.TaskService", "grpc.health.v1.Health"} <= names
+    assert {"legato.v1.TaskService", "legato.v1.AgentService", "grpc.health.v1.Health"} <= names
     files = [
         descriptor_pb2.FileDescriptorProto.FromString(blob)
         for blob in described.file_descriptor_response.file_descriptor_proto
@@ -307,9 +337,14 @@ class Ran:
     stderr: str
 
 
-async def legato(address: str, *args: str, agent: str = "coder") -> Ran:
-    """Runs the `legato` command with LEGATO_ADDRESS pointing at `address`."""
-    env = {**os.environ, "LEGATO_ADDRESS": address, "LEGATO_AGENT": agent}
+async def legato(address: str, data_dir: Path, *args: str, key: str | None = None) -> Ran:
+    """Runs the `legato` command with LEGATO_ADDRESS pointing at `address` and
+    LEGATO_DATA_DIR at `data_dir`: as the agent of `key` (LEGATO_AGENT_KEY),
+    else as the admin whose key the daemon wrote into `data_dir`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LEGATO_AGENT_KEY", "LEGATO_DATA_DIR")}
+    env.update(LEGATO_ADDRESS=address, LEGATO_DATA_DIR=str(data_dir))
+    if key is not None:
+        env["LEGATO_AGENT_KEY"] = key
     process = await asyncio.create_subprocess_exec(
         str(LEGATO),
         *args,
@@ -328,23 +363,37 @@ async def legato(address: str, *args: str, agent: str = "coder") -> Ran:
 
 
 async def test_cli_delegates_a_task_end_to_end(spawn: Spawn) -> None:
-    address = (await spawn()).address
+    daemon = await spawn()
+    address, data = daemon.address, daemon.data_dir
+
+    # The admin (its key read from the data dir) creates both agents.
+    added = await legato(address, data, "agent", "add", "coder", "-l", "@coder")
+    assert added.code == 0, added.stderr
+    [export] = [line for line in added.stdout.splitlines() if "export LEGATO_AGENT_KEY=" in line]
+    coder = export.split("export LEGATO_AGENT_KEY=", 1)[1].strip()
+    assert coder.startswith("lgt_")
+    added = await legato(address, data, "agent", "add", "researcher", "-l", "@researcher", "--json")
+    assert added.code == 0, added.stderr
+    new = json.loads(added.stdout)
+    researcher = new["api_key"]
+    assert (new["agent"]["name"], new["agent"]["labels"]) == ("researcher", ["@researcher"])
+    assert researcher.startswith("lgt_") and researcher != coder
 
     created = await legato(
-        address, "task", "create", "current RPM for Tier 1?", "-l", "@researcher",
-        "--context", '{"tier": 1}',
+        address, data, "task", "create", "current RPM for Tier 1?", "-l", "@researcher",
+        "--context", '{"tier": 1}', key=coder,
     )  # fmt: skip
-    assert (created.code, created.stderr) == (0, "")
+    assert (created.code, created.stderr) == (0, "")  # no warning: researcher holds the label
     task_id = created.stdout.strip()
     assert task_id.startswith("t_") and "\n" not in task_id
 
-    listed = await legato(address, "task", "list")
+    listed = await legato(address, data, "task", "list", key=coder)
     assert listed.code == 0
     [line] = listed.stdout.splitlines()
     assert line.split()[:3] == [task_id, "pending", "@researcher"]
 
-    claimed = await legato(address, "task", "claim", "-l", "@researcher", "--json",
-                           agent="researcher")  # fmt: skip
+    claimed = await legato(address, data, "task", "claim", "-l", "@researcher", "--json",
+                           key=researcher)  # fmt: skip
     assert claimed.code == 0, claimed.stderr
     claim = json.loads(claimed.stdout)
     assert claim["task"]["id"] == task_id and claim["task"]["status"] == "claimed"
@@ -352,13 +401,13 @@ async def test_cli_delegates_a_task_end_to_end(spawn: Spawn) -> None:
     assert claim["task"]["context"] == {"tier": 1}
 
     completed = await legato(
-        address, "task", "complete", task_id, "--token", claim["lease_token"],
-        "--result", '{"rpm": 500, "source": "docs"}', agent="researcher",
+        address, data, "task", "complete", task_id, "--token", claim["lease_token"],
+        "--result", '{"rpm": 500, "source": "docs"}', key=researcher,
     )  # fmt: skip
     assert completed.code == 0, completed.stderr
     assert "done" in completed.stdout
 
-    got = await legato(address, "task", "get", task_id, "--json")
+    got = await legato(address, data, "task", "get", task_id, "--json", key=coder)
     assert got.code == 0, got.stderr
     task = json.loads(got.stdout)
     assert (task["status"], task["result"]) == ("done", {"rpm": 500, "source": "docs"})
@@ -366,9 +415,9 @@ async def test_cli_delegates_a_task_end_to_end(spawn: Spawn) -> None:
 
 
 async def test_cli_unknown_task_is_one_line_on_stderr_and_exit_1(spawn: Spawn) -> None:
-    address = (await spawn()).address
+    daemon = await spawn()
 
-    ran = await legato(address, "task", "get", "t_unknown")
+    ran = await legato(daemon.address, daemon.data_dir, "task", "get", "t_unknown")  # as admin
 
     assert ran.code == 1 and ran.stdout == ""
     assert len(ran.stderr.splitlines()) == 1
@@ -376,8 +425,20 @@ async def test_cli_unknown_task_is_one_line_on_stderr_and_exit_1(spawn: Spawn) -
 
 
 async def test_cli_without_a_daemon_says_how_to_start_one(short_tmp: Path) -> None:
-    ran = await legato(f"unix:{short_tmp}/missing.sock", "task", "list")
+    ran = await legato(
+        f"unix:{short_tmp}/missing.sock", short_tmp / "no-data", "task", "list", key=UNKNOWN_KEY
+    )
 
     assert ran.code == 1 and ran.stdout == ""
     assert len(ran.stderr.splitlines()) == 1
     assert "legato serve" in ran.stderr
+
+
+async def test_cli_without_a_key_says_where_to_get_one(spawn: Spawn, short_tmp: Path) -> None:
+    daemon = await spawn()
+    # Neither LEGATO_AGENT_KEY nor an admin.key in the data dir the CLI looks at.
+    ran = await legato(daemon.address, short_tmp / "no-data", "task", "list")
+
+    assert ran.code == 1 and ran.stdout == ""
+    assert len(ran.stderr.splitlines()) == 1
+    assert "LEGATO_AGENT_KEY" in ran.stderr and "legato agent add" in ran.stderr

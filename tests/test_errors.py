@@ -1,7 +1,9 @@
 """Refused requests: the exact status, a message that names what to change, and no change.
 
 The table talks to the daemon through the raw stub, so it can send what the
-friendly client would refuse before it left the process.
+friendly client would refuse before it left the process. The stub calls as the
+admin, who sees every task and may claim any label, so each refusal is about
+the request itself and not about who sent it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from inspect import ismodule
 import grpc
 import legato.client
 import pytest
+from conftest import keyed_channel
 from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import Message
 from legato.client import AsyncClient, LegatoError, RPCError
@@ -24,6 +27,7 @@ from legato.v1 import tasks_pb2, tasks_pb2_grpc
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+DENIED = grpc.StatusCode.PERMISSION_DENIED
 MISSING_ID = "t_no_such_task"
 DAY = 24 * 3600
 
@@ -47,8 +51,10 @@ class Snapshot:
 
 
 @pytest.fixture
-async def stub(daemon: Daemon) -> AsyncIterator[tasks_pb2_grpc.TaskServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(daemon.config.address) as channel:
+async def stub(
+    daemon: Daemon, admin_key: str
+) -> AsyncIterator[tasks_pb2_grpc.TaskServiceAsyncStub]:
+    async with keyed_channel(daemon.config.address, admin_key) as channel:
         yield tasks_pb2_grpc.TaskServiceStub(channel)
 
 
@@ -212,8 +218,9 @@ REFUSALS: dict[str, Refusal] = {
         INVALID,
         "lease",
     ),
+    # No labels means "any of mine", and the admin holds none.
     "claim with neither labels nor id": Refusal(
-        "ClaimTask", lambda w: tasks_pb2.ClaimTaskRequest(), INVALID, "labels"
+        "ClaimTask", lambda w: tasks_pb2.ClaimTaskRequest(), DENIED, "holds no labels"
     ),
     "claim with a malformed label": Refusal(
         "ClaimTask", lambda w: tasks_pb2.ClaimTaskRequest(labels=["researcher"]), INVALID, "labels"
@@ -435,14 +442,21 @@ async def test_same_key_for_a_different_request_is_already_exists(
 
 
 async def test_the_same_key_from_another_agent_is_another_task(
-    coder: AsyncClient, researcher: AsyncClient
+    coder: AsyncClient, researcher: AsyncClient, admin: AsyncClient
 ) -> None:
     mine = await coder.create_task("summarise RFC 9113", labels=["@x"], idempotency_key="k")
     theirs = await researcher.create_task("summarise RFC 9113", labels=["@x"], idempotency_key="k")
 
     assert mine.id != theirs.id
-    tasks = (await coder.list_tasks()).tasks
+    tasks = (await admin.list_tasks()).tasks
     assert {(t.id, t.created_by) for t in tasks} == {(mine.id, "coder"), (theirs.id, "researcher")}
+    # Each agent sees its own task only (neither holds @x), and a repeat by
+    # either returns that agent's own task.
+    assert [t.id for t in (await coder.list_tasks()).tasks] == [mine.id]
+    assert [t.id for t in (await researcher.list_tasks()).tasks] == [theirs.id]
+    again = await researcher.create_task("summarise RFC 9113", labels=["@x"], idempotency_key="k")
+    assert again.id == theirs.id
+    assert len((await admin.list_tasks()).tasks) == 2
 
 
 # -- the client's error tree -------------------------------------------------------------

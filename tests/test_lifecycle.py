@@ -12,12 +12,24 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 
 import pytest
+from conftest import Connect
 from legato.client import AsyncClient, AsyncJob, EventType, TaskCanceledError, TaskEvent, TaskStatus
 from legato.client.errors import FailedPreconditionError, NotFoundError
 from legato.server.daemon import Daemon
 from legato.server.model import EventType as ServerEventType
 
-Connect = Callable[[str], AsyncClient]
+# The labels these scenarios route work through; every agent here holds them all,
+# so the tests speak about the state machine, not about views (see test_agents).
+WORK_LABELS = ["@api", "@leases", "@pool", "@relay", "@research", "@review", "@reviewer", "@tester"]
+
+
+@pytest.fixture
+def connect(connect: Connect) -> Connect:
+    async def worker(name: str, labels: list[str] | None = None) -> AsyncClient:
+        return await connect(name, WORK_LABELS if labels is None else labels)
+
+    return worker
+
 
 # Long enough that a claim a test means to keep never runs out while it runs.
 LONG_LEASE = 120.0
@@ -62,16 +74,17 @@ async def test_32_concurrent_claimers_take_each_of_300_tasks_exactly_once(
     created = await asyncio.gather(
         *(coder.create_task(f"job {n}", labels=["@pool"]) for n in range(300))
     )
-    workers = [connect(f"worker-{n}") for n in range(32)]
+    names = [f"worker-{n}" for n in range(32)]
+    workers = [await connect(name) for name in names]
 
-    async def work_until_the_pool_is_empty(worker: AsyncClient) -> list[str]:
+    async def work_until_the_pool_is_empty(name: str, worker: AsyncClient) -> list[str]:
         claimed: list[str] = []
         while (job := await worker.claim(["@pool"], lease=LONG_LEASE)) is not None:
             claimed.append(job.id)
-            await job.complete({"by": worker.agent})
+            await job.complete({"by": name})
         return claimed
 
-    claimed_by_worker = await asyncio.gather(*map(work_until_the_pool_is_empty, workers))
+    claimed_by_worker = await asyncio.gather(*map(work_until_the_pool_is_empty, names, workers))
 
     for claimed in claimed_by_worker:
         assert len(claimed) == len(set(claimed)), "a worker was handed the same task twice"
@@ -82,8 +95,8 @@ async def test_32_concurrent_claimers_take_each_of_300_tasks_exactly_once(
     page = await coder.list_tasks(labels=["@pool"], page_size=1000)
     assert len(page.tasks) == 300
     owner = {
-        task_id: w.agent
-        for w, claimed in zip(workers, claimed_by_worker, strict=True)
+        task_id: name
+        for name, claimed in zip(names, claimed_by_worker, strict=True)
         for task_id in claimed
     }
     for task in page.tasks:
@@ -97,7 +110,7 @@ async def test_32_concurrent_claimers_take_each_of_300_tasks_exactly_once(
 async def test_expired_lease_requeues_the_task_by_itself_and_fences_out_the_old_claimant(
     coder: AsyncClient, connect: Connect
 ) -> None:
-    slow, fresh = connect("slow-worker"), connect("fresh-worker")
+    slow, fresh = await connect("slow-worker"), await connect("fresh-worker")
     handle = await coder.create_task("flaky job", labels=["@leases"], max_attempts=2)
 
     async with aclosing(watch_task(coder, handle.id)) as events:
@@ -176,6 +189,7 @@ async def test_a_lease_taken_the_moment_the_daemon_ends_another_still_ends(
     )
 
     ended = tasks.bus.subscribe(["@relay"], [])
+    relay = tasks.agents.get("admin")
 
     async def lease_ends(task_id: str) -> None:
         # With one attempt only, the daemon ending the lease fails the task.
@@ -190,7 +204,7 @@ async def test_a_lease_taken_the_moment_the_daemon_ends_another_still_ends(
             # Claimed the moment the previous lease was ended: the daemon's lease timer
             # is still between ending that one and looking up the next when this commits.
             claimed = await tasks.claim(
-                labels=["@relay"], task_id="", lease_us=lease_us, actor="relay"
+                labels=["@relay"], task_id="", lease_us=lease_us, caller=relay
             )
             assert claimed is not None
             try:
@@ -232,7 +246,7 @@ async def test_heartbeat_with_a_wrong_token_is_refused_and_changes_nothing(
     await coder.create_task("research", labels=["@research"])
     job = await claim(researcher, "@research")
     before = await coder.get_task(job.id)
-    impostor = connect("impostor")
+    impostor = await connect("impostor")
 
     with pytest.raises(FailedPreconditionError, match="lease_token does not hold task"):
         await impostor.heartbeat(job.id, "l_not-the-lease-token", lease=LONG_LEASE)
@@ -411,7 +425,7 @@ async def test_claim_by_id_of_a_task_that_is_not_pending_is_refused(
     assert job is not None
 
     with pytest.raises(FailedPreconditionError, match="CLAIMED"):
-        await connect("latecomer").claim(task_id=handle.id)
+        await (await connect("latecomer")).claim(task_id=handle.id)
     with pytest.raises(NotFoundError):
         await researcher.claim(task_id="t_no-such-task")
 

@@ -2,14 +2,15 @@
 
 The daemon fixture serves on the test's event loop, so every blocking call runs
 in a worker thread (`asyncio.to_thread`); called on the loop it would block
-the very daemon it waits for.
+the very daemon it waits for. Agents and their keys are created on the loop,
+through the async admin client, before any blocking client is used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from itertools import islice
 
 import grpc
@@ -25,13 +26,16 @@ from legato.client import (
 from legato.client.errors import NotFoundError
 from legato.server.daemon import Daemon
 
+AgentKey = Callable[..., Awaitable[str]]
+
 
 @pytest.fixture
-def clients(daemon: Daemon) -> Iterator[dict[str, Client]]:
-    """A blocking client per agent, closed after the test."""
+async def clients(daemon: Daemon, agent_key: AgentKey) -> AsyncIterator[dict[str, Client]]:
+    """A blocking client per agent (`coder` holds @coder, `researcher` @researcher),
+    each with its own key, closed after the test."""
+    keys = {agent: await agent_key(agent) for agent in ("coder", "researcher")}
     opened = {
-        agent: Client(daemon.config.address, agent=agent, timeout=10)
-        for agent in ("coder", "researcher")
+        agent: Client(daemon.config.address, api_key=key, timeout=10) for agent, key in keys.items()
     }
     yield opened
     for client in opened.values():
@@ -132,9 +136,11 @@ async def test_unknown_task_raises_not_found(coder: Client) -> None:
     assert "t_no_such_task" in raised.value.message
 
 
-async def test_a_closed_client_refuses_every_call(daemon: Daemon) -> None:
+async def test_a_closed_client_refuses_every_call(daemon: Daemon, agent_key: AgentKey) -> None:
+    key = await agent_key("coder", ["@x"])
+
     def use_after_close() -> list[str]:
-        with Client(daemon.config.address, agent="coder") as client:
+        with Client(daemon.config.address, api_key=key) as client:
             handle = client.create_task("one task", labels=["@x"])
         client.close()  # closing twice is harmless
         calls: dict[str, Callable[[], object]] = {

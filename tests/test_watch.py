@@ -11,19 +11,18 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from conftest import Connect, keyed_channel
 from legato.client import AsyncClient, EventType, TaskEvent
 from legato.client.errors import InvalidArgumentError
-from legato.server.daemon import GRPC_OPTIONS, Daemon
+from legato.server.daemon import Config, Daemon
 from legato.server.paths import DB_NAME
-from legato.server.service import TaskService
-from legato.server.tasks import TaskManager
 from legato.v1 import tasks_pb2, tasks_pb2_grpc
 
 if TYPE_CHECKING:
@@ -31,7 +30,9 @@ if TYPE_CHECKING:
 
     WatchCall = grpc.aio.UnaryStreamCall[tasks_pb2.WatchTasksRequest, tasks_pb2.TaskEvent]
 
-Connect = Callable[[str], AsyncClient]
+# Every agent here holds the labels the scenarios use, so the tests speak about
+# the stream, not about views (see test_agents for those).
+WATCH_LABELS = ["@elsewhere", "@flood", "@inbox", "@live", "@research", "@review", "@stream"]
 # (seq, event type, task id): how a test compares what it received with the log.
 LoggedEvent = tuple[int, int, str]
 
@@ -85,9 +86,17 @@ async def read_until_the_stream_fails(call: WatchCall, into: list[tasks_pb2.Task
 
 
 @pytest.fixture
-async def stub(daemon: Daemon) -> AsyncIterator[TaskServiceAsyncStub]:
-    """A raw `legato.v1.TaskService` stub on the test daemon."""
-    async with grpc.aio.insecure_channel(daemon.config.address) as channel:
+def connect(connect: Connect) -> Connect:
+    async def watcher(name: str, labels: list[str] | None = None) -> AsyncClient:
+        return await connect(name, WATCH_LABELS if labels is None else labels)
+
+    return watcher
+
+
+@pytest.fixture
+async def stub(daemon: Daemon, admin_key: str) -> AsyncIterator[TaskServiceAsyncStub]:
+    """A raw `legato.v1.TaskService` stub on the test daemon, acting as the admin."""
+    async with keyed_channel(daemon.config.address, admin_key) as channel:
         yield tasks_pb2_grpc.TaskServiceStub(channel)
 
 
@@ -125,7 +134,7 @@ async def test_watcher_that_keeps_dropping_and_resuming_receives_the_exact_log(
                 call.cancel()
 
     async def write(agent: str, count: int) -> None:
-        client = connect(agent)
+        client = await connect(agent)
         for n in range(count):
             # Some tasks carry a second label (their events must still come once),
             # some only another one (their events must not come at all).
@@ -206,7 +215,7 @@ async def test_list_then_watch_from_its_cursor_misses_nothing_and_repeats_nothin
     stop = asyncio.Event()
 
     async def keep_creating(agent: str) -> list[str]:
-        client = connect(agent)
+        client = await connect(agent)
         created: list[str] = []
         while not stop.is_set() and len(created) < 100:
             created.append((await client.create_task("new", labels=["@inbox"])).id)
@@ -303,36 +312,28 @@ async def test_watch_with_neither_labels_nor_task_ids_is_invalid_argument(
 
 
 @pytest.fixture
-async def small_buffer_address(short_tmp: Path) -> AsyncIterator[str]:
-    """A daemon whose watch streams are cut off 5 undelivered events behind.
-
-    `Daemon` takes no watch buffer, so this serves `TaskService` itself the way
-    `Daemon._start` does, on a temp unix socket with a real SQLite file.
-    """
-    tasks = await TaskManager.open(short_tmp / DB_NAME, watch_buffer=SMALL_WATCH_BUFFER)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskService(tasks), server)
-    address = f"unix:{short_tmp}/legato.sock"
-    assert server.add_insecure_port(address) == 1
-    await server.start()
-    try:
-        yield address
-    finally:
-        tasks.bus.close()
-        await server.stop(1.0)
-        await tasks.close()
+async def small_buffer(short_tmp: Path) -> AsyncIterator[tuple[str, str]]:
+    """A daemon cutting watchers off 5 undelivered events behind: (address, admin key)."""
+    config = Config(
+        data_dir=short_tmp / "data",
+        listen=f"unix:{short_tmp}/legato.sock",
+        watch_buffer=SMALL_WATCH_BUFFER,
+    )
+    async with Daemon(config) as daemon:
+        yield config.address, daemon.admin_key_path.read_text().strip()
 
 
 async def test_slow_watcher_is_cut_off_with_resource_exhausted_and_resumes_without_a_gap(
-    small_buffer_address: str,
+    small_buffer: tuple[str, str],
 ) -> None:
+    address, key = small_buffer
     flood = 40
     # BDP probing off: the stream's flow-control window stays small, so a reader
     # that does not read soon stops the daemon from sending.
     options = [("grpc.http2.bdp_probe", 0)]
     async with (
-        AsyncClient(small_buffer_address, agent="coder", timeout=GUARD) as coder,
-        grpc.aio.insecure_channel(small_buffer_address, options=options) as channel,
+        AsyncClient(address, api_key=key, timeout=GUARD) as coder,
+        keyed_channel(address, key, options=options) as channel,
     ):
         stub: TaskServiceAsyncStub = tasks_pb2_grpc.TaskServiceStub(channel)
         call = stub.WatchTasks(watch_request(["@flood"], after_seq=0))

@@ -2,7 +2,7 @@
 
     from legato.client import AsyncClient
 
-    async with AsyncClient() as coder:
+    async with AsyncClient(api_key=CODER_KEY) as coder:
         handle = await coder.create_task("current RPM for Tier 1?", labels=["@researcher"])
         task = await handle.result(timeout=60)
 
@@ -18,9 +18,10 @@ from legato.client.errors import (
     TaskFailedError,
     TaskOutcomeError,
 )
-from legato.client.models import EventType, Task, TaskEvent, TaskPage, TaskStatus
+from legato.client.models import Agent, EventType, Role, Task, TaskEvent, TaskPage, TaskStatus
 
 __all__ = [
+    "Agent",
     "AsyncClient",
     "AsyncJob",
     "AsyncTaskHandle",
@@ -29,6 +30,7 @@ __all__ = [
     "Job",
     "LegatoError",
     "RPCError",
+    "Role",
     "Task",
     "TaskCanceledError",
     "TaskEvent",

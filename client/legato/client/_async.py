@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 import grpc
 from legato.client._core import CHANNEL_OPTIONS, ClientCore, Deadline, Resume, duration, outcome
 from legato.client.errors import from_rpc_error
-from legato.client.models import Task, TaskEvent, TaskPage, TaskStatus
-from legato.v1 import tasks_pb2, tasks_pb2_grpc
+from legato.client.models import Agent, Role, Task, TaskEvent, TaskPage, TaskStatus
+from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -24,28 +24,33 @@ class AsyncClient(ClientCore):
     Args:
         address: `unix:PATH` or `HOST:PORT`; default `LEGATO_ADDRESS` or the
             default daemon socket.
-        agent: the name this client acts as (default `LEGATO_AGENT`).
+        api_key: this agent's key (default `LEGATO_AGENT_KEY`).
         timeout: seconds each unary call may take (None: no limit).
     """
 
     def __init__(
-        self, address: str | None = None, *, agent: str | None = None, timeout: float | None = 30.0
+        self,
+        address: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = 30.0,
     ):
-        super().__init__(address, agent, timeout)
+        super().__init__(address, api_key, timeout)
         self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
+        self._agents = agents_pb2_grpc.AgentServiceStub(self._channel)
 
     @classmethod
     async def connect(
         cls,
         address: str | None = None,
         *,
-        agent: str | None = None,
+        api_key: str | None = None,
         timeout: float | None = 30.0,
         connect_timeout: float = 5.0,
     ) -> AsyncClient:
         """Creates a client and waits until the daemon answers; UnavailableError if it does not."""
-        client = cls(address, agent=agent, timeout=timeout)
+        client = cls(address, api_key=api_key, timeout=timeout)
         try:
             await client._call(
                 client._stub.ListTasks, tasks_pb2.ListTasksRequest(page_size=1), connect_timeout
@@ -147,6 +152,63 @@ class AsyncClient(ClientCore):
     async def cancel_task(self, task_id: str, reason: str = "") -> Task:
         request = tasks_pb2.CancelTaskRequest(id=task_id, reason=reason)
         return Task.from_proto(await self._call(self._stub.CancelTask, request))
+
+    # -- history ----------------------------------------------------------------
+
+    async def task_history(self, task_id: str) -> list[TaskEvent]:
+        """Every stored event of a task, oldest first: its chain of custody."""
+        events: list[TaskEvent] = []
+        after_seq = 0
+        while True:
+            request = tasks_pb2.ListTaskEventsRequest(
+                id=task_id, after_seq=after_seq, page_size=1000
+            )
+            response = await self._call(self._stub.ListTaskEvents, request)
+            events.extend(TaskEvent.from_proto(e) for e in response.events)
+            after_seq = response.next_after_seq
+            if not after_seq:
+                return events
+
+    # -- agents -----------------------------------------------------------------
+
+    async def whoami(self) -> Agent:
+        """The agent this client's key belongs to."""
+        return Agent.from_proto(await self._call(self._agents.WhoAmI, agents_pb2.WhoAmIRequest()))
+
+    async def create_agent(
+        self, name: str, *, labels: Sequence[str] = (), role: Role | str = Role.AGENT
+    ) -> tuple[Agent, str]:
+        """Creates an agent (admin only); returns it and its API key, shown this once."""
+        request = agents_pb2.CreateAgentRequest(name=name, labels=labels, role=Role(role).proto)
+        response = await self._call(self._agents.CreateAgent, request)
+        return Agent.from_proto(response.agent), response.api_key
+
+    async def list_agents(self, *, include_revoked: bool = False) -> list[Agent]:
+        request = agents_pb2.ListAgentsRequest(include_revoked=include_revoked)
+        response = await self._call(self._agents.ListAgents, request)
+        return [Agent.from_proto(a) for a in response.agents]
+
+    async def get_agent(self, name: str) -> Agent:
+        request = agents_pb2.GetAgentRequest(name=name)
+        return Agent.from_proto(await self._call(self._agents.GetAgent, request))
+
+    async def update_agent(
+        self, name: str, *, labels: Sequence[str] | None = None, role: Role | str | None = None
+    ) -> Agent:
+        """Replaces an agent's labels and/or role (admin only)."""
+        request = self._update_agent_request(name, labels, role)
+        return Agent.from_proto(await self._call(self._agents.UpdateAgent, request))
+
+    async def revoke_agent(self, name: str) -> Agent:
+        """Revokes an agent for good: its key stops working, its watch streams end."""
+        request = agents_pb2.RevokeAgentRequest(name=name)
+        return Agent.from_proto(await self._call(self._agents.RevokeAgent, request))
+
+    async def rotate_key(self, name: str = "") -> tuple[Agent, str]:
+        """A new key for `name` (default: this client's agent); the old one stops at once."""
+        request = agents_pb2.RotateKeyRequest(name=name)
+        response = await self._call(self._agents.RotateKey, request)
+        return Agent.from_proto(response.agent), response.api_key
 
     def watch(
         self,

@@ -7,24 +7,20 @@ policy live here once; `Client` and `AsyncClient` only make the calls.
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 from legato.client.errors import (
     RPCError,
     TaskCanceledError,
     TaskFailedError,
 )
-from legato.client.models import Task, TaskStatus, dict_to_struct
+from legato.client.models import Role, Task, TaskStatus, dict_to_struct
 from legato.server.paths import default_address
-from legato.v1 import tasks_pb2
-
-AGENT_METADATA = "legato-agent"
-_AGENT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+from legato.v1 import agents_pb2, tasks_pb2
 
 # Message limits match the daemon's.
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
@@ -101,17 +97,19 @@ class Resume:
 class ClientCore:
     """Configuration and request building shared by `Client` and `AsyncClient`."""
 
-    def __init__(self, address: str | None, agent: str | None, timeout: float | None):
+    def __init__(self, address: str | None, api_key: str | None, timeout: float | None):
         self.address = address or default_address()
-        name = agent if agent is not None else os.environ.get("LEGATO_AGENT", "")
-        if name and not _AGENT_NAME.fullmatch(name):
+        key = api_key if api_key is not None else os.environ.get("LEGATO_AGENT_KEY", "")
+        if not key:
             raise ValueError(
-                f"agent name {name!r} must be 1 to 63 of a-z, 0-9, '.', '_' or '-', "
-                "starting with a letter or digit"
+                "no API key: pass api_key= or set LEGATO_AGENT_KEY "
+                "(`legato agent add NAME --label @LABEL` prints one)"
             )
-        self.agent = name
+        if any(c.isspace() for c in key):
+            raise ValueError("the API key has white space in it; paste it as printed (lgt_...)")
         self.timeout = timeout
-        self._metadata: tuple[tuple[str, str], ...] = ((AGENT_METADATA, name),) if name else ()
+        # Sent with every call; the daemon keeps only the key's hash.
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {key}"),)
         self._closed = False
 
     def _check_open(self) -> None:
@@ -173,6 +171,22 @@ class ClientCore:
             task_ids=[task_ids] if isinstance(task_ids, str) else task_ids,
             after_seq=after_seq,
         )
+
+    @staticmethod
+    def _update_agent_request(
+        name: str, labels: Sequence[str] | None, role: Role | str | None
+    ) -> agents_pb2.UpdateAgentRequest:
+        paths = [p for p, v in (("labels", labels), ("role", role)) if v is not None]
+        if not paths:
+            raise ValueError("give labels or role to change")
+        request = agents_pb2.UpdateAgentRequest(
+            name=name,
+            labels=[labels] if isinstance(labels, str) else (labels or ()),
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+        )
+        if role is not None:
+            request.role = Role(role).proto
+        return request
 
     @staticmethod
     def _complete_request(

@@ -10,22 +10,23 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from legato.client._sync import Client
 from legato.client.errors import LegatoError
-from legato.client.models import Task, TaskEvent, TaskStatus
+from legato.client.models import Agent, Role, Task, TaskEvent, TaskStatus
 
 
 def _json_default(value: object) -> object:
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, TaskStatus):
+    if isinstance(value, TaskStatus | Role):
         return value.value
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
@@ -36,6 +37,17 @@ def _dump(value: Any) -> str:
 
 def _task_json(task: Task) -> dict[str, Any]:
     return asdict(task)
+
+
+def _agent_json(agent: Agent) -> dict[str, Any]:
+    return asdict(agent)
+
+
+def _agent_line(agent: Agent) -> str:
+    seen = agent.last_seen_at.isoformat(timespec="minutes") if agent.last_seen_at else "never"
+    state = "  REVOKED" if agent.revoked else ""
+    labels = " ".join(agent.labels) or "(no labels)"
+    return f"{agent.name:<20} {agent.role.value:<6} {labels}  last seen {seen}{state}"
 
 
 def _event_json(event: TaskEvent) -> dict[str, Any]:
@@ -123,15 +135,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = Config(
-        durability=Durability(args.durability), grace=args.grace, listen=args.listen or ""
+        durability=Durability(args.durability),
+        grace=args.grace,
+        listen=args.listen or "",
+        max_open_tasks=args.max_open_tasks,
+        watch_buffer=args.watch_buffer,
     )
     if args.data_dir:
-        config = Config(
-            data_dir=Path(args.data_dir),
-            listen=config.listen,
-            durability=config.durability,
-            grace=config.grace,
-        )
+        config = replace(config, data_dir=Path(args.data_dir))
     try:
         asyncio.run(serve(config))
     except AlreadyRunning as exc:
@@ -140,6 +151,89 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"legato: cannot start the daemon: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def resolve_key(explicit: str | None) -> str:
+    """--key, else LEGATO_AGENT_KEY, else the admin key the daemon wrote for its user."""
+    from legato.server.agents import ADMIN_KEY_FILE
+    from legato.server.paths import default_data_dir
+
+    if explicit:
+        return explicit
+    if os.environ.get("LEGATO_AGENT_KEY"):
+        return os.environ["LEGATO_AGENT_KEY"]
+    admin_key = default_data_dir() / ADMIN_KEY_FILE
+    try:
+        return admin_key.read_text().strip()
+    except OSError:
+        raise SystemExit(
+            "legato: no API key: set LEGATO_AGENT_KEY (`legato agent add` prints one), pass "
+            f"--key, or run as the user whose daemon wrote {admin_key}"
+        ) from None
+
+
+def _print_new_key(agent: Agent, key: str, out: Output, verb: str) -> None:
+    if out.as_json:
+        print(_dump({"agent": _agent_json(agent), "api_key": key}))
+        return
+    labels = " ".join(agent.labels) or "no labels"
+    print(f"agent {agent.name} {verb} ({agent.role.value}, {labels})")
+    print("API key (shown only now; legato keeps only its hash):\n")
+    print(f"  export LEGATO_AGENT_KEY={key}\n")
+
+
+def cmd_agent_add(client: Client, args: argparse.Namespace, out: Output) -> int:
+    agent, key = client.create_agent(args.name, labels=args.label or (), role=args.role)
+    _print_new_key(agent, key, out, "created")
+    return 0
+
+
+def cmd_agent_list(client: Client, args: argparse.Namespace, out: Output) -> int:
+    for agent in client.list_agents(include_revoked=args.all):
+        print(_dump(_agent_json(agent)) if out.as_json else _agent_line(agent))
+    return 0
+
+
+def _show_agent(agent: Agent, out: Output) -> int:
+    print(_dump(_agent_json(agent)) if out.as_json else _agent_line(agent))
+    return 0
+
+
+def cmd_agent_get(client: Client, args: argparse.Namespace, out: Output) -> int:
+    return _show_agent(client.get_agent(args.name), out)
+
+
+def cmd_agent_update(client: Client, args: argparse.Namespace, out: Output) -> int:
+    labels = [] if args.no_labels else args.label
+    return _show_agent(client.update_agent(args.name, labels=labels, role=args.role), out)
+
+
+def cmd_agent_revoke(client: Client, args: argparse.Namespace, out: Output) -> int:
+    return _show_agent(client.revoke_agent(args.name), out)
+
+
+def cmd_agent_rotate(client: Client, args: argparse.Namespace, out: Output) -> int:
+    agent, key = client.rotate_key(args.name or "")
+    _print_new_key(agent, key, out, "has a new key")
+    return 0
+
+
+def cmd_agent_whoami(client: Client, args: argparse.Namespace, out: Output) -> int:
+    return _show_agent(client.whoami(), out)
+
+
+def cmd_history(client: Client, args: argparse.Namespace, out: Output) -> int:
+    for event in client.task_history(args.id):
+        if out.as_json:
+            print(_dump(_event_json(event)))
+        else:
+            when = event.time.isoformat(timespec="milliseconds")
+            detail = event.task.error if event.task.error else ""
+            print(
+                f"{event.seq:>6}  {when}  {event.type.value:<9}  {event.actor:<16} "
+                f"{event.task.status.value}  {detail}".rstrip()
+            )
     return 0
 
 
@@ -153,6 +247,9 @@ def cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
         idempotency_key=args.idempotency_key or "",
         max_attempts=args.max_attempts,
     )
+    assert handle.task is not None
+    for warning in handle.task.warnings:
+        print(f"legato: warning: {warning}", file=sys.stderr)
     if args.wait is not None:
         out.task(handle.result(timeout=args.wait or None))
     elif out.as_json:
@@ -243,12 +340,21 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
 # -- parser ---------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--address", help="daemon address (default: LEGATO_ADDRESS or the default socket)"
     )
-    common.add_argument("--agent", help="the agent name to act as (default: LEGATO_AGENT)")
+    common.add_argument(
+        "--key", help="API key (default: LEGATO_AGENT_KEY, else the admin key of your daemon)"
+    )
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     parser = argparse.ArgumentParser(
@@ -270,16 +376,37 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--grace", type=float, default=5.0, help="seconds to drain calls on shutdown"
     )
+    serve.add_argument(
+        "--max-open-tasks",
+        type=_positive_int,
+        default=1000,
+        help="pending + claimed tasks one agent may have created (default 1000)",
+    )
+    serve.add_argument(
+        "--watch-buffer",
+        type=_positive_int,
+        default=10_000,
+        help="events a watcher may leave unread before it is cut off (default 10000)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=cmd_serve)
 
-    task = commands.add_parser("task", help="create, claim, finish and watch tasks")
-    actions = task.add_subparsers(dest="action", required=True, metavar="ACTION")
+    def group(
+        name: str, help: str
+    ) -> Callable[[str, Callable[..., int], str], argparse.ArgumentParser]:
+        """A command with actions (`legato task create`), each taking the common options."""
+        actions = commands.add_parser(name, help=help).add_subparsers(
+            dest="action", required=True, metavar="ACTION"
+        )
 
-    def action(name: str, run: Callable[..., int], help: str) -> argparse.ArgumentParser:
-        sub = actions.add_parser(name, help=help, parents=[common])
-        sub.set_defaults(run=run)
-        return sub
+        def action(name: str, run: Callable[..., int], help: str) -> argparse.ArgumentParser:
+            sub = actions.add_parser(name, help=help, parents=[common])
+            sub.set_defaults(run=run)
+            return sub
+
+        return action
+
+    action = group("task", "create, claim, finish and watch tasks")
 
     create = action("create", cmd_create, "create a task for other agents")
     create.add_argument("content", help="what to do (- reads stdin)")
@@ -336,10 +463,40 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("id")
     cancel.add_argument("--reason", help="why")
 
+    history = action("history", cmd_history, "who created, claimed, finished a task, and when")
+    history.add_argument("id")
+
     watch = action("watch", cmd_watch, "print task events live")
     watch.add_argument("labels", nargs="*", help="labels to watch, e.g. @researcher")
     watch.add_argument("--task", action="append", help="watch this task id (repeatable)")
     watch.add_argument("--after-seq", type=int, help="replay stored events after this seq first")
+
+    agent_action = group("agent", "manage agents and their keys (admin)")
+
+    add = agent_action("add", cmd_agent_add, "create an agent and print its key")
+    add.add_argument("name")
+    add.add_argument("-l", "--label", action="append", help="route @label to it (repeatable)")
+    add.add_argument("--role", choices=[r.value for r in Role], default="agent")
+
+    agent_list = agent_action("list", cmd_agent_list, "list agents")
+    agent_list.add_argument("--all", action="store_true", help="include revoked agents")
+
+    agent_get = agent_action("get", cmd_agent_get, "show one agent")
+    agent_get.add_argument("name")
+
+    update = agent_action("update", cmd_agent_update, "replace an agent's labels or role")
+    update.add_argument("name")
+    update.add_argument("-l", "--label", action="append", help="the new labels (repeatable)")
+    update.add_argument("--no-labels", action="store_true", help="remove every label")
+    update.add_argument("--role", choices=[r.value for r in Role])
+
+    revoke = agent_action("revoke", cmd_agent_revoke, "revoke an agent and its key for good")
+    revoke.add_argument("name")
+
+    rotate = agent_action("rotate", cmd_agent_rotate, "issue a new key; the old one stops at once")
+    rotate.add_argument("name", nargs="?", help="default: the agent of the key in use")
+
+    agent_action("whoami", cmd_agent_whoami, "show the agent of the key in use")
     return parser
 
 
@@ -349,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return int(args.run(args))
     try:
-        with Client(args.address, agent=args.agent) as client:
+        with Client(args.address, api_key=resolve_key(args.key)) as client:
             return int(args.run(client, args, Output(args.json)))
     except (LegatoError, TimeoutError, ValueError) as exc:
         print(f"legato: {exc}", file=sys.stderr)

@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from legato.v1 import tasks_pb2
+from legato.v1 import agents_pb2, tasks_pb2
 
 JSON = dict[str, Any]
 
@@ -102,6 +102,8 @@ class Task:
     created_at: datetime
     updated_at: datetime
     lease_expires_at: datetime | None
+    # Only on a just-created task: e.g. that no agent holds one of its labels yet.
+    warnings: tuple[str, ...] = ()
 
     @classmethod
     def from_proto(cls, message: tasks_pb2.Task) -> Task:
@@ -127,6 +129,7 @@ class Task:
             lease_expires_at=(
                 _time(message.lease_expires_at) if message.HasField("lease_expires_at") else None
             ),
+            warnings=tuple(message.warnings),
         )
 
 
@@ -159,3 +162,37 @@ class TaskPage:
     tasks: list[Task]
     next_page_token: str
     cursor: int
+
+
+class Role(StrEnum):
+    """What an agent may do: admins manage agents and see every task."""
+
+    ADMIN = "admin"
+    AGENT = "agent"
+
+    @property
+    def proto(self) -> agents_pb2.Role.ValueType:
+        return agents_pb2.Role.Value(f"ROLE_{self.name}")
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """An agent known to the daemon. Its key is never part of it."""
+
+    name: str
+    labels: tuple[str, ...]
+    role: Role
+    created_at: datetime
+    last_seen_at: datetime | None
+    revoked: bool
+
+    @classmethod
+    def from_proto(cls, message: agents_pb2.Agent) -> Agent:
+        return cls(
+            name=message.name,
+            labels=tuple(message.labels),
+            role=Role[agents_pb2.Role.Name(message.role).removeprefix("ROLE_")],
+            created_at=_time(message.created_at),
+            last_seen_at=_time(message.last_seen_at) if message.HasField("last_seen_at") else None,
+            revoked=message.revoked,
+        )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from google.protobuf import duration_pb2, struct_pb2
 from legato.server.errors import InvalidArgument
-from legato.server.model import Event, Status, TaskRecord
-from legato.v1 import tasks_pb2
+from legato.server.model import AgentRecord, Event, Role, Status, TaskRecord
+from legato.v1 import agents_pb2, tasks_pb2
 
 
 def struct_bytes(
@@ -82,3 +82,25 @@ def event_proto(event: Event) -> tasks_pb2.TaskEvent:
     )
     message.time.FromMicroseconds(event.at)
     return message
+
+
+def agent_proto(agent: AgentRecord) -> agents_pb2.Agent:
+    message = agents_pb2.Agent(
+        name=agent.name,
+        labels=agent.labels,
+        role=int(agent.role),  # type: ignore[arg-type]
+        revoked=agent.revoked,
+    )
+    message.created_at.FromMicroseconds(agent.created_at)
+    if agent.last_seen_at is not None:
+        message.last_seen_at.FromMicroseconds(agent.last_seen_at)
+    return message
+
+
+def role(value: int, *, default: Role | None) -> Role | None:
+    if value == 0:
+        return default
+    try:
+        return Role(value)
+    except ValueError:
+        raise InvalidArgument(f"role {value} is unknown; use ROLE_ADMIN or ROLE_AGENT") from None

@@ -14,7 +14,11 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from legato.server.agent_service import AgentService
+from legato.server.agents import ADMIN_KEY_FILE
+from legato.server.auth import AuthInterceptor
 from legato.server.db import Durability
+from legato.server.events import DEFAULT_BUFFER
 from legato.server.paths import (
     DB_NAME,
     LOCK_NAME,
@@ -24,8 +28,8 @@ from legato.server.paths import (
     private_dir,
 )
 from legato.server.service import TaskService
-from legato.server.tasks import TaskManager
-from legato.v1 import tasks_pb2, tasks_pb2_grpc
+from legato.server.tasks import DEFAULT_MAX_OPEN_TASKS, TaskManager
+from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,11 @@ class Config:
     listen: str = ""
     durability: Durability = Durability.NORMAL
     grace: float = 5.0
+    # Pending + claimed tasks one agent may have created: a runaway agent loop
+    # cannot fill the disk.
+    max_open_tasks: int = DEFAULT_MAX_OPEN_TASKS
+    # Events a watcher may leave unread before it is cut off with RESOURCE_EXHAUSTED.
+    watch_buffer: int = DEFAULT_BUFFER
 
     @property
     def address(self) -> str:
@@ -116,6 +125,7 @@ class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.tasks: TaskManager | None = None
+        self.admin_key_path = config.data_dir / ADMIN_KEY_FILE
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._lock = DataDirLock(private_dir(config.data_dir))
@@ -130,14 +140,22 @@ class Daemon:
 
     async def _start(self) -> None:
         self.tasks = await TaskManager.open(
-            self.config.data_dir / DB_NAME, durability=self.config.durability
+            self.config.data_dir / DB_NAME,
+            durability=self.config.durability,
+            max_open_tasks=self.config.max_open_tasks,
+            watch_buffer=self.config.watch_buffer,
         )
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.admin_key_path = await self.tasks.agents.bootstrap_admin(self.config.data_dir)
+        server = grpc.aio.server(
+            options=GRPC_OPTIONS, interceptors=[AuthInterceptor(self.tasks.agents)]
+        )
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskService(self.tasks), server)
+        agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(self.tasks.agents), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [
                 tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+                agents_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],

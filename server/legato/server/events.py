@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from legato.server.model import Event
 
@@ -25,43 +25,52 @@ class SubscriptionClosed(Exception):
     """The bus was closed (the daemon is shutting down)."""
 
 
+class SubscriptionRevoked(Exception):
+    """The subscriber's key stopped working (revoked or rotated)."""
+
+
 class Subscription:
     """The live events of tasks with any of `labels` or any of `task_ids`, in seq order."""
 
-    def __init__(self, labels: Iterable[str], task_ids: Iterable[str], buffer: int):
+    def __init__(
+        self,
+        labels: Iterable[str],
+        task_ids: Iterable[str],
+        buffer: int,
+        owner: str,
+        accepts: Callable[[Event], bool],
+    ):
         self.labels = frozenset(labels)
         self.task_ids = frozenset(task_ids)
+        self.owner = owner
+        self.accepts = accepts
         self._buffer = buffer
         self._events: deque[Event] = deque()
         self._wakeup = asyncio.Event()
-        self._overflowed = False
-        self._closed = False
+        self._ended: type[Exception] | None = None
 
     def _offer(self, event: Event) -> None:
-        if self._overflowed:
+        if self._ended is not None:
             return
         if len(self._events) >= self._buffer:
-            self._overflowed = True
-            self._events.clear()  # free the memory now; the stream is ending
+            self._end(SubscriptionOverflow)
         else:
             self._events.append(event)
-        self._wakeup.set()
+            self._wakeup.set()
 
-    def _close(self) -> None:
-        self._closed = True
+    def _end(self, reason: type[Exception]) -> None:
+        if self._ended is None:
+            self._ended = reason
+        self._events.clear()  # free the memory now; the stream is ending
         self._wakeup.set()
 
     async def get(self) -> Event:
-        """The next event; raises `SubscriptionOverflow` or `SubscriptionClosed`."""
+        """The next event; raises why the subscription ended once it has."""
         while not self._events:
-            if self._overflowed:
-                raise SubscriptionOverflow
-            if self._closed:
-                raise SubscriptionClosed
+            if self._ended is not None:
+                raise self._ended
             self._wakeup.clear()
             await self._wakeup.wait()
-        if self._overflowed:
-            raise SubscriptionOverflow
         return self._events.popleft()
 
 
@@ -74,10 +83,18 @@ class EventBus:
         self._by_task: defaultdict[str, set[Subscription]] = defaultdict(set)
         self._closed = False
 
-    def subscribe(self, labels: Iterable[str], task_ids: Iterable[str]) -> Subscription:
-        sub = Subscription(labels, task_ids, self._buffer)
+    def subscribe(
+        self,
+        labels: Iterable[str],
+        task_ids: Iterable[str],
+        *,
+        owner: str = "",
+        accepts: Callable[[Event], bool] = lambda event: True,
+    ) -> Subscription:
+        """Subscribes `owner` to events matching the labels or ids that `accepts` lets through."""
+        sub = Subscription(labels, task_ids, self._buffer, owner, accepts)
         if self._closed:
-            sub._close()
+            sub._end(SubscriptionClosed)
         for label in sub.labels:
             self._by_label[label].add(sub)
         for task_id in sub.task_ids:
@@ -93,11 +110,12 @@ class EventBus:
                     if not subs:
                         del index[key]
 
+    def _subscriptions(self) -> set[Subscription]:
+        return {s for subs in (*self._by_label.values(), *self._by_task.values()) for s in subs}
+
     @property
     def subscriber_count(self) -> int:
-        return len(
-            {s for subs in (*self._by_label.values(), *self._by_task.values()) for s in subs}
-        )
+        return len(self._subscriptions())
 
     def publish(self, events: Iterable[Event]) -> None:
         """Delivers events, which must come in seq order, to every matching subscription."""
@@ -106,11 +124,17 @@ class EventBus:
             for label in event.task.labels:
                 targets.update(self._by_label.get(label, ()))
             for sub in targets:
-                sub._offer(event)
+                if sub.accepts(event):
+                    sub._offer(event)
+
+    def end_owner(self, owner: str) -> None:
+        """Ends the subscriptions of `owner`, whose key stopped working."""
+        for sub in self._subscriptions():
+            if sub.owner == owner:
+                sub._end(SubscriptionRevoked)
 
     def close(self) -> None:
         """Ends every subscription, present and future."""
         self._closed = True
-        for subs in (*self._by_label.values(), *self._by_task.values()):
-            for sub in subs:
-                sub._close()
+        for sub in self._subscriptions():
+            sub._end(SubscriptionClosed)

@@ -85,3 +85,32 @@ class Event:
 
 # The actor recorded for changes the daemon makes on its own (lease expiry).
 DAEMON_ACTOR = "legato"
+
+
+class Role(IntEnum):
+    """Agent roles; values match `legato.v1.Role`."""
+
+    ADMIN = 1
+    AGENT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRecord:
+    """An agent as stored. Its API key is kept only as `key_hash` (SHA-256)."""
+
+    name: str
+    labels: tuple[str, ...]
+    role: Role
+    created_at: int
+    key_id: str
+    key_hash: str
+    last_seen_at: int | None = None
+    revoked: bool = False
+
+    @property
+    def admin(self) -> bool:
+        return self.role is Role.ADMIN
+
+    @property
+    def labels_set(self) -> frozenset[str]:
+        return frozenset(self.labels)

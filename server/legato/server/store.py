@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from legato.server.db import Database, Durability
-from legato.server.errors import AlreadyExists, NotFound
-from legato.server.model import Event, EventType, Status, TaskRecord
+from legato.server.errors import AlreadyExists, NotFound, ResourceExhausted
+from legato.server.model import AgentRecord, Event, EventType, Role, Status, TaskRecord
 
 T = TypeVar("T")
 Change = tuple[TaskRecord, EventType]
 Decide = Callable[[TaskRecord], Change | None]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -80,6 +80,19 @@ CREATE TABLE IF NOT EXISTS events (
     state      TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_task ON events (task_rowid, seq);
+CREATE INDEX IF NOT EXISTS tasks_open_by_creator
+    ON tasks (created_by) WHERE status IN (1, 2);
+
+CREATE TABLE IF NOT EXISTS agents (
+    name         TEXT    PRIMARY KEY,
+    labels       TEXT    NOT NULL,
+    role         INTEGER NOT NULL,
+    created_at   INTEGER NOT NULL,
+    key_id       TEXT    NOT NULL UNIQUE,
+    key_hash     TEXT    NOT NULL,
+    last_seen_at INTEGER,
+    revoked      INTEGER NOT NULL
+);
 """
 
 _TASK_COLUMNS = (
@@ -152,6 +165,9 @@ class TaskQuery:
     parent_id: str = ""
     limit: int = 100
     after_position: int = 0
+    # Only tasks this agent sees (created, claimed, or carrying one of its
+    # labels); None for no such restriction (admins).
+    visible_to: AgentRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,11 +220,19 @@ class Store:
 
     # -- writes -----------------------------------------------------------------
 
-    async def create_task(self, task: TaskRecord) -> tuple[TaskRecord, bool]:
+    async def create_task(
+        self,
+        task: TaskRecord,
+        *,
+        max_open: int | None = None,
+        parent_check: Callable[[TaskRecord], None] | None = None,
+    ) -> tuple[TaskRecord, bool]:
         """Inserts `task`, or returns the original for a repeated idempotency key.
 
         Returns the stored task and whether it was created now. The parent must
-        exist; the root is taken from it.
+        exist (and pass `parent_check`); the root is taken from it. With
+        `max_open`, RESOURCE_EXHAUSTED if the creator already has that many
+        pending or claimed tasks.
         """
 
         def create(conn: sqlite3.Connection) -> tuple[tuple[TaskRecord, bool], list[Event]]:
@@ -225,14 +249,26 @@ class Store:
                         f"idempotency_key {task.idempotency_key!r} was already used for a "
                         f"different task ({original.id}); use a new key for a new task"
                     )
+            if max_open is not None:
+                open_count = conn.execute(
+                    "SELECT COUNT(*) FROM tasks INDEXED BY tasks_open_by_creator "
+                    "WHERE created_by = ? AND status IN (1, 2)",
+                    (task.created_by,),
+                ).fetchone()[0]
+                if open_count >= max_open:
+                    raise ResourceExhausted(
+                        f"agent {task.created_by!r} already has {open_count} open (pending or "
+                        f"claimed) tasks, the limit; wait for some to finish or cancel them"
+                    )
             new = replace(task, root_id=task.id)
             if task.parent_id:
-                parent = conn.execute(
-                    "SELECT root_id FROM tasks WHERE id = ?", (task.parent_id,)
-                ).fetchone()
-                if parent is None:
+                loaded = _load(conn, "id = ?", (task.parent_id,))
+                if loaded is None:
                     raise NotFound(f"parent_id {task.parent_id!r}: no such task")
-                new = replace(task, root_id=parent[0])
+                parent = loaded[1]
+                if parent_check is not None:
+                    parent_check(parent)
+                new = replace(task, root_id=parent.root_id)
             rowid = _insert_task(conn, new)
             return (new, True), [_append_event(conn, rowid, new, EventType.CREATED, new.created_by)]
 
@@ -316,6 +352,13 @@ class Store:
             if query.parent_id:
                 where.append("parent_id = ?")
                 params.append(query.parent_id)
+            if query.visible_to is not None:
+                agent = query.visible_to
+                where.append(
+                    "(created_by = ? OR claimed_by = ? OR EXISTS (SELECT 1 FROM task_labels v "
+                    f"WHERE v.task_rowid = tasks.rowid AND v.label IN ({_in(agent.labels)})))"
+                )
+                params.extend([agent.name, agent.name, *agent.labels])
             params.append(query.limit + 1)
             conn.execute("BEGIN")
             cursor = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
@@ -356,16 +399,21 @@ class Store:
                 f"WHERE e.seq > ? AND {match} ORDER BY e.seq LIMIT ?",
                 [after_seq, *params, limit],
             ).fetchall()
-            return [
-                Event(
-                    seq=r[0],
-                    type=EventType(r[1]),
-                    actor=r[2],
-                    at=r[3],
-                    task=_task_at_event(_task_from_row(r[6:]), r[4]),
-                )
-                for r in rows
-            ]
+            return [_event_from_row(r) for r in rows]
+
+        return await self._db.read(read)
+
+    async def task_events(self, task_id: str, *, after_seq: int, limit: int) -> list[Event]:
+        """The stored events of one task with seq > `after_seq`, oldest first."""
+
+        def read(conn: sqlite3.Connection) -> list[Event]:
+            rows = conn.execute(
+                f"SELECT e.seq, e.type, e.actor, e.at, e.state, t.rowid, {_prefixed('t')} "
+                "FROM events e JOIN tasks t ON t.rowid = e.task_rowid "
+                "WHERE t.id = ? AND e.seq > ? ORDER BY e.seq LIMIT ?",
+                (task_id, after_seq, limit),
+            ).fetchall()
+            return [_event_from_row(r) for r in rows]
 
         return await self._db.read(read)
 
@@ -385,6 +433,79 @@ class Store:
             return None if row[0] is None else int(row[0])
 
         return await self._db.read(read)
+
+
+class AgentStore:
+    """The `agents` table, on the same database as the tasks."""
+
+    def __init__(self, store: Store):
+        self._db = store._db
+
+    async def all(self) -> list[AgentRecord]:
+        def read(conn: sqlite3.Connection) -> list[AgentRecord]:
+            rows = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY created_at")
+            return [_agent_from_row(r) for r in rows]
+
+        return await self._db.read(read)
+
+    async def insert(self, agent: AgentRecord) -> None:
+        def insert(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM agents WHERE name = ?", (agent.name,)).fetchone():
+                raise AlreadyExists(
+                    f"an agent named {agent.name!r} already exists (names are never reused, "
+                    "even after revocation); choose another name"
+                )
+            conn.execute(
+                f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES ({_in(range(8))})",
+                _agent_row(agent),
+            )
+
+        await self._db.write(insert)
+
+    async def save(self, agent: AgentRecord) -> None:
+        """Writes every field of an existing agent."""
+
+        def save(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE agents SET labels = ?, role = ?, created_at = ?, key_id = ?, "
+                "key_hash = ?, last_seen_at = ?, revoked = ? WHERE name = ?",
+                (*_agent_row(agent)[1:], agent.name),
+            )
+
+        await self._db.write(save)
+
+
+_AGENT_COLUMNS = "name, labels, role, created_at, key_id, key_hash, last_seen_at, revoked"
+
+
+def _agent_row(agent: AgentRecord) -> tuple[Any, ...]:
+    return (
+        agent.name, json.dumps(list(agent.labels)), int(agent.role), agent.created_at,
+        agent.key_id, agent.key_hash, agent.last_seen_at, int(agent.revoked),
+    )  # fmt: skip
+
+
+def _agent_from_row(row: Sequence[Any]) -> AgentRecord:
+    return AgentRecord(
+        name=row[0],
+        labels=tuple(json.loads(row[1])),
+        role=Role(row[2]),
+        created_at=row[3],
+        key_id=row[4],
+        key_hash=row[5],
+        last_seen_at=row[6],
+        revoked=bool(row[7]),
+    )
+
+
+def _event_from_row(row: Sequence[Any]) -> Event:
+    return Event(
+        seq=row[0],
+        type=EventType(row[1]),
+        actor=row[2],
+        at=row[3],
+        task=_task_at_event(_task_from_row(row[6:]), row[4]),
+    )
 
 
 def _prefixed(alias: str) -> str:

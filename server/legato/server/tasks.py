@@ -13,15 +13,25 @@ import secrets
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
-from legato.server import lifecycle, limits
+from legato.server import access, lifecycle, limits
+from legato.server.agents import AgentRegistry
 from legato.server.db import Durability
 from legato.server.errors import InvalidArgument, NotFound
 from legato.server.events import DEFAULT_BUFFER, EventBus
 from legato.server.leases import LeaseReaper
-from legato.server.model import DAEMON_ACTOR, Clock, Event, Status, TaskRecord, system_clock
-from legato.server.store import Store, TaskQuery
+from legato.server.model import (
+    DAEMON_ACTOR,
+    AgentRecord,
+    Clock,
+    Event,
+    Status,
+    TaskRecord,
+    system_clock,
+)
+from legato.server.store import AgentStore, Store, TaskQuery
 
 BACKLOG_BATCH = 500
+DEFAULT_MAX_OPEN_TASKS = 1000
 
 
 def new_task_id() -> str:
@@ -50,12 +60,25 @@ def _decode_page_token(token: str) -> int:
 
 
 class TaskManager:
-    """The daemon's task operations over a store, an event bus and the lease reaper."""
+    """The daemon's task operations over a store, an event bus and the lease reaper.
 
-    def __init__(self, store: Store, bus: EventBus, clock: Clock):
+    Every operation acts for a `caller` and only within its view (see `access`).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        bus: EventBus,
+        agents: AgentRegistry,
+        clock: Clock,
+        max_open_tasks: int = DEFAULT_MAX_OPEN_TASKS,
+    ):
         self._store = store
         self.bus = bus
+        self.agents = agents
         self._clock = clock
+        self._max_open_tasks = max_open_tasks
+        agents.on_key_invalidated = bus.end_owner
         self._reaper = LeaseReaper(
             expire=self._expire_leases, next_expiry=store.next_lease_expiry, clock=clock
         )
@@ -69,10 +92,16 @@ class TaskManager:
         durability: Durability = Durability.NORMAL,
         clock: Clock = system_clock,
         watch_buffer: int = DEFAULT_BUFFER,
+        max_open_tasks: int = DEFAULT_MAX_OPEN_TASKS,
     ) -> TaskManager:
         """Opens the database at `path` and starts ending expired leases."""
         store = await Store.open(path, durability=durability)
-        manager = cls(store, EventBus(watch_buffer), clock)
+        try:
+            agents = await AgentRegistry.open(AgentStore(store), clock)
+        except BaseException:
+            await store.close()
+            raise
+        manager = cls(store, EventBus(watch_buffer), agents, clock, max_open_tasks)
         manager._reaper.start()
         return manager
 
@@ -80,6 +109,7 @@ class TaskManager:
         """Ends watch streams, stops the reaper and closes the database."""
         self.bus.close()
         await self._reaper.stop()
+        await self.agents.flush()
         await self._store.close()
 
     @property
@@ -105,19 +135,23 @@ class TaskManager:
         content: str,
         labels: Sequence[str],
         context: bytes,
-        actor: str,
+        caller: AgentRecord,
         parent_id: str = "",
         idempotency_key: str = "",
         max_attempts: int = 0,
-    ) -> tuple[TaskRecord, bool]:
-        """Creates a task; returns it and whether it is new (False: idempotent repeat)."""
+    ) -> tuple[TaskRecord, bool, list[str]]:
+        """Creates a task for `caller`.
+
+        Returns it, whether it is new (False: an idempotent repeat) and warnings
+        for the creator, e.g. labels no agent holds yet.
+        """
         now = self._clock()
         task = TaskRecord(
             id=new_task_id(),
             content=limits.check_text("content", content, limits.MAX_CONTENT_BYTES, required=True),
             labels=limits.check_labels("labels", labels, required=True),
             context=limits.check_blob("context", context),
-            created_by=actor,
+            created_by=caller.name,
             created_at=now,
             updated_at=now,
             max_attempts=limits.check_max_attempts(max_attempts),
@@ -126,17 +160,43 @@ class TaskManager:
                 "idempotency_key", idempotency_key, limits.MAX_IDEMPOTENCY_KEY
             ),
         )
-        return await self._store.create_task(task)
+        stored, created = await self._store.create_task(
+            task,
+            max_open=self._max_open_tasks,
+            parent_check=lambda parent: access.require_visible(caller, parent),
+        )
+        warnings = [
+            f"no agent holds {label} yet: the task waits until an admin gives the label to "
+            f"one (`legato agent add NAME --label {label}`); check the spelling"
+            for label in stored.labels
+            if not self.agents.label_held(label)
+        ]
+        return stored, created, warnings
 
-    async def get(self, task_id: str) -> TaskRecord:
+    async def get(self, task_id: str, *, caller: AgentRecord) -> TaskRecord:
         task = await self._store.get_task(limits.check_id("id", task_id))
         if task is None:
             raise NotFound(f"task {task_id!r} not found")
+        access.require_visible(caller, task)
         return task
+
+    async def history(
+        self, task_id: str, *, caller: AgentRecord, after_seq: int, page_size: int
+    ) -> tuple[list[Event], int]:
+        """The stored events of one task and the after_seq of the next page (0: none)."""
+        await self.get(task_id, caller=caller)
+        if after_seq < 0:
+            raise InvalidArgument(f"after_seq must be 0 or more; got {after_seq}")
+        limit = limits.check_page_size(page_size)
+        events = await self._store.task_events(task_id, after_seq=after_seq, limit=limit + 1)
+        more = len(events) > limit
+        events = events[:limit]
+        return events, events[-1].seq if more else 0
 
     async def list(
         self,
         *,
+        caller: AgentRecord,
         labels: Sequence[str] = (),
         statuses: Sequence[Status] = (),
         parent_id: str = "",
@@ -151,82 +211,110 @@ class TaskManager:
                 parent_id=limits.check_id("parent_id", parent_id, required=False),
                 limit=limits.check_page_size(page_size),
                 after_position=_decode_page_token(page_token),
+                visible_to=None if caller.admin else caller,
             )
         )
         next_token = "" if page.next_position is None else _encode_page_token(page.next_position)
         return page.tasks, next_token, page.cursor
 
     async def claim(
-        self, *, labels: Sequence[str], task_id: str, lease_us: int | None, actor: str
+        self, *, labels: Sequence[str], task_id: str, lease_us: int | None, caller: AgentRecord
     ) -> TaskRecord | None:
-        """Claims the task `task_id`, or the oldest pending one with any of `labels`."""
+        """Claims the task `task_id`, or the oldest pending one with any of `labels`
+        (default: any of the caller's labels)."""
         lease = limits.check_lease("lease", lease_us) or limits.DEFAULT_LEASE_US
-        checked_labels = limits.check_labels("labels", labels, required=not task_id)
-        token, now = new_lease_token(), self._clock()
+        checked_labels = limits.check_labels("labels", labels, required=False)
+        token, now, name = new_lease_token(), self._clock(), caller.name
 
         def decide(task: TaskRecord) -> lifecycle.Change:
-            return lifecycle.claim(task, actor=actor, lease_token=token, lease_us=lease, now=now)
+            return lifecycle.claim(task, actor=name, lease_token=token, lease_us=lease, now=now)
 
         if task_id:
-            return await self._store.update(limits.check_id("id", task_id), decide, actor=actor)
-        return await self._store.claim_next(checked_labels, decide, actor=actor)
+
+            def decide_by_id(task: TaskRecord) -> lifecycle.Change:
+                access.require_claimable(caller, task)
+                return decide(task)
+
+            return await self._store.update(
+                limits.check_id("id", task_id), decide_by_id, actor=name
+            )
+        from_labels = access.claim_labels(caller, checked_labels)
+        return await self._store.claim_next(from_labels, decide, actor=name)
 
     async def heartbeat(
-        self, *, task_id: str, lease_token: str, lease_us: int | None, actor: str
+        self, *, task_id: str, lease_token: str, lease_us: int | None, caller: AgentRecord
     ) -> tuple[TaskRecord, bool]:
         """Extends a lease; returns the task and whether it was canceled meanwhile."""
         lease = limits.check_lease("lease", lease_us)
         now = self._clock()
 
         def decide(task: TaskRecord) -> lifecycle.Change | None:
+            access.require_visible(caller, task)
             if lifecycle.holds_canceled_claim(task, lease_token):
+                access.require_claimant(caller, task, "heartbeat")
                 return None
-            return lifecycle.heartbeat(task, lease_token=lease_token, lease_us=lease, now=now)
+            change = lifecycle.heartbeat(task, lease_token=lease_token, lease_us=lease, now=now)
+            access.require_claimant(caller, task, "heartbeat")
+            return change
 
-        task = await self._store.update(limits.check_id("id", task_id), decide, actor=actor)
+        task = await self._store.update(limits.check_id("id", task_id), decide, actor=caller.name)
         return task, task.status is Status.CANCELED
 
     async def complete(
-        self, *, task_id: str, lease_token: str, result: bytes, actor: str
+        self, *, task_id: str, lease_token: str, result: bytes, caller: AgentRecord
     ) -> TaskRecord:
         limits.check_blob("result", result)
         now = self._clock()
-        return await self._store.update(
-            limits.check_id("id", task_id),
-            lambda task: lifecycle.complete(task, lease_token=lease_token, result=result, now=now),
-            actor=actor,
-        )
+
+        def decide(task: TaskRecord) -> lifecycle.Change:
+            access.require_visible(caller, task)
+            change = lifecycle.complete(task, lease_token=lease_token, result=result, now=now)
+            access.require_claimant(caller, task, "complete")
+            return change
+
+        return await self._store.update(limits.check_id("id", task_id), decide, actor=caller.name)
 
     async def fail(
-        self, *, task_id: str, lease_token: str, error: str, retryable: bool, actor: str
+        self, *, task_id: str, lease_token: str, error: str, retryable: bool, caller: AgentRecord
     ) -> TaskRecord:
         limits.check_text("error", error, limits.MAX_TEXT_BYTES, required=True)
         now = self._clock()
-        return await self._store.update(
-            limits.check_id("id", task_id),
-            lambda task: lifecycle.fail(
-                task, lease_token=lease_token, error=error, retryable=retryable, now=now
-            ),
-            actor=actor,
-        )
 
-    async def cancel(self, *, task_id: str, reason: str, actor: str) -> TaskRecord:
+        def decide(task: TaskRecord) -> lifecycle.Change:
+            access.require_visible(caller, task)
+            change = lifecycle.fail(
+                task, lease_token=lease_token, error=error, retryable=retryable, now=now
+            )
+            access.require_claimant(caller, task, "fail")
+            return change
+
+        return await self._store.update(limits.check_id("id", task_id), decide, actor=caller.name)
+
+    async def cancel(self, *, task_id: str, reason: str, caller: AgentRecord) -> TaskRecord:
         limits.check_text("reason", reason, limits.MAX_TEXT_BYTES)
         now = self._clock()
-        return await self._store.update(
-            limits.check_id("id", task_id),
-            lambda task: lifecycle.cancel(task, reason=reason, now=now),
-            actor=actor,
-        )
+
+        def decide(task: TaskRecord) -> lifecycle.Change:
+            access.require_can_cancel(caller, task)
+            return lifecycle.cancel(task, reason=reason, now=now)
+
+        return await self._store.update(limits.check_id("id", task_id), decide, actor=caller.name)
 
     async def watch(
-        self, *, labels: Sequence[str], task_ids: Sequence[str], after_seq: int | None
+        self,
+        *,
+        labels: Sequence[str],
+        task_ids: Sequence[str],
+        after_seq: int | None,
+        caller: AgentRecord,
     ) -> AsyncGenerator[Event, None]:
-        """Events of the matching tasks in seq order: stored ones after `after_seq`, then live.
+        """Events of the matching tasks in the caller's view, in seq order: stored
+        ones after `after_seq`, then live.
 
         Subscribes before reading the backlog, so an event committed meanwhile is
         in one or the other (or both: the live copy is dropped by its seq).
-        Raises `SubscriptionOverflow` if the consumer falls too far behind.
+        Raises `SubscriptionOverflow` if the consumer falls too far behind, and
+        `SubscriptionRevoked` if the caller's key stops working.
         """
         checked_labels = limits.check_labels("labels", labels, required=False)
         if len(task_ids) > limits.MAX_WATCH_TASK_IDS:
@@ -238,7 +326,13 @@ class TaskManager:
             raise InvalidArgument("give labels or task_ids to watch")
         if after_seq is not None and after_seq < 0:
             raise InvalidArgument(f"after_seq must be 0 or more; got {after_seq}")
-        sub = self.bus.subscribe(checked_labels, ids)
+
+        def visible(event: Event) -> bool:
+            # The caller's labels and role as they are now, not as they were
+            # when the stream opened.
+            return access.sees(self.agents.current(caller), event.task)
+
+        sub = self.bus.subscribe(checked_labels, ids, owner=caller.name, accepts=visible)
         try:
             last = after_seq
             while last is not None:
@@ -246,7 +340,8 @@ class TaskManager:
                     last, labels=checked_labels, task_ids=ids, limit=BACKLOG_BATCH
                 )
                 for event in batch:
-                    yield event
+                    if visible(event):
+                        yield event
                     last = event.seq
                 if len(batch) < BACKLOG_BATCH:
                     break

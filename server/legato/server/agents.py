@@ -1,0 +1,209 @@
+"""The agents of the daemon: identity, keys, labels and roles.
+
+All agents are held in memory (a developer machine has a handful) and every
+change is written through to the store before it is acknowledged, so the
+in-memory view is always the stored one: authentication costs no I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from legato.server import keys, limits
+from legato.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from legato.server.model import AgentRecord, Clock, Role
+from legato.server.store import AgentStore
+
+log = logging.getLogger(__name__)
+
+ADMIN_NAME = "admin"
+ADMIN_KEY_FILE = "admin.key"
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+# last_seen_at is kept to the minute: a write per call would cost more than it tells.
+SEEN_RESOLUTION_US = 60 * 1_000_000
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise InvalidArgument(
+            f"name {name[:80]!r} is not a valid agent name: 1 to 63 of a-z, 0-9, '.', '_' "
+            "or '-', starting with a letter or digit (e.g. 'researcher')"
+        )
+    return name
+
+
+class AgentRegistry:
+    """Agents by name and by key id, written through to the store."""
+
+    def __init__(self, store: AgentStore, clock: Clock):
+        self._store = store
+        self._clock = clock
+        self._by_name: dict[str, AgentRecord] = {}
+        self._by_key_id: dict[str, str] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        # Called with an agent's name when its key stops working (revoke, rotate).
+        self.on_key_invalidated: Callable[[str], None] = lambda name: None
+
+    @classmethod
+    async def open(cls, store: AgentStore, clock: Clock) -> AgentRegistry:
+        registry = cls(store, clock)
+        for agent in await store.all():
+            registry._remember(agent)
+        return registry
+
+    def _remember(self, agent: AgentRecord) -> AgentRecord:
+        old = self._by_name.get(agent.name)
+        if old is not None:
+            self._by_key_id.pop(old.key_id, None)
+        self._by_name[agent.name] = agent
+        if not agent.revoked:
+            self._by_key_id[agent.key_id] = agent.name
+        return agent
+
+    # -- lookups --------------------------------------------------------------------
+
+    def authenticate(self, key: str) -> AgentRecord:
+        """The live agent this key belongs to; UNAUTHENTICATED otherwise.
+
+        Messages never contain the key.
+        """
+        key_id = keys.key_id_of(key)
+        if key_id is None:
+            raise Unauthenticated(
+                "malformed API key: send 'authorization: Bearer lgt_...' with the key "
+                "`legato agent add` printed"
+            )
+        name = self._by_key_id.get(key_id)
+        agent = self._by_name.get(name) if name else None
+        if agent is None or agent.revoked or not keys.matches(key, agent.key_hash):
+            raise Unauthenticated(
+                "unknown, rotated or revoked API key; ask an admin for a new one "
+                "(`legato agent rotate NAME`)"
+            )
+        self._seen(agent)
+        return agent
+
+    def get(self, name: str) -> AgentRecord:
+        agent = self._by_name.get(name)
+        if agent is None:
+            raise NotFound(f"agent {name!r} not found")
+        return agent
+
+    def current(self, agent: AgentRecord) -> AgentRecord:
+        """The agent as it is now (labels and role may have changed since a call began)."""
+        return self._by_name.get(agent.name, agent)
+
+    def list(self, *, include_revoked: bool) -> list[AgentRecord]:
+        return [a for a in self._by_name.values() if include_revoked or not a.revoked]
+
+    def label_held(self, label: str) -> bool:
+        return any(label in a.labels for a in self._by_name.values() if not a.revoked)
+
+    # -- changes --------------------------------------------------------------------
+
+    async def create(self, name: str, labels: Sequence[str], role: Role) -> tuple[AgentRecord, str]:
+        """A new agent and its key (the only time the key exists outside the caller)."""
+        key, key_id, key_hash = keys.issue()
+        agent = AgentRecord(
+            name=check_name(name),
+            labels=limits.check_labels("labels", labels, required=False),
+            role=role,
+            created_at=self._clock(),
+            key_id=key_id,
+            key_hash=key_hash,
+        )
+        await self._store.insert(agent)
+        log.info("agent %s created (%s)", agent.name, agent.role.name.lower())
+        return self._remember(agent), key
+
+    async def update(
+        self, name: str, *, labels: Sequence[str] | None, role: Role | None
+    ) -> AgentRecord:
+        agent = self._live(name, "updated")
+        changed = replace(
+            agent,
+            labels=agent.labels
+            if labels is None
+            else limits.check_labels("labels", labels, required=False),
+            role=agent.role if role is None else role,
+        )
+        await self._store.save(changed)
+        return self._remember(changed)
+
+    async def revoke(self, name: str) -> AgentRecord:
+        agent = self._live(name, "revoked")
+        revoked = replace(agent, revoked=True)
+        await self._store.save(revoked)
+        self._remember(revoked)
+        log.info("agent %s revoked", name)
+        self.on_key_invalidated(name)
+        return revoked
+
+    async def rotate(self, name: str) -> tuple[AgentRecord, str]:
+        agent = self._live(name, "given a new key")
+        key, key_id, key_hash = keys.issue()
+        rotated = replace(agent, key_id=key_id, key_hash=key_hash)
+        await self._store.save(rotated)
+        self._remember(rotated)
+        log.info("agent %s has a new key", name)
+        self.on_key_invalidated(name)
+        return rotated, key
+
+    def _live(self, name: str, action: str) -> AgentRecord:
+        agent = self.get(name)
+        if agent.revoked:
+            raise FailedPrecondition(f"agent {name!r} is revoked and cannot be {action}")
+        return agent
+
+    def _seen(self, agent: AgentRecord) -> None:
+        now = self._clock()
+        if agent.last_seen_at is not None and now - agent.last_seen_at < SEEN_RESOLUTION_US:
+            return
+        seen = self._remember(replace(agent, last_seen_at=now))
+        task = asyncio.create_task(self._store.save(seen))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def bootstrap_admin(self, data_dir: Path) -> Path:
+        """Makes sure `admin.key` in the data dir holds a working admin key.
+
+        On first start this creates the `admin` agent. If the file was deleted,
+        the admin gets a new key: whoever may start the daemon on this data dir
+        owns its database anyway.
+        """
+        path = data_dir / ADMIN_KEY_FILE
+        if path.exists() and ADMIN_NAME in self._by_name:
+            return path
+        if ADMIN_NAME in self._by_name:
+            admin = self._by_name[ADMIN_NAME]
+            if admin.revoked or not admin.admin:
+                admin = replace(admin, revoked=False, role=Role.ADMIN)
+                await self._store.save(admin)
+                self._remember(admin)
+            _, key = await self.rotate(ADMIN_NAME)
+        else:
+            _, key = await self.create(ADMIN_NAME, (), Role.ADMIN)
+        _write_private(path, key + "\n")
+        log.info("admin key written to %s", path)
+        return path
+
+    async def flush(self) -> None:
+        """Waits for pending last-seen writes (before the database closes)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
