@@ -508,11 +508,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Client(args.address, api_key=resolve_key(args.key)) as client:
             return int(args.run(client, args, Output(args.json)))
-    except (LegatoError, TimeoutError, ValueError) as exc:
+    except (LegatoError, TimeoutError, ValueError, PermissionError) as exc:
         print(f"legato: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: not an error of ours. Point stdout
+        # at /dev/null so the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ finds the daemon with no configuration.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,22 +28,48 @@ def default_data_dir() -> Path:
 def default_runtime_dir() -> Path:
     """A per-user directory for the socket.
 
-    The platform's runtime dir when it exists (e.g. /run/user/UID), else a
-    per-user folder in the temp dir. Either way the daemon makes it 0700.
+    On Linux `$XDG_RUNTIME_DIR/legato` when that is set (e.g. /run/user/UID),
+    else a per-user folder in the temp dir; elsewhere the platform's runtime
+    dir. Either way the daemon makes it 0700, and both sides refuse it if
+    another user owns it.
     """
-    runtime = Path(platformdirs.user_runtime_dir(APP))
-    if runtime.parent.is_dir() and os.access(runtime.parent, os.W_OK):
-        return runtime
-    return Path(tempfile.gettempdir()) / f"{APP}-{os.getuid()}"
+    if sys.platform.startswith("linux"):
+        xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+        if xdg and Path(xdg).is_dir() and os.access(xdg, os.W_OK):
+            return Path(xdg) / APP
+        return Path(tempfile.gettempdir()) / f"{APP}-{os.getuid()}"
+    return Path(platformdirs.user_runtime_dir(APP))
 
 
 def default_address() -> str:
     """`LEGATO_ADDRESS`, or the unix socket of the default daemon."""
-    return os.environ.get("LEGATO_ADDRESS") or f"unix:{default_runtime_dir() / SOCKET_NAME}"
+    explicit = os.environ.get("LEGATO_ADDRESS")
+    if explicit:
+        return explicit
+    runtime = default_runtime_dir()
+    if runtime.exists():
+        # In a shared temp dir another user could have made the folder first and
+        # be listening there: never send a key to their socket.
+        check_owned(runtime)
+    return f"unix:{runtime / SOCKET_NAME}"
+
+
+class NotOwned(PermissionError):
+    """A directory legato would use belongs to another user."""
+
+
+def check_owned(path: Path) -> None:
+    owner = path.stat().st_uid
+    if owner != os.getuid():
+        raise NotOwned(
+            f"{path} belongs to user id {owner}, not to you ({os.getuid()}); legato will not "
+            "use it. Remove it, or set LEGATO_ADDRESS / --listen to a socket in your own directory"
+        )
 
 
 def private_dir(path: Path) -> Path:
-    """Creates `path` if needed and makes it accessible to its owner only."""
+    """Creates `path` if needed, checks it is the caller's own, and makes it owner-only."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_owned(path)
     path.chmod(0o700)
     return path
