@@ -250,10 +250,12 @@ class Store:
                         f"different task ({original.id}); use a new key for a new task"
                     )
             if max_open is not None:
+                # Counting stops at the cap: the cost of a create must not grow
+                # with the creator's backlog.
                 open_count = conn.execute(
-                    "SELECT COUNT(*) FROM tasks INDEXED BY tasks_open_by_creator "
-                    "WHERE created_by = ? AND status IN (1, 2)",
-                    (task.created_by,),
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_open_by_creator "
+                    "WHERE created_by = ? AND status IN (1, 2) LIMIT ?)",
+                    (task.created_by, max_open),
                 ).fetchone()[0]
                 if open_count >= max_open:
                     raise ResourceExhausted(
