@@ -45,6 +45,10 @@ class _TaskStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskStatus
     """Finished with an error. Terminal."""
     TASK_STATUS_CANCELED: _TaskStatus.ValueType  # 5
     """Canceled before it finished. Terminal."""
+    TASK_STATUS_INPUT_REQUIRED: _TaskStatus.ValueType  # 6
+    """The claimant asked the creator a question (`Task.question`) and waits for
+    the answer; its lease does not run meanwhile.
+    """
 
 class TaskStatus(_TaskStatus, metaclass=_TaskStatusEnumTypeWrapper): ...
 
@@ -59,6 +63,10 @@ TASK_STATUS_FAILED: TaskStatus.ValueType  # 4
 """Finished with an error. Terminal."""
 TASK_STATUS_CANCELED: TaskStatus.ValueType  # 5
 """Canceled before it finished. Terminal."""
+TASK_STATUS_INPUT_REQUIRED: TaskStatus.ValueType  # 6
+"""The claimant asked the creator a question (`Task.question`) and waits for
+the answer; its lease does not run meanwhile.
+"""
 Global___TaskStatus: _TypeAlias = TaskStatus  # noqa: Y015
 
 class _TaskEventType:
@@ -77,6 +85,12 @@ class _TaskEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskEve
     TASK_EVENT_TYPE_CANCELED: _TaskEventType.ValueType  # 6
     TASK_EVENT_TYPE_REQUEUED: _TaskEventType.ValueType  # 7
     """The task went back to PENDING: its lease expired or a retryable failure."""
+    TASK_EVENT_TYPE_OUTPUT: _TaskEventType.ValueType  # 8
+    """A chunk of output: `TaskEvent.output`."""
+    TASK_EVENT_TYPE_INPUT_REQUESTED: _TaskEventType.ValueType  # 9
+    """The claimant asked a question: `Task.question`."""
+    TASK_EVENT_TYPE_INPUT_PROVIDED: _TaskEventType.ValueType  # 10
+    """The creator answered: `Task.answer`."""
 
 class TaskEventType(_TaskEventType, metaclass=_TaskEventTypeEnumTypeWrapper): ...
 
@@ -90,6 +104,12 @@ TASK_EVENT_TYPE_FAILED: TaskEventType.ValueType  # 5
 TASK_EVENT_TYPE_CANCELED: TaskEventType.ValueType  # 6
 TASK_EVENT_TYPE_REQUEUED: TaskEventType.ValueType  # 7
 """The task went back to PENDING: its lease expired or a retryable failure."""
+TASK_EVENT_TYPE_OUTPUT: TaskEventType.ValueType  # 8
+"""A chunk of output: `TaskEvent.output`."""
+TASK_EVENT_TYPE_INPUT_REQUESTED: TaskEventType.ValueType  # 9
+"""The claimant asked a question: `Task.question`."""
+TASK_EVENT_TYPE_INPUT_PROVIDED: TaskEventType.ValueType  # 10
+"""The creator answered: `Task.answer`."""
 Global___TaskEventType: _TypeAlias = TaskEventType  # noqa: Y015
 
 @_typing.final
@@ -114,6 +134,12 @@ class Task(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    OUTPUT_SIZE_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    QUESTION_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Opaque and unguessable."""
     content: _builtins.str
@@ -132,6 +158,15 @@ class Task(_message.Message):
     max_attempts: _builtins.int
     version: _builtins.int
     """Grows by one with every change."""
+    depth: _builtins.int
+    """0 for a task without a parent, parent's depth + 1 otherwise. At most 8."""
+    output_size: _builtins.int
+    """Bytes (UTF-8) of output appended so far. At most 1 MiB."""
+    output: _builtins.str
+    """The output so far; only in GetTask responses (events carry chunks instead)."""
+    question: _builtins.str
+    """The last question the claimant asked, and the creator's answer to it."""
+    answer: _builtins.str
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Routing labels, each `@name`."""
@@ -158,6 +193,10 @@ class Task(_message.Message):
         that no agent holds one of the labels yet (a typo waits forever).
         """
 
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """When set, the task fails if it has not finished by then."""
+
     def __init__(
         self,
         *,
@@ -179,10 +218,16 @@ class Task(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        depth: _builtins.int = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+        output_size: _builtins.int = ...,
+        output: _builtins.str = ...,
+        question: _builtins.str = ...,
+        answer: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "created_at", b"created_at", "lease_expires_at", b"lease_expires_at", "result", b"result", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "created_at", b"created_at", "deadline", b"deadline", "lease_expires_at", b"lease_expires_at", "result", b"result", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "claimed_by", b"claimed_by", "content", b"content", "context", b"context", "created_at", b"created_at", "created_by", b"created_by", "error", b"error", "id", b"id", "labels", b"labels", "lease_expires_at", b"lease_expires_at", "max_attempts", b"max_attempts", "parent_id", b"parent_id", "result", b"result", "root_id", b"root_id", "status", b"status", "updated_at", b"updated_at", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "attempt", b"attempt", "claimed_by", b"claimed_by", "content", b"content", "context", b"context", "created_at", b"created_at", "created_by", b"created_by", "deadline", b"deadline", "depth", b"depth", "error", b"error", "id", b"id", "labels", b"labels", "lease_expires_at", b"lease_expires_at", "max_attempts", b"max_attempts", "output", b"output", "output_size", b"output_size", "parent_id", b"parent_id", "question", b"question", "result", b"result", "root_id", b"root_id", "status", b"status", "updated_at", b"updated_at", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -198,6 +243,7 @@ class CreateTaskRequest(_message.Message):
     PARENT_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     """Required; at most 64 KiB."""
     parent_id: _builtins.str
@@ -216,6 +262,10 @@ class CreateTaskRequest(_message.Message):
 
     @_builtins.property
     def context(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """Fail the task if it has not finished by then. Must be in the future."""
+
     def __init__(
         self,
         *,
@@ -225,10 +275,11 @@ class CreateTaskRequest(_message.Message):
         parent_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         max_attempts: _builtins.int = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "context", b"context", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "parent_id", b"parent_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "context", b"context", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "parent_id", b"parent_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -330,6 +381,7 @@ class ClaimTaskRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Or claim this task (it must be PENDING)."""
     @_builtins.property
@@ -340,16 +392,23 @@ class ClaimTaskRequest(_message.Message):
     def lease(self) -> _duration_pb2.Duration:
         """How long the claim holds without a heartbeat. Default 5 minutes; at most 24 hours."""
 
+    @_builtins.property
+    def wait(self) -> _duration_pb2.Duration:
+        """With nothing to claim, wait up to this long (at most 60 s) for a task to
+        become claimable; answered as soon as one does. Not with `id`.
+        """
+
     def __init__(
         self,
         *,
         labels: _abc.Iterable[_builtins.str] | None = ...,
         id: _builtins.str = ...,
         lease: _duration_pb2.Duration | None = ...,
+        wait: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "labels", b"labels", "lease", b"lease"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "labels", b"labels", "lease", b"lease", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -416,7 +475,9 @@ class HeartbeatResponse(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     cancel_requested: _builtins.bool
-    """The task was canceled: stop working on it. Its lease is gone."""
+    """The task ended under this claim (canceled, or failed at its deadline):
+    stop working on it. `task` says why.
+    """
     @_builtins.property
     def task(self) -> Global___Task: ...
     def __init__(
@@ -495,22 +556,166 @@ class CancelTaskRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    KEEP_CHILDREN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     reason: _builtins.str
     """At most 8 KiB."""
+    keep_children: _builtins.bool
+    """Leave the task's unfinished descendants running."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        keep_children: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "keep_children", b"keep_children", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelTaskRequest: _TypeAlias = CancelTaskRequest  # noqa: Y015
+
+@_typing.final
+class AppendOutputRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    lease_token: _builtins.str
+    text: _builtins.str
+    """Required. The whole output of a task is at most 1 MiB (UTF-8)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        lease_token: _builtins.str = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "lease_token", b"lease_token", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendOutputRequest: _TypeAlias = AppendOutputRequest  # noqa: Y015
+
+@_typing.final
+class AppendOutputResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    OUTPUT_SIZE_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Where this chunk starts, in UTF-8 bytes of the task's output."""
+    output_size: _builtins.int
+    """The output's size after it."""
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        output_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "output_size", b"output_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendOutputResponse: _TypeAlias = AppendOutputResponse  # noqa: Y015
+
+@_typing.final
+class RequestInputRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    QUESTION_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    lease_token: _builtins.str
+    question: _builtins.str
+    """Required; at most 8 KiB."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        lease_token: _builtins.str = ...,
+        question: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "lease_token", b"lease_token", "question", b"question"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestInputRequest: _TypeAlias = RequestInputRequest  # noqa: Y015
+
+@_typing.final
+class ProvideInputRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    answer: _builtins.str
+    """Required; at most 8 KiB."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        answer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProvideInputRequest: _TypeAlias = ProvideInputRequest  # noqa: Y015
+
+@_typing.final
+class GetTaskTreeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaskTreeRequest: _TypeAlias = GetTaskTreeRequest  # noqa: Y015
+
+@_typing.final
+class GetTaskTreeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
+        """The task first, then its descendants, each after its parent."""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___Task] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaskTreeResponse: _TypeAlias = GetTaskTreeResponse  # noqa: Y015
 
 @_typing.final
 class WatchTasksRequest(_message.Message):
@@ -606,6 +811,7 @@ class TaskEvent(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Strictly increasing over all events of the daemon."""
     type: Global___TaskEventType.ValueType
@@ -617,6 +823,10 @@ class TaskEvent(_message.Message):
 
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def output(self) -> Global___OutputChunk:
+        """Set on OUTPUT events."""
+
     def __init__(
         self,
         *,
@@ -625,11 +835,37 @@ class TaskEvent(_message.Message):
         task: Global___Task | None = ...,
         actor: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        output: Global___OutputChunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "task", b"task", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "seq", b"seq", "task", b"task", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "output", b"output", "seq", b"seq", "task", b"task", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskEvent: _TypeAlias = TaskEvent  # noqa: Y015
+
+@_typing.final
+class OutputChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Where the chunk starts, in UTF-8 bytes of the task's output: chunks in seq
+    order rebuild the exact text.
+    """
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputChunk: _TypeAlias = OutputChunk  # noqa: Y015

@@ -74,6 +74,26 @@ class TaskServiceStub:
                 request_serializer=legato_dot_v1_dot_tasks__pb2.CancelTaskRequest.SerializeToString,
                 response_deserializer=legato_dot_v1_dot_tasks__pb2.Task.FromString,
                 _registered_method=True)
+        self.AppendOutput = channel.unary_unary(
+                '/legato.v1.TaskService/AppendOutput',
+                request_serializer=legato_dot_v1_dot_tasks__pb2.AppendOutputRequest.SerializeToString,
+                response_deserializer=legato_dot_v1_dot_tasks__pb2.AppendOutputResponse.FromString,
+                _registered_method=True)
+        self.RequestInput = channel.unary_unary(
+                '/legato.v1.TaskService/RequestInput',
+                request_serializer=legato_dot_v1_dot_tasks__pb2.RequestInputRequest.SerializeToString,
+                response_deserializer=legato_dot_v1_dot_tasks__pb2.Task.FromString,
+                _registered_method=True)
+        self.ProvideInput = channel.unary_unary(
+                '/legato.v1.TaskService/ProvideInput',
+                request_serializer=legato_dot_v1_dot_tasks__pb2.ProvideInputRequest.SerializeToString,
+                response_deserializer=legato_dot_v1_dot_tasks__pb2.Task.FromString,
+                _registered_method=True)
+        self.GetTaskTree = channel.unary_unary(
+                '/legato.v1.TaskService/GetTaskTree',
+                request_serializer=legato_dot_v1_dot_tasks__pb2.GetTaskTreeRequest.SerializeToString,
+                response_deserializer=legato_dot_v1_dot_tasks__pb2.GetTaskTreeResponse.FromString,
+                _registered_method=True)
         self.WatchTasks = channel.unary_stream(
                 '/legato.v1.TaskService/WatchTasks',
                 request_serializer=legato_dot_v1_dot_tasks__pb2.WatchTasksRequest.SerializeToString,
@@ -140,7 +160,36 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelTask(self, request, context):
-        """Cancels a pending or claimed task.
+        """Cancels an unfinished task and, unless `keep_children`, its unfinished descendants.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendOutput(self, request, context):
+        """Appends a chunk of the claimant's answer while it works; watchers receive
+        it as an OUTPUT event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequestInput(self, request, context):
+        """The claimant asks the creator a question: CLAIMED -> INPUT_REQUIRED, lease paused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProvideInput(self, request, context):
+        """The creator answers: INPUT_REQUIRED -> CLAIMED for the same claimant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTaskTree(self, request, context):
+        """A task and its descendants, parents before children, as far as the caller sees.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -204,6 +253,26 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.CancelTask,
                     request_deserializer=legato_dot_v1_dot_tasks__pb2.CancelTaskRequest.FromString,
                     response_serializer=legato_dot_v1_dot_tasks__pb2.Task.SerializeToString,
+            ),
+            'AppendOutput': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendOutput,
+                    request_deserializer=legato_dot_v1_dot_tasks__pb2.AppendOutputRequest.FromString,
+                    response_serializer=legato_dot_v1_dot_tasks__pb2.AppendOutputResponse.SerializeToString,
+            ),
+            'RequestInput': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestInput,
+                    request_deserializer=legato_dot_v1_dot_tasks__pb2.RequestInputRequest.FromString,
+                    response_serializer=legato_dot_v1_dot_tasks__pb2.Task.SerializeToString,
+            ),
+            'ProvideInput': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProvideInput,
+                    request_deserializer=legato_dot_v1_dot_tasks__pb2.ProvideInputRequest.FromString,
+                    response_serializer=legato_dot_v1_dot_tasks__pb2.Task.SerializeToString,
+            ),
+            'GetTaskTree': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTaskTree,
+                    request_deserializer=legato_dot_v1_dot_tasks__pb2.GetTaskTreeRequest.FromString,
+                    response_serializer=legato_dot_v1_dot_tasks__pb2.GetTaskTreeResponse.SerializeToString,
             ),
             'WatchTasks': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchTasks,
@@ -432,6 +501,114 @@ class TaskService:
             '/legato.v1.TaskService/CancelTask',
             legato_dot_v1_dot_tasks__pb2.CancelTaskRequest.SerializeToString,
             legato_dot_v1_dot_tasks__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/legato.v1.TaskService/AppendOutput',
+            legato_dot_v1_dot_tasks__pb2.AppendOutputRequest.SerializeToString,
+            legato_dot_v1_dot_tasks__pb2.AppendOutputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestInput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/legato.v1.TaskService/RequestInput',
+            legato_dot_v1_dot_tasks__pb2.RequestInputRequest.SerializeToString,
+            legato_dot_v1_dot_tasks__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProvideInput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/legato.v1.TaskService/ProvideInput',
+            legato_dot_v1_dot_tasks__pb2.ProvideInputRequest.SerializeToString,
+            legato_dot_v1_dot_tasks__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTaskTree(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/legato.v1.TaskService/GetTaskTree',
+            legato_dot_v1_dot_tasks__pb2.GetTaskTreeRequest.SerializeToString,
+            legato_dot_v1_dot_tasks__pb2.GetTaskTreeResponse.FromString,
             options,
             channel_credentials,
             insecure,

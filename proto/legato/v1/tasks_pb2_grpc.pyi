@@ -54,7 +54,17 @@ class TaskServiceStub:
     FailTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.FailTaskRequest, _tasks_pb2.Task]
     """Fails a claimed task; a retryable failure requeues it while attempts remain."""
     CancelTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.Task]
-    """Cancels a pending or claimed task."""
+    """Cancels an unfinished task and, unless `keep_children`, its unfinished descendants."""
+    AppendOutput: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.AppendOutputRequest, _tasks_pb2.AppendOutputResponse]
+    """Appends a chunk of the claimant's answer while it works; watchers receive
+    it as an OUTPUT event.
+    """
+    RequestInput: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.RequestInputRequest, _tasks_pb2.Task]
+    """The claimant asks the creator a question: CLAIMED -> INPUT_REQUIRED, lease paused."""
+    ProvideInput: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ProvideInputRequest, _tasks_pb2.Task]
+    """The creator answers: INPUT_REQUIRED -> CLAIMED for the same claimant."""
+    GetTaskTree: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.GetTaskTreeRequest, _tasks_pb2.GetTaskTreeResponse]
+    """A task and its descendants, parents before children, as far as the caller sees."""
     WatchTasks: _grpc.UnaryStreamMultiCallable[_tasks_pb2.WatchTasksRequest, _tasks_pb2.TaskEvent]
     """Streams task events in `seq` order: first the stored ones after
     `after_seq` (if set), then live ones.
@@ -84,7 +94,17 @@ class TaskServiceAsyncStub(TaskServiceStub):
     FailTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.FailTaskRequest, _tasks_pb2.Task]  # type: ignore[assignment]
     """Fails a claimed task; a retryable failure requeues it while attempts remain."""
     CancelTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.Task]  # type: ignore[assignment]
-    """Cancels a pending or claimed task."""
+    """Cancels an unfinished task and, unless `keep_children`, its unfinished descendants."""
+    AppendOutput: _aio.UnaryUnaryMultiCallable[_tasks_pb2.AppendOutputRequest, _tasks_pb2.AppendOutputResponse]  # type: ignore[assignment]
+    """Appends a chunk of the claimant's answer while it works; watchers receive
+    it as an OUTPUT event.
+    """
+    RequestInput: _aio.UnaryUnaryMultiCallable[_tasks_pb2.RequestInputRequest, _tasks_pb2.Task]  # type: ignore[assignment]
+    """The claimant asks the creator a question: CLAIMED -> INPUT_REQUIRED, lease paused."""
+    ProvideInput: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ProvideInputRequest, _tasks_pb2.Task]  # type: ignore[assignment]
+    """The creator answers: INPUT_REQUIRED -> CLAIMED for the same claimant."""
+    GetTaskTree: _aio.UnaryUnaryMultiCallable[_tasks_pb2.GetTaskTreeRequest, _tasks_pb2.GetTaskTreeResponse]  # type: ignore[assignment]
+    """A task and its descendants, parents before children, as far as the caller sees."""
     WatchTasks: _aio.UnaryStreamMultiCallable[_tasks_pb2.WatchTasksRequest, _tasks_pb2.TaskEvent]  # type: ignore[assignment]
     """Streams task events in `seq` order: first the stored ones after
     `after_seq` (if set), then live ones.
@@ -159,7 +179,41 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tasks_pb2.CancelTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.Task, _abc.Awaitable[_tasks_pb2.Task]]:
-        """Cancels a pending or claimed task."""
+        """Cancels an unfinished task and, unless `keep_children`, its unfinished descendants."""
+
+    @_abc_1.abstractmethod
+    def AppendOutput(
+        self,
+        request: _tasks_pb2.AppendOutputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.AppendOutputResponse, _abc.Awaitable[_tasks_pb2.AppendOutputResponse]]:
+        """Appends a chunk of the claimant's answer while it works; watchers receive
+        it as an OUTPUT event.
+        """
+
+    @_abc_1.abstractmethod
+    def RequestInput(
+        self,
+        request: _tasks_pb2.RequestInputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.Task, _abc.Awaitable[_tasks_pb2.Task]]:
+        """The claimant asks the creator a question: CLAIMED -> INPUT_REQUIRED, lease paused."""
+
+    @_abc_1.abstractmethod
+    def ProvideInput(
+        self,
+        request: _tasks_pb2.ProvideInputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.Task, _abc.Awaitable[_tasks_pb2.Task]]:
+        """The creator answers: INPUT_REQUIRED -> CLAIMED for the same claimant."""
+
+    @_abc_1.abstractmethod
+    def GetTaskTree(
+        self,
+        request: _tasks_pb2.GetTaskTreeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.GetTaskTreeResponse, _abc.Awaitable[_tasks_pb2.GetTaskTreeResponse]]:
+        """A task and its descendants, parents before children, as far as the caller sees."""
 
     @_abc_1.abstractmethod
     def WatchTasks(

@@ -74,3 +74,22 @@ def require_can_cancel(agent: AgentRecord, task: TaskRecord) -> None:
         raise PermissionDenied(
             f"only the creator of task {task.id} ({task.created_by}) or an admin can cancel it"
         )
+
+
+def require_can_delegate_under(agent: AgentRecord, parent: TaskRecord) -> None:
+    """Children are created by the parent's claimant (delegating further), its
+    creator, or an admin."""
+    require_visible(agent, parent)
+    if not agent.admin and agent.name not in (parent.created_by, parent.claimed_by):
+        raise PermissionDenied(
+            f"only the claimant or the creator of task {parent.id} can create tasks under it"
+        )
+
+
+def require_can_answer(agent: AgentRecord, task: TaskRecord) -> None:
+    require_visible(agent, task)
+    if not agent.admin and task.created_by != agent.name:
+        raise PermissionDenied(
+            f"only the creator of task {task.id} ({task.created_by}) or an admin can answer "
+            "its question"
+        )

@@ -61,6 +61,10 @@ def task_proto(task: TaskRecord) -> tasks_pb2.Task:
         attempt=task.attempt,
         max_attempts=task.max_attempts,
         version=task.version,
+        depth=task.depth,
+        output_size=task.output_size,
+        question=task.question,
+        answer=task.answer,
     )
     if task.context:
         message.context.MergeFromString(task.context)
@@ -70,6 +74,8 @@ def task_proto(task: TaskRecord) -> tasks_pb2.Task:
     message.updated_at.FromMicroseconds(task.updated_at)
     if task.lease_expires_at is not None and task.status is Status.CLAIMED:
         message.lease_expires_at.FromMicroseconds(task.lease_expires_at)
+    if task.deadline is not None:
+        message.deadline.FromMicroseconds(task.deadline)
     return message
 
 
@@ -81,7 +87,18 @@ def event_proto(event: Event) -> tasks_pb2.TaskEvent:
         actor=event.actor,
     )
     message.time.FromMicroseconds(event.at)
+    if event.chunk is not None:
+        message.output.offset = event.chunk.offset
+        message.output.text = event.chunk.text
     return message
+
+
+def timestamp_us(message: object, field: str) -> int | None:
+    """A Timestamp field in microseconds, or None when unset."""
+    if not message.HasField(field):  # type: ignore[attr-defined]
+        return None
+    value: int = getattr(message, field).ToMicroseconds()
+    return value
 
 
 def agent_proto(agent: AgentRecord) -> agents_pb2.Agent:

@@ -1,8 +1,8 @@
-"""Ends expired leases on a timer: no one polls for them.
+"""Ends expired leases and passed deadlines on a timer: no one polls for them.
 
-The reaper sleeps until the earliest lease ends and is woken early only when a
-claim sets an earlier one. On start it first ends the leases that ran out while
-the daemon was down.
+The reaper sleeps until the earliest lease end or deadline and is woken early
+only when a change sets an earlier one. On start it first ends what ran out
+while the daemon was down.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 class LeaseReaper:
-    """Calls `expire(now)` whenever a lease may have ended."""
+    """Calls `expire(now)` whenever a lease may have ended or a deadline passed."""
 
     def __init__(
         self,
@@ -37,10 +37,10 @@ class LeaseReaper:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="legato-lease-reaper")
 
-    def lease_set(self, expires_at: int) -> None:
-        """Tells the reaper a lease now ends at `expires_at`."""
-        if self._due is None or expires_at < self._due:
-            self._due = expires_at
+    def due_at(self, when: int) -> None:
+        """Tells the reaper something (a lease, a deadline) is due at `when`."""
+        if self._due is None or when < self._due:
+            self._due = when
             self._wakeup.set()
 
     async def _run(self) -> None:
@@ -53,10 +53,10 @@ class LeaseReaper:
             try:
                 expired = await self._expire(self._clock())
                 if expired:
-                    log.info("ended %d expired lease(s)", expired)
+                    log.info("ended %d expired lease(s) or deadline(s)", expired)
                 self._due = await self._next_expiry()
             except Exception:
-                log.exception("ending expired leases failed; retrying in 1 s")
+                log.exception("ending expired leases and deadlines failed; retrying in 1 s")
                 self._due = self._clock() + 1_000_000
             # A millisecond of slack: asyncio timers may fire a hair early.
             timeout = (

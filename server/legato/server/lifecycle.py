@@ -1,37 +1,52 @@
 """The task state machine: the one place that decides which change is legal.
 
     PENDING --claim--> CLAIMED --complete--> DONE
-       |                  |----fail--------> FAILED   (or PENDING while attempts remain
-       |                  |                            and the failure is retryable)
-       |                  |----lease ends--> PENDING  (attempt + 1; FAILED after max_attempts)
-       +----cancel--------+----cancel------> CANCELED
+       |                |  ^ |---fail------> FAILED    (or PENDING while attempts remain
+       |     ask back   v  | answer                     and the failure is retryable)
+       |           INPUT_REQUIRED             (lease paused while the creator answers)
+       |                |---lease ends-----> PENDING   (attempt + 1; FAILED after max_attempts)
+       +---cancel-------+---cancel---------> CANCELED
+    any unfinished state --deadline passes--> FAILED
 
 Terminal states never change. Every function is pure: it takes the task as
-stored and returns the task after the change with the event to record, or
-raises a `DomainError` that says why the change is refused.
+stored and returns the `Change` to record, or raises a `DomainError` that says
+why the change is refused.
 """
 
 from __future__ import annotations
 
 import hmac
 from dataclasses import replace
+from datetime import UTC, datetime
 
-from legato.server.errors import FailedPrecondition
-from legato.server.model import EventType, Status, TaskRecord
+from legato.server.errors import FailedPrecondition, ResourceExhausted
+from legato.server.model import Change, EventType, OutputChunk, Status, TaskRecord
 
-Change = tuple[TaskRecord, EventType]
+# Chunks a claimant appends add up to at most this much output per task.
+MAX_OUTPUT_BYTES = 1024 * 1024
+
+WORKING = (Status.CLAIMED, Status.INPUT_REQUIRED)
 
 
 def _changed(task: TaskRecord, now: int, **fields: object) -> TaskRecord:
     return replace(task, version=task.version + 1, updated_at=now, **fields)  # type: ignore[arg-type]
 
 
-def _require_lease(task: TaskRecord, lease_token: str, now: int, action: str) -> None:
-    if task.status is not Status.CLAIMED:
+def _holds(task: TaskRecord, lease_token: str) -> bool:
+    return bool(task.lease_token) and hmac.compare_digest(
+        task.lease_token.encode(), lease_token.encode()
+    )
+
+
+def _require_lease(
+    task: TaskRecord, lease_token: str, now: int, action: str, allowed: tuple[Status, ...] = WORKING
+) -> None:
+    if task.status not in allowed:
+        states = " or ".join(s.name for s in allowed)
         raise FailedPrecondition(
-            f"task {task.id} is {task.status.name}; only CLAIMED tasks can be {action}"
+            f"task {task.id} is {task.status.name}; only {states} tasks can be {action}"
         )
-    if not hmac.compare_digest(task.lease_token.encode(), lease_token.encode()):
+    if not _holds(task, lease_token):
         raise FailedPrecondition(
             f"lease_token does not hold task {task.id}: the claim it came from has ended "
             "(lease expired or task reclaimed); stop working on this task"
@@ -57,35 +72,44 @@ def claim(task: TaskRecord, *, actor: str, lease_token: str, lease_us: int, now:
         lease_token=lease_token,
         lease_expires_at=now + lease_us,
         lease_us=lease_us,
+        question="",
+        answer="",
     )
-    return claimed, EventType.CLAIMED
+    return Change(claimed, EventType.CLAIMED)
 
 
-def heartbeat(task: TaskRecord, *, lease_token: str, lease_us: int | None, now: int) -> Change:
-    """Extends the lease of a CLAIMED task, by `lease_us` or the claim's own length."""
+def heartbeat(
+    task: TaskRecord, *, lease_token: str, lease_us: int | None, now: int
+) -> Change | None:
+    """Extends the lease of a CLAIMED task, by `lease_us` or the claim's own length.
+
+    While the task waits for an answer (INPUT_REQUIRED) its lease is paused and
+    a heartbeat changes nothing.
+    """
     _require_lease(task, lease_token, now, "heartbeated")
+    if task.status is Status.INPUT_REQUIRED:
+        return None
     length = lease_us if lease_us is not None else task.lease_us
-    return _changed(task, now, lease_expires_at=now + length, lease_us=length), EventType.HEARTBEAT
+    extended = _changed(task, now, lease_expires_at=now + length, lease_us=length)
+    return Change(extended, EventType.HEARTBEAT)
 
 
-def holds_canceled_claim(task: TaskRecord, lease_token: str) -> bool:
-    """Whether `lease_token` was the claim of a task canceled under it.
+def ended_under(task: TaskRecord, lease_token: str) -> bool:
+    """Whether someone else ended the task (a cancel, its deadline) under this claim.
 
     Such a heartbeat is answered with `cancel_requested` instead of an error,
-    so the worker learns why it should stop.
+    so the worker learns why it should stop. Endings of the claimant's own
+    doing (complete, fail) and expired leases clear the token, so they do not
+    count.
     """
-    return (
-        task.status is Status.CANCELED
-        and bool(task.lease_token)
-        and hmac.compare_digest(task.lease_token.encode(), lease_token.encode())
-    )
+    return task.status in (Status.CANCELED, Status.FAILED) and _holds(task, lease_token)
 
 
 def complete(task: TaskRecord, *, lease_token: str, result: bytes, now: int) -> Change:
-    """CLAIMED → DONE with the worker's result."""
+    """CLAIMED (or INPUT_REQUIRED) → DONE with the worker's result."""
     _require_lease(task, lease_token, now, "completed")
     done = _changed(task, now, status=Status.DONE, result=result, error="", lease_expires_at=None)
-    return done, EventType.COMPLETED
+    return Change(done, EventType.COMPLETED)
 
 
 def _requeue_or_fail(task: TaskRecord, error: str, now: int) -> Change:
@@ -99,9 +123,11 @@ def _requeue_or_fail(task: TaskRecord, error: str, now: int) -> Change:
             lease_token="",
             lease_expires_at=None,
         )
-        return requeued, EventType.REQUEUED
-    failed = _changed(task, now, status=Status.FAILED, error=error, lease_expires_at=None)
-    return failed, EventType.FAILED
+        return Change(requeued, EventType.REQUEUED)
+    failed = _changed(
+        task, now, status=Status.FAILED, error=error, lease_token="", lease_expires_at=None
+    )
+    return Change(failed, EventType.FAILED)
 
 
 def fail(task: TaskRecord, *, lease_token: str, error: str, retryable: bool, now: int) -> Change:
@@ -109,13 +135,65 @@ def fail(task: TaskRecord, *, lease_token: str, error: str, retryable: bool, now
     _require_lease(task, lease_token, now, "failed")
     if retryable:
         return _requeue_or_fail(task, error, now)
-    return _changed(
-        task, now, status=Status.FAILED, error=error, lease_expires_at=None
-    ), EventType.FAILED
+    failed = _changed(
+        task, now, status=Status.FAILED, error=error, lease_token="", lease_expires_at=None
+    )
+    return Change(failed, EventType.FAILED)
+
+
+def append_output(task: TaskRecord, *, lease_token: str, text: str, now: int) -> Change:
+    """Adds a chunk to the claimant's output."""
+    _require_lease(task, lease_token, now, "given output")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if task.output_size + size > MAX_OUTPUT_BYTES:
+        raise ResourceExhausted(
+            f"task {task.id} has {task.output_size} bytes of output; {size} more would pass "
+            f"the limit of {MAX_OUTPUT_BYTES} bytes: put the rest in the result"
+        )
+    grown = _changed(task, now, output_size=task.output_size + size)
+    return Change(grown, EventType.OUTPUT, OutputChunk(task.output_size, text))
+
+
+def request_input(task: TaskRecord, *, lease_token: str, question: str, now: int) -> Change:
+    """CLAIMED → INPUT_REQUIRED: the claimant asks, its lease clock stops."""
+    _require_lease(task, lease_token, now, "asked a question", allowed=(Status.CLAIMED,))
+    asking = _changed(
+        task,
+        now,
+        status=Status.INPUT_REQUIRED,
+        question=question,
+        answer="",
+        lease_expires_at=None,
+    )
+    return Change(asking, EventType.INPUT_REQUESTED)
+
+
+def provide_input(task: TaskRecord, *, answer: str, now: int) -> Change:
+    """INPUT_REQUIRED → CLAIMED for the same claimant, with a fresh lease."""
+    if task.status is not Status.INPUT_REQUIRED:
+        raise FailedPrecondition(
+            f"task {task.id} is {task.status.name}; only an INPUT_REQUIRED task can be "
+            "answered (nothing was asked, or it was answered already)"
+        )
+    answered = _changed(
+        task, now, status=Status.CLAIMED, answer=answer, lease_expires_at=now + task.lease_us
+    )
+    return Change(answered, EventType.INPUT_PROVIDED)
+
+
+def _when(us: int) -> str:
+    return datetime.fromtimestamp(us / 1e6, UTC).isoformat(timespec="milliseconds")
 
 
 def expire(task: TaskRecord, *, now: int) -> Change | None:
-    """Ends a lease that ran out: requeue, or FAILED after the last attempt."""
+    """Ends what ran out: a passed deadline fails the task; an ended lease requeues it
+    (or fails it after the last attempt)."""
+    if task.status.terminal:
+        return None
+    if task.deadline is not None and task.deadline <= now:
+        reason = f"deadline passed at {_when(task.deadline)} before the task finished"
+        failed = _changed(task, now, status=Status.FAILED, error=reason, lease_expires_at=None)
+        return Change(failed, EventType.FAILED)
     if task.status is not Status.CLAIMED or task.lease_expires_at is None:
         return None
     if task.lease_expires_at > now:
@@ -128,13 +206,12 @@ def expire(task: TaskRecord, *, now: int) -> Change | None:
 
 
 def cancel(task: TaskRecord, *, reason: str, now: int) -> Change:
-    """PENDING or CLAIMED → CANCELED; the claimant learns it on its next heartbeat."""
+    """Any unfinished state → CANCELED; a claimant learns it on its next heartbeat."""
     if task.status.terminal:
         raise FailedPrecondition(
-            f"task {task.id} is already {task.status.name}; "
-            "only PENDING or CLAIMED tasks can be canceled"
+            f"task {task.id} is already {task.status.name}; only unfinished tasks can be canceled"
         )
     canceled = _changed(
         task, now, status=Status.CANCELED, error=reason or "canceled", lease_expires_at=None
     )
-    return canceled, EventType.CANCELED
+    return Change(canceled, EventType.CANCELED)

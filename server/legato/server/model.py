@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 Clock = Callable[[], int]
 
@@ -28,10 +29,15 @@ class Status(IntEnum):
     DONE = 3
     FAILED = 4
     CANCELED = 5
+    INPUT_REQUIRED = 6
 
     @property
     def terminal(self) -> bool:
         return self in (Status.DONE, Status.FAILED, Status.CANCELED)
+
+
+# Unfinished states: the ones a task can still leave.
+OPEN_STATUSES = (Status.PENDING, Status.CLAIMED, Status.INPUT_REQUIRED)
 
 
 class EventType(IntEnum):
@@ -44,6 +50,9 @@ class EventType(IntEnum):
     FAILED = 5
     CANCELED = 6
     REQUEUED = 7
+    OUTPUT = 8
+    INPUT_REQUESTED = 9
+    INPUT_PROVIDED = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +79,27 @@ class TaskRecord:
     lease_token: str = ""
     lease_expires_at: int | None = None
     lease_us: int = 0
+    depth: int = 0
+    deadline: int | None = None
+    output_size: int = 0
+    question: str = ""
+    answer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    """A piece of a task's output; `offset` counts UTF-8 bytes."""
+
+    offset: int
+    text: str
+
+
+class Change(NamedTuple):
+    """What a state-machine step decided: the task after it, and what to record."""
+
+    task: TaskRecord
+    type: EventType
+    chunk: OutputChunk | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +111,7 @@ class Event:
     task: TaskRecord
     actor: str
     at: int
+    chunk: OutputChunk | None = None
 
 
 # The actor recorded for changes the daemon makes on its own (lease expiry).

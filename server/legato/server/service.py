@@ -10,7 +10,14 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from legato.server.auth import current_agent
-from legato.server.convert import duration_us, event_proto, statuses, struct_bytes, task_proto
+from legato.server.convert import (
+    duration_us,
+    event_proto,
+    statuses,
+    struct_bytes,
+    task_proto,
+    timestamp_us,
+)
 from legato.server.rpc import Context, status_of, unary
 from legato.server.tasks import TaskManager
 from legato.v1 import tasks_pb2, tasks_pb2_grpc
@@ -33,6 +40,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             parent_id=request.parent_id,
             idempotency_key=request.idempotency_key,
             max_attempts=request.max_attempts,
+            deadline=timestamp_us(request, "deadline"),
             caller=current_agent.get(),
         )
         message = task_proto(task)
@@ -41,7 +49,51 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
 
     @unary
     async def GetTask(self, request: tasks_pb2.GetTaskRequest, context: Context) -> tasks_pb2.Task:
-        return task_proto(await self._tasks.get(request.id, caller=current_agent.get()))
+        task, output = await self._tasks.get(request.id, caller=current_agent.get())
+        message = task_proto(task)
+        message.output = output
+        return message
+
+    @unary
+    async def GetTaskTree(
+        self, request: tasks_pb2.GetTaskTreeRequest, context: Context
+    ) -> tasks_pb2.GetTaskTreeResponse:
+        tasks = await self._tasks.tree(request.id, caller=current_agent.get())
+        return tasks_pb2.GetTaskTreeResponse(tasks=[task_proto(t) for t in tasks])
+
+    @unary
+    async def AppendOutput(
+        self, request: tasks_pb2.AppendOutputRequest, context: Context
+    ) -> tasks_pb2.AppendOutputResponse:
+        chunk = await self._tasks.append_output(
+            task_id=request.id,
+            lease_token=request.lease_token,
+            text=request.text,
+            caller=current_agent.get(),
+        )
+        size = chunk.offset + len(chunk.text.encode("utf-8", "surrogatepass"))
+        return tasks_pb2.AppendOutputResponse(offset=chunk.offset, output_size=size)
+
+    @unary
+    async def RequestInput(
+        self, request: tasks_pb2.RequestInputRequest, context: Context
+    ) -> tasks_pb2.Task:
+        task = await self._tasks.request_input(
+            task_id=request.id,
+            lease_token=request.lease_token,
+            question=request.question,
+            caller=current_agent.get(),
+        )
+        return task_proto(task)
+
+    @unary
+    async def ProvideInput(
+        self, request: tasks_pb2.ProvideInputRequest, context: Context
+    ) -> tasks_pb2.Task:
+        task = await self._tasks.provide_input(
+            task_id=request.id, answer=request.answer, caller=current_agent.get()
+        )
+        return task_proto(task)
 
     @unary
     async def ListTaskEvents(
@@ -81,6 +133,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             labels=list(request.labels),
             task_id=request.id,
             lease_us=duration_us(request, "lease"),
+            wait_us=duration_us(request, "wait"),
             caller=current_agent.get(),
         )
         if task is None:
@@ -129,7 +182,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         self, request: tasks_pb2.CancelTaskRequest, context: Context
     ) -> tasks_pb2.Task:
         task = await self._tasks.cancel(
-            task_id=request.id, reason=request.reason, caller=current_agent.get()
+            task_id=request.id,
+            reason=request.reason,
+            keep_children=request.keep_children,
+            caller=current_agent.get(),
         )
         return task_proto(task)
 

@@ -24,14 +24,25 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from legato.server.db import Database, Durability
-from legato.server.errors import AlreadyExists, NotFound, ResourceExhausted
-from legato.server.model import AgentRecord, Event, EventType, Role, Status, TaskRecord
+from legato.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from legato.server.model import (
+    AgentRecord,
+    Change,
+    Event,
+    EventType,
+    OutputChunk,
+    Role,
+    Status,
+    TaskRecord,
+)
 
 T = TypeVar("T")
-Change = tuple[TaskRecord, EventType]
 Decide = Callable[[TaskRecord], Change | None]
 
-SCHEMA_VERSION = 2
+# How deep delegation chains may go: a root task is depth 0.
+MAX_DEPTH = 8
+
+SCHEMA_VERSION = 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -55,12 +66,19 @@ CREATE TABLE IF NOT EXISTS tasks (
     updated_at       INTEGER NOT NULL,
     lease_token      TEXT    NOT NULL,
     lease_expires_at INTEGER,
-    lease_us         INTEGER NOT NULL
+    lease_us         INTEGER NOT NULL,
+    depth            INTEGER NOT NULL,
+    deadline         INTEGER,
+    output_size      INTEGER NOT NULL,
+    question         TEXT    NOT NULL,
+    answer           TEXT    NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency
     ON tasks (created_by, idempotency_key) WHERE idempotency_key != '';
 CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (lease_expires_at) WHERE status = 2;
 CREATE INDEX IF NOT EXISTS tasks_parent ON tasks (parent_id) WHERE parent_id != '';
+CREATE INDEX IF NOT EXISTS tasks_deadline
+    ON tasks (deadline) WHERE deadline IS NOT NULL AND status IN (1, 2, 6);
 
 CREATE TABLE IF NOT EXISTS task_labels (
     label     TEXT    NOT NULL,
@@ -81,7 +99,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_task ON events (task_rowid, seq);
 CREATE INDEX IF NOT EXISTS tasks_open_by_creator
-    ON tasks (created_by) WHERE status IN (1, 2);
+    ON tasks (created_by) WHERE status IN (1, 2, 6);
 
 CREATE TABLE IF NOT EXISTS agents (
     name         TEXT    PRIMARY KEY,
@@ -98,7 +116,7 @@ CREATE TABLE IF NOT EXISTS agents (
 _TASK_COLUMNS = (
     "id, content, labels, context, created_by, created_at, max_attempts, parent_id, root_id, "
     "idempotency_key, status, result, error, claimed_by, attempt, version, updated_at, "
-    "lease_token, lease_expires_at, lease_us"
+    "lease_token, lease_expires_at, lease_us, depth, deadline, output_size, question, answer"
 )
 _SELECT_TASK = f"SELECT rowid, {_TASK_COLUMNS} FROM tasks"
 
@@ -125,31 +143,41 @@ def _task_from_row(row: Sequence[Any]) -> TaskRecord:
         lease_token=row[17],
         lease_expires_at=row[18],
         lease_us=row[19],
+        depth=row[20],
+        deadline=row[21],
+        output_size=row[22],
+        question=row[23],
+        answer=row[24],
     )
 
 
-def _state_json(task: TaskRecord) -> str:
-    return json.dumps(
-        {
-            "status": int(task.status),
-            "error": task.error,
-            "claimed_by": task.claimed_by,
-            "attempt": task.attempt,
-            "version": task.version,
-            "updated_at": task.updated_at,
-            "lease_expires_at": task.lease_expires_at,
-        },
-        separators=(",", ":"),
-    )
+def _state_json(task: TaskRecord, chunk: OutputChunk | None) -> str:
+    state: dict[str, Any] = {
+        "status": int(task.status),
+        "error": task.error,
+        "claimed_by": task.claimed_by,
+        "attempt": task.attempt,
+        "version": task.version,
+        "updated_at": task.updated_at,
+        "lease_expires_at": task.lease_expires_at,
+        "output_size": task.output_size,
+        "question": task.question,
+        "answer": task.answer,
+    }
+    if chunk is not None:
+        state["chunk"] = [chunk.offset, chunk.text]
+    return json.dumps(state, separators=(",", ":"))
 
 
-def _task_at_event(current: TaskRecord, state: str) -> TaskRecord:
+def _task_at_event(current: TaskRecord, state: str) -> tuple[TaskRecord, OutputChunk | None]:
     fields = json.loads(state)
     status = Status(fields.pop("status"))
+    chunk = fields.pop("chunk", None)
     # The result is written once, with the terminal DONE: the stored one is the
     # one this event carried if (and only if) the event left the task DONE.
     result = current.result if status is Status.DONE else b""
-    return replace(current, status=status, result=result, lease_token="", lease_us=0, **fields)
+    task = replace(current, status=status, result=result, lease_token="", lease_us=0, **fields)
+    return task, None if chunk is None else OutputChunk(chunk[0], chunk[1])
 
 
 def _in(values: Sequence[object]) -> str:
@@ -254,7 +282,7 @@ class Store:
                 # with the creator's backlog.
                 open_count = conn.execute(
                     "SELECT COUNT(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_open_by_creator "
-                    "WHERE created_by = ? AND status IN (1, 2) LIMIT ?)",
+                    "WHERE created_by = ? AND status IN (1, 2, 6) LIMIT ?)",
                     (task.created_by, max_open),
                 ).fetchone()[0]
                 if open_count >= max_open:
@@ -270,7 +298,12 @@ class Store:
                 parent = loaded[1]
                 if parent_check is not None:
                     parent_check(parent)
-                new = replace(task, root_id=parent.root_id)
+                if parent.depth + 1 > MAX_DEPTH:
+                    raise InvalidArgument(
+                        f"parent_id {parent.id} is at depth {parent.depth}: delegation chains "
+                        f"are at most {MAX_DEPTH} levels below their root"
+                    )
+                new = replace(task, root_id=parent.root_id, depth=parent.depth + 1)
             rowid = _insert_task(conn, new)
             return (new, True), [_append_event(conn, rowid, new, EventType.CREATED, new.created_by)]
 
@@ -287,6 +320,30 @@ class Store:
             if loaded is None:
                 raise NotFound(f"task {task_id!r} not found")
             return _apply(conn, *loaded, decide, actor)
+
+        return await self._write(update)
+
+    async def update_tree(
+        self, task_id: str, decide: Decide, decide_descendant: Decide, *, actor: str
+    ) -> TaskRecord:
+        """`update` of one task and, in the same transaction, of each of its descendants."""
+
+        def update(conn: sqlite3.Connection) -> tuple[TaskRecord, list[Event]]:
+            loaded = _load(conn, "id = ?", (task_id,))
+            if loaded is None:
+                raise NotFound(f"task {task_id!r} not found")
+            task, events = _apply(conn, *loaded, decide, actor)
+            rows = conn.execute(
+                "WITH RECURSIVE tree(id) AS (SELECT id FROM tasks WHERE parent_id = ? UNION ALL "
+                "SELECT t.id FROM tasks t JOIN tree ON t.parent_id = tree.id) "
+                f"{_SELECT_TASK} WHERE id IN (SELECT id FROM tree) ORDER BY rowid",
+                (task_id,),
+            ).fetchall()
+            for row in rows:
+                events.extend(
+                    _apply(conn, row[0], _task_from_row(row[1:]), decide_descendant, actor)[1]
+                )
+            return task, events
 
         return await self._write(update)
 
@@ -311,13 +368,15 @@ class Store:
 
         return await self._write(claim)
 
-    async def expire_leases(self, now: int, decide: Decide, *, actor: str) -> int:
-        """Applies `decide` to every claimed task whose lease ended by `now`."""
+    async def expire_due(self, now: int, decide: Decide, *, actor: str) -> int:
+        """Applies `decide` to every task whose lease ended or deadline passed by `now`."""
 
         def expire(conn: sqlite3.Connection) -> tuple[int, list[Event]]:
             rows = conn.execute(
-                f"{_SELECT_TASK} WHERE status = ? AND lease_expires_at <= ?",
-                (int(Status.CLAIMED), now),
+                f"{_SELECT_TASK} INDEXED BY tasks_lease WHERE status = 2 AND lease_expires_at <= ? "
+                f"UNION {_SELECT_TASK} INDEXED BY tasks_deadline "
+                "WHERE deadline <= ? AND status IN (1, 2, 6)",
+                (now, now),
             ).fetchall()
             events: list[Event] = []
             for row in rows:
@@ -425,14 +484,44 @@ class Store:
 
         return await self._db.read(read)
 
-    async def next_lease_expiry(self) -> int | None:
-        """When the earliest lease ends, or None if no task is claimed."""
+    async def next_due(self) -> int | None:
+        """When the earliest lease ends or deadline passes, or None if nothing is due."""
 
         def read(conn: sqlite3.Connection) -> int | None:
             row = conn.execute(
-                "SELECT MIN(lease_expires_at) FROM tasks WHERE status = ?", (int(Status.CLAIMED),)
+                "SELECT MIN(due) FROM ("
+                "SELECT MIN(lease_expires_at) AS due FROM tasks WHERE status = 2 "
+                "UNION ALL SELECT MIN(deadline) FROM tasks "
+                "WHERE deadline IS NOT NULL AND status IN (1, 2, 6))"
             ).fetchone()
             return None if row[0] is None else int(row[0])
+
+        return await self._db.read(read)
+
+    async def task_output(self, task_id: str) -> str:
+        """A task's output: its OUTPUT chunks in order."""
+
+        def read(conn: sqlite3.Connection) -> str:
+            rows = conn.execute(
+                "SELECT e.state FROM events e JOIN tasks t ON t.rowid = e.task_rowid "
+                "WHERE t.id = ? AND e.type = ? ORDER BY e.seq",
+                (task_id, int(EventType.OUTPUT)),
+            )
+            return "".join(json.loads(state)["chunk"][1] for (state,) in rows)
+
+        return await self._db.read(read)
+
+    async def subtree(self, task_id: str) -> list[TaskRecord]:
+        """The task and its descendants, each after its parent (creation order)."""
+
+        def read(conn: sqlite3.Connection) -> list[TaskRecord]:
+            rows = conn.execute(
+                f"WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
+                "SELECT t.id FROM tasks t JOIN tree ON t.parent_id = tree.id) "
+                f"{_SELECT_TASK} WHERE id IN (SELECT id FROM tree) ORDER BY rowid",
+                (task_id,),
+            ).fetchall()
+            return [_task_from_row(r[1:]) for r in rows]
 
         return await self._db.read(read)
 
@@ -501,12 +590,9 @@ def _agent_from_row(row: Sequence[Any]) -> AgentRecord:
 
 
 def _event_from_row(row: Sequence[Any]) -> Event:
+    task, chunk = _task_at_event(_task_from_row(row[6:]), row[4])
     return Event(
-        seq=row[0],
-        type=EventType(row[1]),
-        actor=row[2],
-        at=row[3],
-        task=_task_at_event(_task_from_row(row[6:]), row[4]),
+        seq=row[0], type=EventType(row[1]), actor=row[2], at=row[3], task=task, chunk=chunk
     )
 
 
@@ -546,13 +632,13 @@ def _load(
 
 def _insert_task(conn: sqlite3.Connection, task: TaskRecord) -> int:
     cursor = conn.execute(
-        f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_in(range(20))})",
+        f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_in(range(25))})",
         (
             task.id, task.content, json.dumps(list(task.labels)), task.context, task.created_by,
             task.created_at, task.max_attempts, task.parent_id, task.root_id,
             task.idempotency_key, int(task.status), task.result, task.error, task.claimed_by,
             task.attempt, task.version, task.updated_at, task.lease_token, task.lease_expires_at,
-            task.lease_us,
+            task.lease_us, task.depth, task.deadline, task.output_size, task.question, task.answer,
         ),
     )  # fmt: skip
     rowid = cursor.lastrowid
@@ -571,14 +657,15 @@ def _apply(
     change = decide(task)
     if change is None:
         return task, []
-    new, event_type = change
+    new = change.task
     conn.execute(
         "UPDATE tasks SET status = ?, result = ?, error = ?, claimed_by = ?, attempt = ?, "
-        "version = ?, updated_at = ?, lease_token = ?, lease_expires_at = ?, lease_us = ? "
-        "WHERE rowid = ?",
+        "version = ?, updated_at = ?, lease_token = ?, lease_expires_at = ?, lease_us = ?, "
+        "output_size = ?, question = ?, answer = ? WHERE rowid = ?",
         (
             int(new.status), new.result, new.error, new.claimed_by, new.attempt, new.version,
-            new.updated_at, new.lease_token, new.lease_expires_at, new.lease_us, rowid,
+            new.updated_at, new.lease_token, new.lease_expires_at, new.lease_us,
+            new.output_size, new.question, new.answer, rowid,
         ),
     )  # fmt: skip
     was_pending, is_pending = task.status is Status.PENDING, new.status is Status.PENDING
@@ -586,16 +673,21 @@ def _apply(
         conn.execute(
             "UPDATE task_labels SET pending = ? WHERE task_rowid = ?", (int(is_pending), rowid)
         )
-    return new, [_append_event(conn, rowid, new, event_type, actor)]
+    return new, [_append_event(conn, rowid, new, change.type, actor, change.chunk)]
 
 
 def _append_event(
-    conn: sqlite3.Connection, rowid: int, task: TaskRecord, event_type: EventType, actor: str
+    conn: sqlite3.Connection,
+    rowid: int,
+    task: TaskRecord,
+    event_type: EventType,
+    actor: str,
+    chunk: OutputChunk | None = None,
 ) -> Event:
     cursor = conn.execute(
         "INSERT INTO events (task_rowid, type, actor, at, state) VALUES (?, ?, ?, ?, ?)",
-        (rowid, int(event_type), actor, task.updated_at, _state_json(task)),
+        (rowid, int(event_type), actor, task.updated_at, _state_json(task, chunk)),
     )
     seq = cursor.lastrowid
     assert seq is not None
-    return Event(seq=seq, type=event_type, task=task, actor=actor, at=task.updated_at)
+    return Event(seq=seq, type=event_type, task=task, actor=actor, at=task.updated_at, chunk=chunk)

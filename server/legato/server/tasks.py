@@ -7,6 +7,7 @@ status codes.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import secrets
@@ -22,16 +23,22 @@ from legato.server.leases import LeaseReaper
 from legato.server.model import (
     DAEMON_ACTOR,
     AgentRecord,
+    Change,
     Clock,
     Event,
+    EventType,
+    OutputChunk,
     Status,
     TaskRecord,
     system_clock,
 )
 from legato.server.store import AgentStore, Store, TaskQuery
+from legato.server.waiters import ClaimWaiters
 
 BACKLOG_BATCH = 500
 DEFAULT_MAX_OPEN_TASKS = 1000
+MAX_CLAIM_WAIT_US = 60 * 1_000_000
+MAX_CHUNK_BYTES = 64 * 1024
 
 
 def new_task_id() -> str:
@@ -79,9 +86,10 @@ class TaskManager:
         self._clock = clock
         self._max_open_tasks = max_open_tasks
         agents.on_key_invalidated = bus.end_owner
-        self._reaper = LeaseReaper(
-            expire=self._expire_leases, next_expiry=store.next_lease_expiry, clock=clock
-        )
+        self._reaper = LeaseReaper(expire=self._expire_due, next_expiry=store.next_due, clock=clock)
+        self._waiters = ClaimWaiters()
+        # How often a claim looked for a task: long-polling workers must not drive it up.
+        self.claim_attempts = 0
         store.on_commit = self._committed
 
     @classmethod
@@ -106,8 +114,9 @@ class TaskManager:
         return manager
 
     async def close(self) -> None:
-        """Ends watch streams, stops the reaper and closes the database."""
+        """Ends watch streams and claim waits, stops the reaper, closes the database."""
         self.bus.close()
+        self._waiters.close()
         await self._reaper.stop()
         await self.agents.flush()
         await self._store.close()
@@ -119,13 +128,28 @@ class TaskManager:
     def _committed(self, events: list[Event]) -> None:
         self.bus.publish(events)
         for event in events:
-            if event.task.status is Status.CLAIMED and event.task.lease_expires_at is not None:
-                self._reaper.lease_set(event.task.lease_expires_at)
+            task = event.task
+            if task.status is Status.CLAIMED and task.lease_expires_at is not None:
+                self._reaper.due_at(task.lease_expires_at)
+            if event.type is EventType.CREATED and task.deadline is not None:
+                self._reaper.due_at(task.deadline)
+            if task.status is Status.PENDING and event.type in (
+                EventType.CREATED,
+                EventType.REQUEUED,
+            ):
+                self._waiters.wake_one(task.labels)
 
-    async def _expire_leases(self, now: int) -> int:
-        return await self._store.expire_leases(
+    async def _expire_due(self, now: int) -> int:
+        return await self._store.expire_due(
             now, lambda task: lifecycle.expire(task, now=now), actor=DAEMON_ACTOR
         )
+
+    async def _visible_task(self, task_id: str, caller: AgentRecord) -> TaskRecord:
+        task = await self._store.get_task(limits.check_id("id", task_id))
+        if task is None:
+            raise NotFound(f"task {task_id!r} not found")
+        access.require_visible(caller, task)
+        return task
 
     # -- operations ---------------------------------------------------------------
 
@@ -139,6 +163,7 @@ class TaskManager:
         parent_id: str = "",
         idempotency_key: str = "",
         max_attempts: int = 0,
+        deadline: int | None = None,
     ) -> tuple[TaskRecord, bool, list[str]]:
         """Creates a task for `caller`.
 
@@ -146,8 +171,11 @@ class TaskManager:
         for the creator, e.g. labels no agent holds yet.
         """
         now = self._clock()
+        if deadline is not None and deadline <= now:
+            raise InvalidArgument("deadline is in the past; give a time the task can still meet")
         task = TaskRecord(
             id=new_task_id(),
+            deadline=deadline,
             content=limits.check_text("content", content, limits.MAX_CONTENT_BYTES, required=True),
             labels=limits.check_labels("labels", labels, required=True),
             context=limits.check_blob("context", context),
@@ -163,7 +191,7 @@ class TaskManager:
         stored, created = await self._store.create_task(
             task,
             max_open=self._max_open_tasks,
-            parent_check=lambda parent: access.require_visible(caller, parent),
+            parent_check=lambda parent: access.require_can_delegate_under(caller, parent),
         )
         warnings = [
             f"no agent holds {label} yet: the task waits until an admin gives the label to "
@@ -173,18 +201,22 @@ class TaskManager:
         ]
         return stored, created, warnings
 
-    async def get(self, task_id: str, *, caller: AgentRecord) -> TaskRecord:
-        task = await self._store.get_task(limits.check_id("id", task_id))
-        if task is None:
-            raise NotFound(f"task {task_id!r} not found")
-        access.require_visible(caller, task)
-        return task
+    async def get(self, task_id: str, *, caller: AgentRecord) -> tuple[TaskRecord, str]:
+        """A task in the caller's view, and its output so far."""
+        task = await self._visible_task(task_id, caller)
+        output = await self._store.task_output(task.id) if task.output_size else ""
+        return task, output
+
+    async def tree(self, task_id: str, *, caller: AgentRecord) -> list[TaskRecord]:
+        """The task and the descendants the caller sees, each after its parent."""
+        await self._visible_task(task_id, caller)
+        return [t for t in await self._store.subtree(task_id) if access.sees(caller, t)]
 
     async def history(
         self, task_id: str, *, caller: AgentRecord, after_seq: int, page_size: int
     ) -> tuple[list[Event], int]:
         """The stored events of one task and the after_seq of the next page (0: none)."""
-        await self.get(task_id, caller=caller)
+        await self._visible_task(task_id, caller)
         if after_seq < 0:
             raise InvalidArgument(f"after_seq must be 0 or more; got {after_seq}")
         limit = limits.check_page_size(page_size)
@@ -218,28 +250,58 @@ class TaskManager:
         return page.tasks, next_token, page.cursor
 
     async def claim(
-        self, *, labels: Sequence[str], task_id: str, lease_us: int | None, caller: AgentRecord
+        self,
+        *,
+        labels: Sequence[str],
+        task_id: str,
+        lease_us: int | None,
+        caller: AgentRecord,
+        wait_us: int | None = None,
     ) -> TaskRecord | None:
         """Claims the task `task_id`, or the oldest pending one with any of `labels`
-        (default: any of the caller's labels)."""
+        (default: any of the caller's labels), waiting up to `wait_us` for one."""
         lease = limits.check_lease("lease", lease_us) or limits.DEFAULT_LEASE_US
         checked_labels = limits.check_labels("labels", labels, required=False)
-        token, now, name = new_lease_token(), self._clock(), caller.name
-
-        def decide(task: TaskRecord) -> lifecycle.Change:
-            return lifecycle.claim(task, actor=name, lease_token=token, lease_us=lease, now=now)
-
+        name = caller.name
+        if wait_us is not None and not 0 <= wait_us <= MAX_CLAIM_WAIT_US:
+            raise InvalidArgument(f"wait must be 0 to 60 s; got {wait_us / 1e6:g} s")
         if task_id:
+            if wait_us:
+                raise InvalidArgument("wait applies to claims by labels, not by id")
 
-            def decide_by_id(task: TaskRecord) -> lifecycle.Change:
+            def decide_by_id(task: TaskRecord) -> Change:
                 access.require_claimable(caller, task)
-                return decide(task)
+                return lifecycle.claim(
+                    task,
+                    actor=name,
+                    lease_token=new_lease_token(),
+                    lease_us=lease,
+                    now=self._clock(),
+                )
 
             return await self._store.update(
                 limits.check_id("id", task_id), decide_by_id, actor=name
             )
         from_labels = access.claim_labels(caller, checked_labels)
-        return await self._store.claim_next(from_labels, decide, actor=name)
+
+        def decide(task: TaskRecord) -> Change:
+            return lifecycle.claim(
+                task, actor=name, lease_token=new_lease_token(), lease_us=lease, now=self._clock()
+            )
+
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + (wait_us or 0) / 1e6
+        # Registered before the first look, so a task created in between wakes it.
+        with self._waiters.register(from_labels) as waiter:
+            while True:
+                waiter.rearm()
+                self.claim_attempts += 1
+                task = await self._store.claim_next(from_labels, decide, actor=name)
+                if task is not None or self._waiters.closed:
+                    return task
+                left = give_up_at - loop.time()
+                if left <= 0 or not await waiter.wait(left):
+                    return None
 
     async def heartbeat(
         self, *, task_id: str, lease_token: str, lease_us: int | None, caller: AgentRecord
@@ -248,9 +310,9 @@ class TaskManager:
         lease = limits.check_lease("lease", lease_us)
         now = self._clock()
 
-        def decide(task: TaskRecord) -> lifecycle.Change | None:
+        def decide(task: TaskRecord) -> Change | None:
             access.require_visible(caller, task)
-            if lifecycle.holds_canceled_claim(task, lease_token):
+            if lifecycle.ended_under(task, lease_token):
                 access.require_claimant(caller, task, "heartbeat")
                 return None
             change = lifecycle.heartbeat(task, lease_token=lease_token, lease_us=lease, now=now)
@@ -258,7 +320,7 @@ class TaskManager:
             return change
 
         task = await self._store.update(limits.check_id("id", task_id), decide, actor=caller.name)
-        return task, task.status is Status.CANCELED
+        return task, task.status.terminal
 
     async def complete(
         self, *, task_id: str, lease_token: str, result: bytes, caller: AgentRecord
@@ -266,7 +328,7 @@ class TaskManager:
         limits.check_blob("result", result)
         now = self._clock()
 
-        def decide(task: TaskRecord) -> lifecycle.Change:
+        def decide(task: TaskRecord) -> Change:
             access.require_visible(caller, task)
             change = lifecycle.complete(task, lease_token=lease_token, result=result, now=now)
             access.require_claimant(caller, task, "complete")
@@ -280,7 +342,7 @@ class TaskManager:
         limits.check_text("error", error, limits.MAX_TEXT_BYTES, required=True)
         now = self._clock()
 
-        def decide(task: TaskRecord) -> lifecycle.Change:
+        def decide(task: TaskRecord) -> Change:
             access.require_visible(caller, task)
             change = lifecycle.fail(
                 task, lease_token=lease_token, error=error, retryable=retryable, now=now
@@ -290,13 +352,71 @@ class TaskManager:
 
         return await self._store.update(limits.check_id("id", task_id), decide, actor=caller.name)
 
-    async def cancel(self, *, task_id: str, reason: str, caller: AgentRecord) -> TaskRecord:
+    async def cancel(
+        self, *, task_id: str, reason: str, caller: AgentRecord, keep_children: bool = False
+    ) -> TaskRecord:
+        """Cancels a task and, unless `keep_children`, its unfinished descendants."""
         limits.check_text("reason", reason, limits.MAX_TEXT_BYTES)
         now = self._clock()
+        checked_id = limits.check_id("id", task_id)
 
-        def decide(task: TaskRecord) -> lifecycle.Change:
+        def decide(task: TaskRecord) -> Change:
             access.require_can_cancel(caller, task)
             return lifecycle.cancel(task, reason=reason, now=now)
+
+        if keep_children:
+            return await self._store.update(checked_id, decide, actor=caller.name)
+        because = f"parent task {task_id} was canceled" + (f": {reason}" if reason else "")
+
+        def decide_descendant(task: TaskRecord) -> Change | None:
+            return None if task.status.terminal else lifecycle.cancel(task, reason=because, now=now)
+
+        return await self._store.update_tree(
+            checked_id, decide, decide_descendant, actor=caller.name
+        )
+
+    async def append_output(
+        self, *, task_id: str, lease_token: str, text: str, caller: AgentRecord
+    ) -> OutputChunk:
+        """Appends a chunk of output; returns it with its offset."""
+        limits.check_text("text", text, MAX_CHUNK_BYTES, required=True)
+        now = self._clock()
+        chunk: list[OutputChunk] = []
+
+        def decide(task: TaskRecord) -> Change:
+            access.require_visible(caller, task)
+            change = lifecycle.append_output(task, lease_token=lease_token, text=text, now=now)
+            access.require_claimant(caller, task, "write output for")
+            assert change.chunk is not None
+            chunk.append(change.chunk)
+            return change
+
+        await self._store.update(limits.check_id("id", task_id), decide, actor=caller.name)
+        return chunk[0]
+
+    async def request_input(
+        self, *, task_id: str, lease_token: str, question: str, caller: AgentRecord
+    ) -> TaskRecord:
+        limits.check_text("question", question, limits.MAX_TEXT_BYTES, required=True)
+        now = self._clock()
+
+        def decide(task: TaskRecord) -> Change:
+            access.require_visible(caller, task)
+            change = lifecycle.request_input(
+                task, lease_token=lease_token, question=question, now=now
+            )
+            access.require_claimant(caller, task, "ask about")
+            return change
+
+        return await self._store.update(limits.check_id("id", task_id), decide, actor=caller.name)
+
+    async def provide_input(self, *, task_id: str, answer: str, caller: AgentRecord) -> TaskRecord:
+        limits.check_text("answer", answer, limits.MAX_TEXT_BYTES, required=True)
+        now = self._clock()
+
+        def decide(task: TaskRecord) -> Change:
+            access.require_can_answer(caller, task)
+            return lifecycle.provide_input(task, answer=answer, now=now)
 
         return await self._store.update(limits.check_id("id", task_id), decide, actor=caller.name)
 
