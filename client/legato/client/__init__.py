@@ -18,7 +18,16 @@ from legato.client.errors import (
     TaskFailedError,
     TaskOutcomeError,
 )
-from legato.client.models import Agent, EventType, Role, Task, TaskEvent, TaskPage, TaskStatus
+from legato.client.models import (
+    Agent,
+    EventType,
+    OutputChunk,
+    Role,
+    Task,
+    TaskEvent,
+    TaskPage,
+    TaskStatus,
+)
 
 __all__ = [
     "Agent",
@@ -29,6 +38,7 @@ __all__ = [
     "EventType",
     "Job",
     "LegatoError",
+    "OutputChunk",
     "RPCError",
     "Role",
     "Task",

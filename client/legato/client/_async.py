@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
-from legato.client._core import CHANNEL_OPTIONS, ClientCore, Deadline, Resume, duration, outcome
-from legato.client.errors import from_rpc_error
+from legato.client._core import (
+    CHANNEL_OPTIONS,
+    DEFAULT_WORK_LEASE,
+    DEFAULT_WORK_WAIT,
+    HEARTBEATS_PER_LEASE,
+    ClientCore,
+    Deadline,
+    Resume,
+    answer_after,
+    duration,
+    outcome,
+)
+from legato.client.errors import LegatoError, UnavailableError, from_rpc_error
 from legato.client.models import Agent, Role, Task, TaskEvent, TaskPage, TaskStatus
 from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
@@ -81,13 +94,42 @@ class AsyncClient(ClientCore):
         parent_id: str = "",
         idempotency_key: str = "",
         max_attempts: int = 0,
+        deadline: datetime | timedelta | None = None,
     ) -> AsyncTaskHandle:
-        """Creates a task routed to `labels` and returns a handle to await its result."""
+        """Creates a task routed to `labels` and returns a handle to await its result.
+
+        `deadline` (a time, or a delay from now) fails the task if it has not
+        finished by then.
+        """
         request = self._create_request(
-            content, labels, context, parent_id, idempotency_key, max_attempts
+            content, labels, context, parent_id, idempotency_key, max_attempts, deadline
         )
         task = Task.from_proto(await self._call(self._stub.CreateTask, request))
         return AsyncTaskHandle(self, task.id, task)
+
+    async def delegate(
+        self,
+        label: str,
+        content: str,
+        *,
+        context: Mapping[str, Any] | None = None,
+        parent_id: str = "",
+        idempotency_key: str = "",
+        deadline: datetime | timedelta | None = None,
+    ) -> AsyncTaskHandle:
+        """Hands `content` to whoever holds `label`; returns the handle to follow it.
+
+        `await handle.result()` waits for the answer, `handle.output()` streams
+        it as it is written, `await handle.answer(...)` replies to a question back.
+        """
+        return await self.create_task(
+            content,
+            labels=[label],
+            context=context,
+            parent_id=parent_id,
+            idempotency_key=idempotency_key,
+            deadline=deadline,
+        )
 
     def get_handle(self, task_id: str) -> AsyncTaskHandle:
         """A handle to an existing task."""
@@ -115,11 +157,20 @@ class AsyncClient(ClientCore):
         )
 
     async def claim(
-        self, labels: Sequence[str] = (), *, task_id: str = "", lease: float | None = None
+        self,
+        labels: Sequence[str] = (),
+        *,
+        task_id: str = "",
+        lease: float | None = None,
+        wait: float | None = None,
     ) -> AsyncJob | None:
-        """Claims the oldest pending task with any of `labels` (or `task_id`); None if none."""
+        """Claims the oldest pending task with any of `labels` (default: all this
+        agent's labels), or `task_id`. With nothing pending, waits up to `wait`
+        seconds (at most 60) for a task; None if none came."""
         response = await self._call(
-            self._stub.ClaimTask, self._claim_request(labels, task_id, lease)
+            self._stub.ClaimTask,
+            self._claim_request(labels, task_id, lease, wait),
+            self._claim_timeout(wait),
         )
         if not response.HasField("task"):
             return None
@@ -149,9 +200,91 @@ class AsyncClient(ClientCore):
         )
         return Task.from_proto(await self._call(self._stub.FailTask, request))
 
-    async def cancel_task(self, task_id: str, reason: str = "") -> Task:
-        request = tasks_pb2.CancelTaskRequest(id=task_id, reason=reason)
+    async def cancel_task(
+        self, task_id: str, reason: str = "", *, keep_children: bool = False
+    ) -> Task:
+        """Cancels a task and, unless `keep_children`, its unfinished descendants."""
+        request = tasks_pb2.CancelTaskRequest(
+            id=task_id, reason=reason, keep_children=keep_children
+        )
         return Task.from_proto(await self._call(self._stub.CancelTask, request))
+
+    async def append_output(self, task_id: str, lease_token: str, text: str) -> int:
+        """Appends a chunk to a claimed task's output; returns the output's size after it."""
+        request = tasks_pb2.AppendOutputRequest(id=task_id, lease_token=lease_token, text=text)
+        return (await self._call(self._stub.AppendOutput, request)).output_size
+
+    async def request_input(self, task_id: str, lease_token: str, question: str) -> Task:
+        """Asks the creator a question; the task waits INPUT_REQUIRED for the answer."""
+        request = tasks_pb2.RequestInputRequest(
+            id=task_id, lease_token=lease_token, question=question
+        )
+        return Task.from_proto(await self._call(self._stub.RequestInput, request))
+
+    async def provide_input(self, task_id: str, answer: str) -> Task:
+        """Answers the question a task's claimant asked (creator or admin)."""
+        request = tasks_pb2.ProvideInputRequest(id=task_id, answer=answer)
+        return Task.from_proto(await self._call(self._stub.ProvideInput, request))
+
+    async def get_task_tree(self, task_id: str) -> list[Task]:
+        """The task and the descendants this agent sees, each after its parent."""
+        request = tasks_pb2.GetTaskTreeRequest(id=task_id)
+        response = await self._call(self._stub.GetTaskTree, request)
+        return [Task.from_proto(t) for t in response.tasks]
+
+    async def work(
+        self,
+        labels: Sequence[str] = (),
+        *,
+        lease: float = DEFAULT_WORK_LEASE,
+        wait: float = DEFAULT_WORK_WAIT,
+    ) -> AsyncGenerator[AsyncJob, None]:
+        """Jobs for `labels` (default: this agent's), claimed by long-poll, forever.
+
+        Each job heartbeats in the background until it is finished. Finish it in
+        the loop body with `await job.complete(result)` or `await job.fail(...)`;
+        a job left unfinished when the loop moves on or stops is released for
+        another worker (a retryable failure).
+        """
+        resume = Resume()
+        while True:
+            try:
+                job = await self.claim(labels, lease=lease, wait=wait)
+            except UnavailableError as exc:  # the daemon restarts: keep waiting for it
+                await asyncio.sleep(resume.delay_after(exc, Deadline(None)))
+                continue
+            resume.progressed()
+            if job is None:
+                continue
+            job._start_heartbeats(lease)
+            try:
+                yield job
+            finally:
+                await job._release_if_unfinished()
+
+    async def run_worker(
+        self,
+        handler: Callable[[AsyncJob], Awaitable[Mapping[str, Any] | None]],
+        labels: Sequence[str] = (),
+        *,
+        lease: float = DEFAULT_WORK_LEASE,
+        wait: float = DEFAULT_WORK_WAIT,
+    ) -> None:
+        """Runs `handler` on every job for `labels`, until cancelled.
+
+        The task completes with what `handler` returns, or fails with the
+        exception it raises.
+        """
+        async with aclosing(self.work(labels, lease=lease, wait=wait)) as jobs:
+            async for job in jobs:
+                try:
+                    result = await handler(job)
+                except Exception as exc:
+                    if not job.finished:
+                        await job.fail(f"{type(exc).__name__}: {exc}")
+                    continue
+                if not job.finished:
+                    await job.complete(result)
 
     # -- history ----------------------------------------------------------------
 
@@ -301,8 +434,34 @@ class AsyncTaskHandle:
                     return outcome(event.task)
         raise AssertionError("the watch stream ended without an error")  # it resumes instead
 
-    async def cancel(self, reason: str = "") -> Task:
-        self.task = await self._client.cancel_task(self.id, reason)
+    async def events(self, *, timeout: float | None = None) -> AsyncGenerator[TaskEvent, None]:
+        """Every event of the task from its creation, live, until it finishes."""
+        events = self._client._watch((), (self.id,), 0, Deadline(timeout))
+        async with aclosing(events):
+            async for event in events:
+                self.task = event.task
+                yield event
+                if event.task.status.terminal:
+                    return
+
+    async def output(self, *, timeout: float | None = None) -> AsyncGenerator[str, None]:
+        """The task's output as it is written, chunk by chunk, until it finishes."""
+        async with aclosing(self.events(timeout=timeout)) as events:
+            async for event in events:
+                if event.output is not None:
+                    yield event.output.text
+
+    async def answer(self, text: str) -> Task:
+        """Answers the question the claimant asked (`task.question`)."""
+        self.task = await self._client.provide_input(self.id, text)
+        return self.task
+
+    async def tree(self) -> list[Task]:
+        """The task and the descendants this agent sees."""
+        return await self._client.get_task_tree(self.id)
+
+    async def cancel(self, reason: str = "", *, keep_children: bool = False) -> Task:
+        self.task = await self._client.cancel_task(self.id, reason, keep_children=keep_children)
         return self.task
 
     def __repr__(self) -> str:
@@ -316,6 +475,10 @@ class AsyncJob:
         self._client = client
         self.task = task
         self.lease_token = lease_token
+        self.finished = False
+        # Set when a heartbeat learns the task was canceled or failed meanwhile.
+        self.cancel_requested = False
+        self._heartbeats: asyncio.Task[None] | None = None
 
     @property
     def id(self) -> str:
@@ -326,17 +489,70 @@ class AsyncJob:
         self.task, cancel_requested = await self._client.heartbeat(
             self.id, self.lease_token, lease=lease
         )
+        self.cancel_requested = self.cancel_requested or cancel_requested
         return cancel_requested
+
+    async def write(self, text: str) -> None:
+        """Streams a chunk of the answer to whoever follows the task."""
+        await self._client.append_output(self.id, self.lease_token, text)
+
+    async def ask(self, question: str, *, timeout: float | None = None) -> str:
+        """Asks the creator `question` and waits for the answer; the lease pauses meanwhile.
+
+        Raises `TaskCanceledError` or `TaskFailedError` if the task ends instead.
+        """
+        asked = await self._client.request_input(self.id, self.lease_token, question)
+        events = self._client._watch((), (self.id,), 0, Deadline(timeout))
+        async with aclosing(events):
+            async for event in events:
+                answer = answer_after(event, asked.version)
+                if answer is not None:
+                    self.task = event.task
+                    return answer
+        raise AssertionError("the watch stream ended without an error")  # it resumes instead
 
     async def complete(self, result: Mapping[str, Any] | None = None) -> Task:
         self.task = await self._client.complete_task(self.id, self.lease_token, result)
+        await self._finished()
         return self.task
 
     async def fail(self, error: str, *, retryable: bool = False) -> Task:
         self.task = await self._client.fail_task(
             self.id, self.lease_token, error, retryable=retryable
         )
+        await self._finished()
         return self.task
+
+    def _start_heartbeats(self, lease: float) -> None:
+        self._heartbeats = asyncio.create_task(self._beat(lease / HEARTBEATS_PER_LEASE))
+
+    async def _beat(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)  # the heartbeat's period, not a synchronisation
+            try:
+                if await self.heartbeat():
+                    return
+            except UnavailableError:
+                continue  # the daemon restarts; the lease may still hold when it is back
+            except LegatoError:
+                return  # the claim is gone; complete/fail will say so
+
+    async def _finished(self) -> None:
+        self.finished = True
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeats
+            self._heartbeats = None
+
+    async def _release_if_unfinished(self) -> None:
+        if self.finished or self.cancel_requested:
+            await self._finished()
+            return
+        try:
+            await self.fail("the worker stopped before finishing the task", retryable=True)
+        except LegatoError:
+            await self._finished()  # the claim had ended anyway
 
     def __repr__(self) -> str:
         return f"AsyncJob({self.id!r})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -18,7 +19,7 @@ from legato.client.errors import (
     TaskCanceledError,
     TaskFailedError,
 )
-from legato.client.models import Role, Task, TaskStatus, dict_to_struct
+from legato.client.models import EventType, Role, Task, TaskEvent, TaskStatus, dict_to_struct
 from legato.server.paths import default_address
 from legato.v1 import agents_pb2, tasks_pb2
 
@@ -34,6 +35,12 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 RESUME_FIRST_DELAY = 0.05
 RESUME_MAX_DELAY = 2.0
+# Seconds a long-poll claim's call may run past its wait.
+CLAIM_WAIT_MARGIN = 10.0
+# Workers heartbeat this many times per lease.
+HEARTBEATS_PER_LEASE = 3
+DEFAULT_WORK_LEASE = 60.0
+DEFAULT_WORK_WAIT = 30.0
 
 
 def duration(seconds: float | None) -> duration_pb2.Duration | None:
@@ -42,6 +49,21 @@ def duration(seconds: float | None) -> duration_pb2.Duration | None:
     message = duration_pb2.Duration()
     message.FromMicroseconds(round(seconds * 1_000_000))
     return message
+
+
+def answer_after(event: TaskEvent, asked_version: int) -> str | None:
+    """The answer to the question asked at `asked_version`, once `event` carries it.
+
+    Raises if the task ended instead of being answered.
+    """
+    if event.task.version <= asked_version:
+        return None
+    if event.type is EventType.INPUT_PROVIDED:
+        return event.task.answer
+    if event.task.status.terminal:
+        outcome(event.task)
+        raise TaskFailedError(event.task)  # DONE without an answer: the asker was not it
+    return None
 
 
 def outcome(task: Task) -> Task:
@@ -124,10 +146,11 @@ class ClientCore:
         parent_id: str,
         idempotency_key: str,
         max_attempts: int,
+        deadline: datetime | timedelta | None,
     ) -> tasks_pb2.CreateTaskRequest:
         if isinstance(labels, str):
             labels = [labels]
-        return tasks_pb2.CreateTaskRequest(
+        request = tasks_pb2.CreateTaskRequest(
             content=content,
             labels=labels,
             context=dict_to_struct(context, "context"),
@@ -135,6 +158,13 @@ class ClientCore:
             idempotency_key=idempotency_key,
             max_attempts=max_attempts,
         )
+        if deadline is not None:
+            if isinstance(deadline, timedelta):
+                deadline = datetime.now(UTC) + deadline
+            if deadline.tzinfo is None:
+                raise ValueError("deadline must be timezone-aware (e.g. datetime.now(UTC) + ...)")
+            request.deadline.FromDatetime(deadline)
+        return request
 
     @staticmethod
     def _list_request(
@@ -154,13 +184,20 @@ class ClientCore:
 
     @staticmethod
     def _claim_request(
-        labels: Sequence[str], task_id: str, lease: float | None
+        labels: Sequence[str], task_id: str, lease: float | None, wait: float | None
     ) -> tasks_pb2.ClaimTaskRequest:
         return tasks_pb2.ClaimTaskRequest(
             labels=[labels] if isinstance(labels, str) else labels,
             id=task_id,
             lease=duration(lease),
+            wait=duration(wait),
         )
+
+    def _claim_timeout(self, wait: float | None) -> float | None:
+        # A long-poll claim must outlive its wait, whatever the unary timeout is.
+        if not wait or self.timeout is None:
+            return self.timeout
+        return max(self.timeout, wait + CLAIM_WAIT_MARGIN)
 
     @staticmethod
     def _watch_request(

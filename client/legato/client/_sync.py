@@ -6,15 +6,28 @@ I/O differs. Shared logic lives in `_core`.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import closing
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
-from legato.client._core import CHANNEL_OPTIONS, ClientCore, Deadline, Resume, duration, outcome
-from legato.client.errors import from_rpc_error
+from legato.client._core import (
+    CHANNEL_OPTIONS,
+    DEFAULT_WORK_LEASE,
+    DEFAULT_WORK_WAIT,
+    HEARTBEATS_PER_LEASE,
+    ClientCore,
+    Deadline,
+    Resume,
+    answer_after,
+    duration,
+    outcome,
+)
+from legato.client.errors import LegatoError, UnavailableError, from_rpc_error
 from legato.client.models import Agent, Role, Task, TaskEvent, TaskPage, TaskStatus
 from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
@@ -74,13 +87,38 @@ class Client(ClientCore):
         parent_id: str = "",
         idempotency_key: str = "",
         max_attempts: int = 0,
+        deadline: datetime | timedelta | None = None,
     ) -> TaskHandle:
-        """Creates a task routed to `labels` and returns a handle to wait for its result."""
+        """Creates a task routed to `labels` and returns a handle to wait for its result.
+
+        `deadline` (a time, or a delay from now) fails the task if it has not
+        finished by then.
+        """
         request = self._create_request(
-            content, labels, context, parent_id, idempotency_key, max_attempts
+            content, labels, context, parent_id, idempotency_key, max_attempts, deadline
         )
         task = Task.from_proto(self._call(self._stub.CreateTask, request))
         return TaskHandle(self, task.id, task)
+
+    def delegate(
+        self,
+        label: str,
+        content: str,
+        *,
+        context: Mapping[str, Any] | None = None,
+        parent_id: str = "",
+        idempotency_key: str = "",
+        deadline: datetime | timedelta | None = None,
+    ) -> TaskHandle:
+        """Hands `content` to whoever holds `label`; returns the handle to follow it."""
+        return self.create_task(
+            content,
+            labels=[label],
+            context=context,
+            parent_id=parent_id,
+            idempotency_key=idempotency_key,
+            deadline=deadline,
+        )
 
     def get_handle(self, task_id: str) -> TaskHandle:
         """A handle to an existing task."""
@@ -106,10 +144,21 @@ class Client(ClientCore):
         )
 
     def claim(
-        self, labels: Sequence[str] = (), *, task_id: str = "", lease: float | None = None
+        self,
+        labels: Sequence[str] = (),
+        *,
+        task_id: str = "",
+        lease: float | None = None,
+        wait: float | None = None,
     ) -> Job | None:
-        """Claims the oldest pending task with any of `labels` (or `task_id`); None if none."""
-        response = self._call(self._stub.ClaimTask, self._claim_request(labels, task_id, lease))
+        """Claims the oldest pending task with any of `labels` (default: all this
+        agent's labels), or `task_id`. With nothing pending, waits up to `wait`
+        seconds (at most 60) for a task; None if none came."""
+        response = self._call(
+            self._stub.ClaimTask,
+            self._claim_request(labels, task_id, lease, wait),
+            self._claim_timeout(wait),
+        )
         if not response.HasField("task"):
             return None
         return Job(self, Task.from_proto(response.task), response.lease_token)
@@ -138,9 +187,88 @@ class Client(ClientCore):
         )
         return Task.from_proto(self._call(self._stub.FailTask, request))
 
-    def cancel_task(self, task_id: str, reason: str = "") -> Task:
-        request = tasks_pb2.CancelTaskRequest(id=task_id, reason=reason)
+    def cancel_task(self, task_id: str, reason: str = "", *, keep_children: bool = False) -> Task:
+        """Cancels a task and, unless `keep_children`, its unfinished descendants."""
+        request = tasks_pb2.CancelTaskRequest(
+            id=task_id, reason=reason, keep_children=keep_children
+        )
         return Task.from_proto(self._call(self._stub.CancelTask, request))
+
+    def append_output(self, task_id: str, lease_token: str, text: str) -> int:
+        """Appends a chunk to a claimed task's output; returns the output's size after it."""
+        request = tasks_pb2.AppendOutputRequest(id=task_id, lease_token=lease_token, text=text)
+        return self._call(self._stub.AppendOutput, request).output_size
+
+    def request_input(self, task_id: str, lease_token: str, question: str) -> Task:
+        """Asks the creator a question; the task waits INPUT_REQUIRED for the answer."""
+        request = tasks_pb2.RequestInputRequest(
+            id=task_id, lease_token=lease_token, question=question
+        )
+        return Task.from_proto(self._call(self._stub.RequestInput, request))
+
+    def provide_input(self, task_id: str, answer: str) -> Task:
+        """Answers the question a task's claimant asked (creator or admin)."""
+        request = tasks_pb2.ProvideInputRequest(id=task_id, answer=answer)
+        return Task.from_proto(self._call(self._stub.ProvideInput, request))
+
+    def get_task_tree(self, task_id: str) -> list[Task]:
+        """The task and the descendants this agent sees, each after its parent."""
+        response = self._call(self._stub.GetTaskTree, tasks_pb2.GetTaskTreeRequest(id=task_id))
+        return [Task.from_proto(t) for t in response.tasks]
+
+    def work(
+        self,
+        labels: Sequence[str] = (),
+        *,
+        lease: float = DEFAULT_WORK_LEASE,
+        wait: float = DEFAULT_WORK_WAIT,
+    ) -> Generator[Job, None, None]:
+        """Jobs for `labels` (default: this agent's), claimed by long-poll, forever.
+
+        Each job heartbeats in a background thread until it is finished. Finish
+        it in the loop body with `job.complete(result)` or `job.fail(...)`; a job
+        left unfinished when the loop moves on or stops is released for another
+        worker (a retryable failure).
+        """
+        resume = Resume()
+        while True:
+            try:
+                job = self.claim(labels, lease=lease, wait=wait)
+            except UnavailableError as exc:  # the daemon restarts: keep waiting for it
+                time.sleep(resume.delay_after(exc, Deadline(None)))
+                continue
+            resume.progressed()
+            if job is None:
+                continue
+            job._start_heartbeats(lease)
+            try:
+                yield job
+            finally:
+                job._release_if_unfinished()
+
+    def run_worker(
+        self,
+        handler: Callable[[Job], Mapping[str, Any] | None],
+        labels: Sequence[str] = (),
+        *,
+        lease: float = DEFAULT_WORK_LEASE,
+        wait: float = DEFAULT_WORK_WAIT,
+    ) -> None:
+        """Runs `handler` on every job for `labels`, until interrupted.
+
+        The task completes with what `handler` returns, or fails with the
+        exception it raises.
+        """
+        with closing(self.work(labels, lease=lease, wait=wait)) as jobs:
+            for job in jobs:
+                try:
+                    result = handler(job)
+                except Exception as exc:
+                    if not job.finished:
+                        job.fail(f"{type(exc).__name__}: {exc}")
+                    continue
+                if not job.finished:
+                    job.complete(result)
 
     # -- history ----------------------------------------------------------------
 
@@ -288,8 +416,33 @@ class TaskHandle:
                     return outcome(event.task)
         raise AssertionError("the watch stream ended without an error")  # it resumes instead
 
-    def cancel(self, reason: str = "") -> Task:
-        self.task = self._client.cancel_task(self.id, reason)
+    def events(self, *, timeout: float | None = None) -> Generator[TaskEvent, None, None]:
+        """Every event of the task from its creation, live, until it finishes."""
+        with closing(self._client._watch((), (self.id,), 0, Deadline(timeout))) as events:
+            for event in events:
+                self.task = event.task
+                yield event
+                if event.task.status.terminal:
+                    return
+
+    def output(self, *, timeout: float | None = None) -> Generator[str, None, None]:
+        """The task's output as it is written, chunk by chunk, until it finishes."""
+        with closing(self.events(timeout=timeout)) as events:
+            for event in events:
+                if event.output is not None:
+                    yield event.output.text
+
+    def answer(self, text: str) -> Task:
+        """Answers the question the claimant asked (`task.question`)."""
+        self.task = self._client.provide_input(self.id, text)
+        return self.task
+
+    def tree(self) -> list[Task]:
+        """The task and the descendants this agent sees."""
+        return self._client.get_task_tree(self.id)
+
+    def cancel(self, reason: str = "", *, keep_children: bool = False) -> Task:
+        self.task = self._client.cancel_task(self.id, reason, keep_children=keep_children)
         return self.task
 
     def __repr__(self) -> str:
@@ -303,6 +456,11 @@ class Job:
         self._client = client
         self.task = task
         self.lease_token = lease_token
+        self.finished = False
+        # Set when a heartbeat learns the task was canceled or failed meanwhile.
+        self.cancel_requested = False
+        self._stop_beating = threading.Event()
+        self._heartbeats: threading.Thread | None = None
 
     @property
     def id(self) -> str:
@@ -311,15 +469,68 @@ class Job:
     def heartbeat(self, *, lease: float | None = None) -> bool:
         """Extends the lease; True means the task was canceled and work should stop."""
         self.task, cancel_requested = self._client.heartbeat(self.id, self.lease_token, lease=lease)
+        self.cancel_requested = self.cancel_requested or cancel_requested
         return cancel_requested
+
+    def write(self, text: str) -> None:
+        """Streams a chunk of the answer to whoever follows the task."""
+        self._client.append_output(self.id, self.lease_token, text)
+
+    def ask(self, question: str, *, timeout: float | None = None) -> str:
+        """Asks the creator `question` and waits for the answer; the lease pauses meanwhile.
+
+        Raises `TaskCanceledError` or `TaskFailedError` if the task ends instead.
+        """
+        asked = self._client.request_input(self.id, self.lease_token, question)
+        with closing(self._client._watch((), (self.id,), 0, Deadline(timeout))) as events:
+            for event in events:
+                answer = answer_after(event, asked.version)
+                if answer is not None:
+                    self.task = event.task
+                    return answer
+        raise AssertionError("the watch stream ended without an error")  # it resumes instead
 
     def complete(self, result: Mapping[str, Any] | None = None) -> Task:
         self.task = self._client.complete_task(self.id, self.lease_token, result)
+        self._finished()
         return self.task
 
     def fail(self, error: str, *, retryable: bool = False) -> Task:
         self.task = self._client.fail_task(self.id, self.lease_token, error, retryable=retryable)
+        self._finished()
         return self.task
+
+    def _start_heartbeats(self, lease: float) -> None:
+        self._heartbeats = threading.Thread(
+            target=self._beat, args=(lease / HEARTBEATS_PER_LEASE,), daemon=True
+        )
+        self._heartbeats.start()
+
+    def _beat(self, every: float) -> None:
+        while not self._stop_beating.wait(every):
+            try:
+                if self.heartbeat():
+                    return
+            except UnavailableError:
+                continue  # the daemon restarts; the lease may still hold when it is back
+            except (LegatoError, RuntimeError):
+                return  # the claim is gone, or the client closed
+
+    def _finished(self) -> None:
+        self.finished = True
+        self._stop_beating.set()
+        if self._heartbeats is not None and self._heartbeats is not threading.current_thread():
+            self._heartbeats.join()
+            self._heartbeats = None
+
+    def _release_if_unfinished(self) -> None:
+        if self.finished or self.cancel_requested:
+            self._finished()
+            return
+        try:
+            self.fail("the worker stopped before finishing the task", retryable=True)
+        except LegatoError:
+            self._finished()  # the claim had ended anyway
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"

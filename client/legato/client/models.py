@@ -24,6 +24,8 @@ class TaskStatus(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELED = "canceled"
+    # The claimant asked the creator a question (`Task.question`).
+    INPUT_REQUIRED = "input_required"
 
     @property
     def terminal(self) -> bool:
@@ -44,6 +46,9 @@ class EventType(StrEnum):
     FAILED = "failed"
     CANCELED = "canceled"
     REQUEUED = "requeued"
+    OUTPUT = "output"
+    INPUT_REQUESTED = "input_requested"
+    INPUT_PROVIDED = "input_provided"
 
 
 def _plain(value: Any) -> Any:
@@ -102,6 +107,13 @@ class Task:
     created_at: datetime
     updated_at: datetime
     lease_expires_at: datetime | None
+    depth: int = 0
+    deadline: datetime | None = None
+    # UTF-8 bytes of output so far; `output` holds it only on `get_task`.
+    output_size: int = 0
+    output: str = ""
+    question: str = ""
+    answer: str = ""
     # Only on a just-created task: e.g. that no agent holds one of its labels yet.
     warnings: tuple[str, ...] = ()
 
@@ -129,8 +141,22 @@ class Task:
             lease_expires_at=(
                 _time(message.lease_expires_at) if message.HasField("lease_expires_at") else None
             ),
+            depth=message.depth,
+            deadline=_time(message.deadline) if message.HasField("deadline") else None,
+            output_size=message.output_size,
+            output=message.output,
+            question=message.question,
+            answer=message.answer,
             warnings=tuple(message.warnings),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    """A piece of a task's output; `offset` counts UTF-8 bytes from its start."""
+
+    offset: int
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +168,8 @@ class TaskEvent:
     task: Task
     actor: str
     time: datetime
+    # Set on OUTPUT events.
+    output: OutputChunk | None = None
 
     @classmethod
     def from_proto(cls, message: tasks_pb2.TaskEvent) -> TaskEvent:
@@ -152,6 +180,11 @@ class TaskEvent:
             task=Task.from_proto(message.task),
             actor=message.actor,
             time=_time(message.time),
+            output=(
+                OutputChunk(message.output.offset, message.output.text)
+                if message.HasField("output")
+                else None
+            ),
         )
 
 
