@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard proto/legato/v1/*.proto)
 
-.PHONY: install run test lint format proto proto-check bench clean
+.PHONY: install run demo test lint format proto proto-check bench clean
 
 install: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 
 run: install
 	$(BIN)/legato serve
+
+# Plays a delegation between three throwaway agents on the daemon `make run` started.
+demo: install
+	$(BIN)/legato demo
 
 test: install
 	$(BIN)/python -m pytest -q

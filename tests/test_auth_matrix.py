@@ -132,11 +132,14 @@ CASES: dict[str, Case] = {
         T, "ListTaskEvents", lambda w: tasks_pb2.ListTaskEventsRequest(id=w.task_id),
         "coder", NOT_FOUND, OK, OK,
     ),
-    "WatchTasks": Case(
+    "WatchTasks by id": Case(
         T, "WatchTasks",
-        lambda w: tasks_pb2.WatchTasksRequest(
-            task_ids=[w.task_id, w.outsider_task_id], after_seq=0
-        ),
+        lambda w: tasks_pb2.WatchTasksRequest(task_ids=[w.task_id], after_seq=0),
+        "coder", NOT_FOUND, OK, OK,
+    ),
+    "WatchTasks by label": Case(
+        T, "WatchTasks",
+        lambda w: tasks_pb2.WatchTasksRequest(labels=["@researcher", "@outsider"], after_seq=0),
         "coder", OK, OK, OK,
     ),
     "CreateAgent": Case(
@@ -235,7 +238,7 @@ async def test_every_rpc_answers_every_caller_with_the_right_code(
     # What an allowed call lets through must still respect the caller's view.
     if caller == "outsider" and rpc == "ListTasks":
         assert [t.id for t in answer.tasks] == [world.outsider_task_id]
-    if caller == "outsider" and rpc == "WatchTasks":
+    if caller == "outsider" and rpc == "WatchTasks by label":
         assert answer.task.id == world.outsider_task_id  # T's earlier events were skipped
     if rpc == "WhoAmI":
         expected_name = {"outsider": "outsider", "right agent": "coder", "admin": "admin"}[caller]

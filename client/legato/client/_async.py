@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from datetime import datetime, timedelta
@@ -541,8 +540,9 @@ class AsyncJob:
         self.finished = True
         if self._heartbeats is not None:
             self._heartbeats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeats
+            # asyncio.wait, not `await task` under suppress(CancelledError): that would
+            # also swallow a cancel aimed at us (e.g. at run_worker) and carry on.
+            await asyncio.wait([self._heartbeats])
             self._heartbeats = None
 
     async def _release_if_unfinished(self) -> None:

@@ -14,10 +14,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from legato.client._core import DEFAULT_WORK_LEASE, DEFAULT_WORK_WAIT
 from legato.client._sync import Client
 from legato.client.errors import LegatoError
 from legato.client.models import Agent, Role, Task, TaskEvent, TaskStatus
@@ -80,12 +81,56 @@ def _task_text(task: Task) -> str:
         lines.append(f"  result:     {_dump(task.result)}")
     if task.error:
         lines.append(f"  error:      {task.error}")
+    if task.question:
+        lines.append(f"  question:   {task.question}")
+    if task.answer:
+        lines.append(f"  answer:     {task.answer}")
+    if task.output_size:
+        lines.append(f"  output:     {task.output_size} bytes (`legato task tail {task.id}`)")
     lines.append(f"  created by: {task.created_by} at {task.created_at.isoformat()}")
     if task.parent_id:
-        lines.append(f"  parent:     {task.parent_id} (root {task.root_id})")
+        lines.append(f"  parent:     {task.parent_id} (root {task.root_id}, depth {task.depth})")
+    if task.deadline is not None:
+        lines.append(f"  deadline:   {task.deadline.isoformat()}")
     if task.lease_expires_at is not None:
         lines.append(f"  lease ends: {task.lease_expires_at.isoformat()}")
     return "\n".join(lines)
+
+
+def _tree_node(task: Task) -> str:
+    claimed = f"claimed by {task.claimed_by}" if task.claimed_by else "unclaimed"
+    content = " ".join(task.content.split())
+    if len(content) > 50:
+        content = content[:49] + "…"
+    return f"{task.id}  {task.status.value}  {' '.join(task.labels)}  {claimed}  {content!r}"
+
+
+def tree_lines(tasks: Sequence[Task]) -> list[str]:
+    """A task tree (as `get_task_tree` returns it) drawn one task a line, children indented.
+
+    The daemon lists tasks in creation order, which is not depth-first: a
+    grandchild can come after its uncle. Drawing walks the tree instead.
+    """
+    ids = {task.id for task in tasks}
+    children: dict[str, list[Task]] = {}
+    tops: list[Task] = []  # the asked task, and any whose parent is outside the caller's view
+    for task in tasks:
+        if task.parent_id in ids:
+            children.setdefault(task.parent_id, []).append(task)
+        else:
+            tops.append(task)
+    lines: list[str] = []
+
+    def walk(task: Task, prefix: str, branch: str, below: str) -> None:
+        lines.append(prefix + branch + _tree_node(task))
+        kids = children.get(task.id, [])
+        for n, kid in enumerate(kids):
+            last = n == len(kids) - 1
+            walk(kid, prefix + below, "└─ " if last else "├─ ", "   " if last else "│  ")
+
+    for top in tops:
+        walk(top, "", "", "")
+    return lines
 
 
 def _parse_json_object(text: str, what: str) -> dict[str, Any]:
@@ -246,6 +291,7 @@ def cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
         parent_id=args.parent or "",
         idempotency_key=args.idempotency_key or "",
         max_attempts=args.max_attempts,
+        deadline=timedelta(seconds=args.deadline) if args.deadline is not None else None,
     )
     assert handle.task is not None
     for warning in handle.task.warnings:
@@ -287,7 +333,7 @@ def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_claim(client: Client, args: argparse.Namespace, out: Output) -> int:
-    job = client.claim(args.label or (), task_id=args.id or "", lease=args.lease)
+    job = client.claim(args.label or (), task_id=args.id or "", lease=args.lease, wait=args.wait)
     if job is None:
         print("null" if out.as_json else "nothing to claim")
         return 0
@@ -323,8 +369,69 @@ def cmd_fail(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
-    out.task(client.cancel_task(args.id, args.reason or ""))
+    out.task(client.cancel_task(args.id, args.reason or "", keep_children=args.keep_children))
     return 0
+
+
+def cmd_tree(client: Client, args: argparse.Namespace, out: Output) -> int:
+    tasks = client.get_task_tree(args.id)
+    if out.as_json:
+        print(_dump([_task_json(task) for task in tasks]))
+    else:
+        print("\n".join(tree_lines(tasks)))
+    return 0
+
+
+def cmd_tail(client: Client, args: argparse.Namespace, out: Output) -> int:
+    # A watch on an id outside the caller's view would wait in silence: ask first.
+    client.get_task(args.id)
+    handle = client.get_handle(args.id)
+    ends_with_newline = True
+    for event in handle.events():
+        if event.output is None:
+            continue
+        if out.as_json:
+            print(_dump({"offset": event.output.offset, "text": event.output.text}), flush=True)
+        else:
+            sys.stdout.write(event.output.text)
+            sys.stdout.flush()
+            ends_with_newline = event.output.text.endswith("\n")
+    task = handle.task
+    assert task is not None
+    assert task.status.terminal
+    if not ends_with_newline and sys.stdout.isatty():
+        print()  # keep the status line off the last line of output
+    reason = f": {task.error}" if task.error and task.status is not TaskStatus.DONE else ""
+    print(f"legato: task {task.id} {task.status.value}{reason}", file=sys.stderr)
+    return 0 if task.status is TaskStatus.DONE else 1
+
+
+def cmd_answer(client: Client, args: argparse.Namespace, out: Output) -> int:
+    answer = _read_arg(args.text)
+    if args.text == "-":
+        answer = answer.rstrip("\n")  # what `echo` adds is not part of the answer
+    out.task(client.provide_input(args.id, answer))
+    return 0
+
+
+def cmd_work(client: Client, args: argparse.Namespace, out: Output) -> int:
+    from legato.client.worker import Worker
+
+    worker = Worker(
+        client,
+        args.labels,
+        args.command_argv,
+        api_key=args.api_key,
+        lease=args.lease,
+        wait=args.wait,
+    )
+    return worker.run(once=args.once)
+
+
+def cmd_demo(client: Client, args: argparse.Namespace, out: Output) -> int:
+    from legato.client.demo import run_demo
+
+    return run_demo(client, pace=args.pace)
 
 
 def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -347,14 +454,42 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`legato work ... -- COMMAND ARGS`: the options, and the command after the first `--`.
+
+    Split before argparse sees it: argparse would read the command's own
+    options (`-p`, `--model`) as ours.
+    """
+    argv = list(argv)
+    if argv[:1] == ["work"] and "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1 :]
+    return argv, []
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument(
         "--address", help="daemon address (default: LEGATO_ADDRESS or the default socket)"
     )
-    common.add_argument(
+    connection.add_argument(
         "--key", help="API key (default: LEGATO_AGENT_KEY, else the admin key of your daemon)"
     )
+    common = argparse.ArgumentParser(add_help=False, parents=[connection])
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     parser = argparse.ArgumentParser(
@@ -391,6 +526,54 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=cmd_serve)
 
+    work = commands.add_parser(
+        "work",
+        help="run a command for each task of your labels",
+        parents=[connection],
+        usage="legato work [@LABEL ...] [--lease S] [--wait S] [--once] -- COMMAND [ARGS ...]",
+        description=(
+            "Claims tasks for the labels (default: all of yours) and runs COMMAND for each: the "
+            "task's content on stdin, the task as JSON in LEGATO_TASK and in the file "
+            "LEGATO_TASK_FILE, its id in LEGATO_TASK_ID. stdout streams to the task as output; "
+            'exit 0 completes the task with {"output": STDOUT, "exit_code": 0}, anything else '
+            "fails it. Ctrl-C stops the command and hands the task back for another worker."
+        ),
+    )
+    work.add_argument("labels", nargs="*", metavar="@LABEL", help="claim tasks with these labels")
+    work.add_argument(
+        "--lease",
+        type=_positive_float,
+        default=DEFAULT_WORK_LEASE,
+        metavar="SECONDS",
+        help=f"seconds a claim holds between heartbeats (default {DEFAULT_WORK_LEASE:g}); "
+        "a cancel is noticed within a third of it",
+    )
+    work.add_argument(
+        "--wait",
+        type=_seconds,
+        default=DEFAULT_WORK_WAIT,
+        metavar="SECONDS",
+        help=f"seconds one long-poll claim waits, at most 60 (default {DEFAULT_WORK_WAIT:g})",
+    )
+    work.add_argument(
+        "--once", action="store_true", help="handle one task, then exit: 0 if it is done, else 1"
+    )
+    work.set_defaults(run=cmd_work)
+
+    demo = commands.add_parser(
+        "demo",
+        help="play a delegation between three demo agents on the running daemon",
+        parents=[connection],
+    )
+    demo.add_argument(
+        "--pace",
+        type=_seconds,
+        default=0.8,
+        metavar="SECONDS",
+        help="seconds between steps, for reading along (default 0.8)",
+    )
+    demo.set_defaults(run=cmd_demo)
+
     def group(
         name: str, help: str
     ) -> Callable[[str, Callable[..., int], str], argparse.ArgumentParser]:
@@ -423,6 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--wait", type=float, nargs="?", const=0.0, metavar="SECONDS",
                         help="wait for the result (for SECONDS at most)")  # fmt: skip
+    create.add_argument(
+        "--deadline",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="fail the task if it has not finished SECONDS from now",
+    )
 
     get = action("get", cmd_get, "show one task")
     get.add_argument("id")
@@ -441,6 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
     claim.add_argument("--id", help="claim this task instead")
     claim.add_argument(
         "--lease", type=float, help="seconds the claim holds without a heartbeat (default 300)"
+    )
+    claim.add_argument(
+        "--wait",
+        type=_seconds,
+        metavar="SECONDS",
+        help="with nothing to claim, wait up to SECONDS (at most 60) for a task",
     )
 
     heartbeat = action("heartbeat", cmd_heartbeat, "extend the lease of a claimed task")
@@ -462,6 +657,19 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = action("cancel", cmd_cancel, "cancel a pending or claimed task")
     cancel.add_argument("id")
     cancel.add_argument("--reason", help="why")
+    cancel.add_argument(
+        "--keep-children", action="store_true", help="leave its unfinished child tasks running"
+    )
+
+    tree = action("tree", cmd_tree, "show a task and the tasks delegated under it")
+    tree.add_argument("id")
+
+    tail = action("tail", cmd_tail, "print a task's output as it is written, until it ends")
+    tail.add_argument("id")
+
+    answer = action("answer", cmd_answer, "answer the question a task's worker asked")
+    answer.add_argument("id")
+    answer.add_argument("text", help="the answer (- reads stdin, @file reads a file)")
 
     history = action("history", cmd_history, "who created, claimed, finished a task, and when")
     history.add_argument("id")
@@ -502,12 +710,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `legato` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    options, command = split_command(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(options)
     if args.command == "serve":
         return int(args.run(args))
+    if args.command == "work":
+        from legato.client.worker import check_command
+
+        check_command(command)
+        args.command_argv = command
+    if args.command == "demo":
+        from legato.client.demo import demo_key
+
+        key = demo_key(args.key)
+    else:
+        key = resolve_key(args.key)
+    args.api_key = key  # `legato work` hands it on to the command it runs
     try:
-        with Client(args.address, api_key=resolve_key(args.key)) as client:
-            return int(args.run(client, args, Output(args.json)))
+        with Client(args.address, api_key=key) as client:
+            return int(args.run(client, args, Output(getattr(args, "json", False))))
     except (LegatoError, TimeoutError, ValueError, PermissionError) as exc:
         print(f"legato: {exc}", file=sys.stderr)
         return 1

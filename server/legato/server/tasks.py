@@ -366,7 +366,7 @@ class TaskManager:
 
         if keep_children:
             return await self._store.update(checked_id, decide, actor=caller.name)
-        because = f"parent task {task_id} was canceled" + (f": {reason}" if reason else "")
+        because = f"canceled with its ancestor task {task_id}" + (f": {reason}" if reason else "")
 
         def decide_descendant(task: TaskRecord) -> Change | None:
             return None if task.status.terminal else lifecycle.cancel(task, reason=because, now=now)
@@ -379,7 +379,10 @@ class TaskManager:
         self, *, task_id: str, lease_token: str, text: str, caller: AgentRecord
     ) -> OutputChunk:
         """Appends a chunk of output; returns it with its offset."""
-        limits.check_text("text", text, MAX_CHUNK_BYTES, required=True)
+        # Blank chunks are real output (a newline token); only empty ones are not.
+        if not text:
+            raise InvalidArgument("text is empty; append at least one character")
+        limits.check_text("text", text, MAX_CHUNK_BYTES)
         now = self._clock()
         chunk: list[OutputChunk] = []
 
@@ -446,6 +449,10 @@ class TaskManager:
             raise InvalidArgument("give labels or task_ids to watch")
         if after_seq is not None and after_seq < 0:
             raise InvalidArgument(f"after_seq must be 0 or more; got {after_seq}")
+        # Task ids come from the daemon: one that does not exist, or that the caller
+        # does not see, would wait forever. Say so, as GetTask would.
+        for task_id in dict.fromkeys(ids):
+            await self._visible_task(task_id, caller)
 
         def visible(event: Event) -> bool:
             # The caller's labels and role as they are now, not as they were
