@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
@@ -231,6 +232,59 @@ def _print_new_key(agent: Agent, key: str, out: Output, verb: str) -> None:
 def cmd_agent_add(client: Client, args: argparse.Namespace, out: Output) -> int:
     agent, key = client.create_agent(args.name, labels=args.label or (), role=args.role)
     _print_new_key(agent, key, out, "created")
+    if args.mcp and not out.as_json:
+        print(f"For {args.mcp}, add this to its MCP configuration ({_MCP_FILES[args.mcp]}):\n")
+        print(_mcp_snippet(args.mcp, key, client.address))
+    return 0
+
+
+# Where each MCP client keeps the snippet `legato mcp config` prints.
+_MCP_FILES = {
+    "claude": ".mcp.json in the project, or ~/.claude.json",
+    "codex": "~/.codex/config.toml",
+    "cursor": ".cursor/mcp.json in the project, or ~/.cursor/mcp.json",
+}
+
+
+def _legato_executable() -> str:
+    """The absolute path of this `legato`, for clients that start it themselves."""
+    beside_python = Path(sys.executable).with_name("legato")
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("legato")
+    return str(Path(found).resolve()) if found else str(Path(sys.argv[0]).resolve())
+
+
+def _mcp_snippet(kind: str, key: str, address: str) -> str:
+    from legato.client.mcp_bridge import config_snippet
+
+    if address.startswith("unix:") and not address.startswith("unix:/"):
+        address = f"unix:{Path(address.removeprefix('unix:')).resolve()}"
+    return config_snippet(kind, command=_legato_executable(), api_key=key, address=address)
+
+
+def cmd_mcp_config(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """Prints the MCP configuration for an agent: its key, the daemon, this executable."""
+    if args.agent:
+        names = {a.name for a in client.list_agents(include_revoked=True)}
+        if args.agent in names:
+            _, key = client.rotate_key(args.agent)
+            print(
+                f"legato: issued a new key for {args.agent}; its previous key no longer works",
+                file=sys.stderr,
+            )
+        else:
+            _, key = client.create_agent(args.agent, labels=args.label or [f"@{args.agent}"])
+            print(f"legato: created agent {args.agent}", file=sys.stderr)
+    elif args.key or os.environ.get("LEGATO_AGENT_KEY"):
+        key = args.key or os.environ["LEGATO_AGENT_KEY"]
+    else:
+        raise SystemExit(
+            "legato: say which agent the MCP client acts as: --agent NAME (issues it a key), "
+            "or --key / LEGATO_AGENT_KEY with that agent's key"
+        )
+    print(f"# {args.client}: {_MCP_FILES[args.client]}", file=sys.stderr)
+    print(_mcp_snippet(args.client, key, client.address), end="")
     return 0
 
 
@@ -574,6 +628,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=cmd_demo)
 
+    mcp = commands.add_parser(
+        "mcp",
+        help="serve legato's tools to an MCP client over stdio (reads LEGATO_AGENT_KEY)",
+        description="Without an action: the MCP server an MCP client starts. "
+        "`legato mcp config` prints the client configuration that starts it.",
+    )
+    mcp_actions = mcp.add_subparsers(dest="action", metavar="ACTION")
+    mcp_config = mcp_actions.add_parser(
+        "config", help="print the MCP client configuration for an agent", parents=[common]
+    )
+    mcp_config.add_argument("--client", required=True, choices=sorted(_MCP_FILES))
+    mcp_config.add_argument(
+        "--agent", help="the agent it acts as: created if new, else given a new key (admin)"
+    )
+    mcp_config.add_argument(
+        "-l", "--label", action="append", help="labels of a new --agent (default @NAME)"
+    )
+    mcp_config.set_defaults(run=cmd_mcp_config)
+
     def group(
         name: str, help: str
     ) -> Callable[[str, Callable[..., int], str], argparse.ArgumentParser]:
@@ -685,6 +758,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("-l", "--label", action="append", help="route @label to it (repeatable)")
     add.add_argument("--role", choices=[r.value for r in Role], default="agent")
+    add.add_argument(
+        "--mcp", choices=sorted(_MCP_FILES), help="also print the configuration for this MCP client"
+    )
 
     agent_list = agent_action("list", cmd_agent_list, "list agents")
     agent_list.add_argument("--all", action="store_true", help="include revoked agents")
@@ -715,6 +791,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(options)
     if args.command == "serve":
         return int(args.run(args))
+    if args.command == "mcp" and args.action is None:
+        from legato.client.mcp_bridge import run
+
+        run()
+        return 0
     if args.command == "work":
         from legato.client.worker import check_command
 
