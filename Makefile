@@ -51,7 +51,7 @@ proto-check: install
 	for f in $$(cd $$tmp && find . -type f | sort); do \
 		cmp -s "$$tmp/$$f" "proto/$$f" || { echo "proto-check: proto/$$f is out of date; run 'make proto'"; exit 1; }; \
 	done && \
-	for f in $$(cd proto && find . -name '*_pb2*' -type f | sort); do \
+	for f in $$(cd proto && find . -name __pycache__ -prune -o -type f \( -name '*_pb2*.py' -o -name '*_pb2*.pyi' \) -print | sort); do \
 		test -e "$$tmp/$$f" || { echo "proto-check: proto/$$f has no .proto source; delete it"; exit 1; }; \
 	done && echo "proto-check: generated code matches proto/"
 
