@@ -27,6 +27,7 @@ from legato.server.paths import (
     default_runtime_dir,
     private_dir,
 )
+from legato.server.rpc import PassThroughBytes
 from legato.server.service import TaskService
 from legato.server.tasks import DEFAULT_MAX_OPEN_TASKS, TaskManager
 from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
@@ -147,7 +148,8 @@ class Daemon:
         )
         self.admin_key_path = await self.tasks.agents.bootstrap_admin(self.config.data_dir)
         server = grpc.aio.server(
-            options=GRPC_OPTIONS, interceptors=[AuthInterceptor(self.tasks.agents)]
+            options=GRPC_OPTIONS,
+            interceptors=[AuthInterceptor(self.tasks.agents), PassThroughBytes()],
         )
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskService(self.tasks), server)
         agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(self.tasks.agents), server)

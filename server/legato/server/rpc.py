@@ -6,7 +6,7 @@ so no request can bring the daemon down.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -60,3 +60,33 @@ def unary(
             raise AssertionError("abort() returned") from exc  # abort always raises
 
     return wrapped
+
+
+class PassThroughBytes(grpc.aio.ServerInterceptor):
+    """Lets a streaming handler yield responses it already serialized.
+
+    A watch event goes to every watcher with the same bytes: serializing it once
+    for all of them, instead of once per stream, is what keeps fan-out to many
+    watchers close to a bare broadcast.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_stream is None or handler.response_serializer is None:
+            return handler
+        serialize = handler.response_serializer
+
+        def bytes_or_serialized(response: Any) -> bytes:
+            return response if isinstance(response, bytes) else serialize(response)
+
+        return grpc.unary_stream_rpc_method_handler(
+            handler.unary_stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=bytes_or_serialized,
+        )

@@ -6,6 +6,7 @@ Handlers hold no rules of their own: `access` and `lifecycle` decide, and
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -18,9 +19,27 @@ from legato.server.convert import (
     task_proto,
     timestamp_us,
 )
+from legato.server.model import Event
 from legato.server.rpc import Context, status_of, unary
 from legato.server.tasks import TaskManager
 from legato.v1 import tasks_pb2, tasks_pb2_grpc
+
+
+class EncodedEvents:
+    """Each event's wire form, made once for all the watchers it goes to."""
+
+    def __init__(self, capacity: int = 4096):
+        self._capacity = capacity
+        self._by_seq: OrderedDict[int, bytes] = OrderedDict()
+
+    def __call__(self, event: Event) -> bytes:
+        encoded = self._by_seq.get(event.seq)
+        if encoded is None:
+            encoded = event_proto(event).SerializeToString()
+            self._by_seq[event.seq] = encoded
+            if len(self._by_seq) > self._capacity:
+                self._by_seq.popitem(last=False)
+        return encoded
 
 
 class TaskService(tasks_pb2_grpc.TaskServiceServicer):
@@ -28,6 +47,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
 
     def __init__(self, tasks: TaskManager):
         self._tasks = tasks
+        self._encoded = EncodedEvents()
 
     @unary
     async def CreateTask(
@@ -189,9 +209,11 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         return task_proto(task)
 
-    async def WatchTasks(
+    # Yields each TaskEvent already serialized (rpc.PassThroughBytes sends the bytes as
+    # they are), which the generated servicer's TaskEvent return type cannot say.
+    async def WatchTasks(  # type: ignore[override]
         self, request: tasks_pb2.WatchTasksRequest, context: Context
-    ) -> AsyncIterator[tasks_pb2.TaskEvent]:
+    ) -> AsyncIterator[bytes]:
         events = self._tasks.watch(
             labels=list(request.labels),
             task_ids=list(request.task_ids),
@@ -203,7 +225,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         try:
             async with aclosing(events):
                 async for event in events:
-                    yield event_proto(event)
+                    yield self._encoded(event)  # see rpc.PassThroughBytes
         except Exception as exc:
             code, message = status_of(exc)
             await context.abort(code, message)

@@ -98,8 +98,23 @@ CREATE TABLE IF NOT EXISTS events (
     state      TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_task ON events (task_rowid, seq);
-CREATE INDEX IF NOT EXISTS tasks_open_by_creator
-    ON tasks (created_by) WHERE status IN (1, 2, 6);
+
+-- How many unfinished tasks each agent created, for the per-agent cap. Kept by
+-- triggers in the same transaction as the change, so it is exact even when a
+-- grouped write rolls back to its savepoint, and reading it costs one lookup.
+CREATE TABLE IF NOT EXISTS open_tasks (
+    created_by TEXT PRIMARY KEY,
+    n          INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS open_tasks_on_insert AFTER INSERT ON tasks
+WHEN NEW.status IN (1, 2, 6) BEGIN
+    INSERT INTO open_tasks (created_by, n) VALUES (NEW.created_by, 1)
+    ON CONFLICT (created_by) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS open_tasks_on_finish AFTER UPDATE OF status ON tasks
+WHEN OLD.status IN (1, 2, 6) AND NEW.status NOT IN (1, 2, 6) BEGIN
+    UPDATE open_tasks SET n = n - 1 WHERE created_by = NEW.created_by;
+END;
 
 CREATE TABLE IF NOT EXISTS agents (
     name         TEXT    PRIMARY KEY,
@@ -278,13 +293,10 @@ class Store:
                         f"different task ({original.id}); use a new key for a new task"
                     )
             if max_open is not None:
-                # Counting stops at the cap: the cost of a create must not grow
-                # with the creator's backlog.
-                open_count = conn.execute(
-                    "SELECT COUNT(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_open_by_creator "
-                    "WHERE created_by = ? AND status IN (1, 2, 6) LIMIT ?)",
-                    (task.created_by, max_open),
-                ).fetchone()[0]
+                row = conn.execute(
+                    "SELECT n FROM open_tasks WHERE created_by = ?", (task.created_by,)
+                ).fetchone()
+                open_count = 0 if row is None else row[0]
                 if open_count >= max_open:
                     raise ResourceExhausted(
                         f"agent {task.created_by!r} already has {open_count} open (pending or "
@@ -607,10 +619,25 @@ def _migrate(conn: sqlite3.Connection) -> None:
             f"the database was written by a newer legato (schema {version}, this one reads "
             f"up to {SCHEMA_VERSION}); upgrade legato"
         )
-    for statement in SCHEMA.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+    for statement in _statements(SCHEMA):
+        conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements, one by one (trigger bodies hold `;` of their own).
+
+    Not `executescript`: it commits first, and this runs inside a write transaction.
+    """
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    if pending.strip() and not pending.strip().startswith("--"):
+        raise ValueError(f"incomplete statement in the schema: {pending[:80]!r}")
+    return statements
 
 
 def _same_request(original: TaskRecord, retry: TaskRecord) -> bool:
