@@ -3,15 +3,16 @@ agents with real API keys created through the admin key the daemon bootstraps.""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from legato.client import AsyncClient
+from legato.client import AsyncClient, EventType, TaskEvent
 from legato.server.daemon import Config, Daemon
 
 # `await connect("coder")` → a client of a new agent `coder` holding `@coder`;
@@ -53,6 +54,27 @@ def keyed_channel(
     return grpc.aio.insecure_channel(
         address, options=options, interceptors=[_UnaryKey(key), _StreamKey(key)]
     )
+
+
+# The longest a test waits for one event before it fails instead of hanging.
+EVENT_GUARD = 10.0
+
+
+def watch_task(client: AsyncClient, task_id: str) -> AsyncGenerator[TaskEvent, None]:
+    """The task's whole history, then its live events."""
+    return client.watch(task_ids=[task_id], after_seq=0)
+
+
+async def next_event(events: AsyncGenerator[TaskEvent, None], wanted: EventType) -> TaskEvent:
+    """The next event of type `wanted` on the stream, skipping the others."""
+
+    async def scan() -> TaskEvent:
+        async for event in events:
+            if event.type is wanted:
+                return event
+        raise AssertionError(f"the watch ended before a {wanted.name} event")
+
+    return await asyncio.wait_for(scan(), EVENT_GUARD)
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import Connect
+from conftest import Connect, next_event, watch_task
 from legato.client import (
     AsyncClient,
     AsyncJob,
@@ -53,23 +53,6 @@ MAX_CHUNK_BYTES = 64 * 1024
 
 
 # -- helpers ------------------------------------------------------------------------
-
-
-def watch_task(client: AsyncClient, task_id: str) -> AsyncGenerator[TaskEvent, None]:
-    """The task's whole history, then its live events."""
-    return client.watch(task_ids=[task_id], after_seq=0)
-
-
-async def next_event(events: AsyncGenerator[TaskEvent, None], wanted: EventType) -> TaskEvent:
-    """The next event of type `wanted` on the stream, skipping the others."""
-
-    async def scan() -> TaskEvent:
-        async for event in events:
-            if event.type is wanted:
-                return event
-        raise AssertionError(f"the watch ended before a {wanted.name} event")
-
-    return await asyncio.wait_for(scan(), GUARD)
 
 
 async def claim(client: AsyncClient, label: str, *, lease: float = LONG_LEASE) -> AsyncJob:

@@ -8,12 +8,12 @@ event, never on a clock.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 
 import pytest
-from conftest import Connect
-from legato.client import AsyncClient, AsyncJob, EventType, TaskCanceledError, TaskEvent, TaskStatus
+from conftest import Connect, next_event, watch_task
+from legato.client import AsyncClient, AsyncJob, EventType, TaskCanceledError, TaskStatus
 from legato.client.errors import FailedPreconditionError, NotFoundError
 from legato.server.daemon import Daemon
 from legato.server.model import EventType as ServerEventType
@@ -39,23 +39,6 @@ SHORT_LEASE = 0.2
 GUARD = 10.0
 # How long after it should have ended a lease may still be held before the test fails.
 LEASE_END_GUARD = 2.0
-
-
-def watch_task(client: AsyncClient, task_id: str) -> AsyncGenerator[TaskEvent, None]:
-    """The task's whole history, then its live events."""
-    return client.watch(task_ids=[task_id], after_seq=0)
-
-
-async def next_event(events: AsyncGenerator[TaskEvent, None], wanted: EventType) -> TaskEvent:
-    """The next event of type `wanted` on the stream, skipping the others."""
-
-    async def scan() -> TaskEvent:
-        async for event in events:
-            if event.type is wanted:
-                return event
-        raise AssertionError(f"the watch ended before a {wanted.name} event")
-
-    return await asyncio.wait_for(scan(), GUARD)
 
 
 async def claim(client: AsyncClient, label: str, *, lease: float = LONG_LEASE) -> AsyncJob:
