@@ -411,32 +411,46 @@ class Store:
         """One page of tasks, oldest first, with the event cursor of the same snapshot."""
 
         def list_page(conn: sqlite3.Connection) -> TaskPage:
-            where = ["rowid > ?"]
-            params: list[Any] = [query.after_position]
             if query.labels:
-                where.append(
-                    "EXISTS (SELECT 1 FROM task_labels l WHERE l.task_rowid = tasks.rowid "
-                    f"AND l.label IN ({_in(query.labels)}))"
+                # Walk the labels' own index ranges in task order, so a page costs
+                # what the label holds, not the whole history; the pending index
+                # when only PENDING tasks are asked for.
+                only_pending = set(query.statuses) == {Status.PENDING}
+                source = (
+                    "FROM task_labels l "
+                    + ("INDEXED BY task_labels_pending " if only_pending else "")
+                    + "JOIN tasks ON tasks.rowid = l.task_rowid"
                 )
-                params.extend(query.labels)
+                where = [f"l.label IN ({_in(query.labels)})", "l.task_rowid > ?"]
+                params: list[Any] = [*query.labels, query.after_position]
+                if only_pending:
+                    where.append("l.pending = 1")
+                distinct = "DISTINCT " if len(query.labels) > 1 else ""
+                order = "l.task_rowid" if not distinct else "tasks.rowid"
+            else:
+                source, distinct, order = "FROM tasks", "", "tasks.rowid"
+                where, params = ["tasks.rowid > ?"], [query.after_position]
             if query.statuses:
-                where.append(f"status IN ({_in(query.statuses)})")
+                where.append(f"tasks.status IN ({_in(query.statuses)})")
                 params.extend(int(s) for s in query.statuses)
             if query.parent_id:
-                where.append("parent_id = ?")
+                where.append("tasks.parent_id = ?")
                 params.append(query.parent_id)
             if query.visible_to is not None:
                 agent = query.visible_to
                 where.append(
-                    "(created_by = ? OR claimed_by = ? OR EXISTS (SELECT 1 FROM task_labels v "
-                    f"WHERE v.task_rowid = tasks.rowid AND v.label IN ({_in(agent.labels)})))"
+                    "(tasks.created_by = ? OR tasks.claimed_by = ? OR EXISTS (SELECT 1 FROM "
+                    f"task_labels v WHERE v.task_rowid = tasks.rowid AND v.label IN "
+                    f"({_in(agent.labels)})))"
                 )
                 params.extend([agent.name, agent.name, *agent.labels])
             params.append(query.limit + 1)
             conn.execute("BEGIN")
             cursor = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
             rows = conn.execute(
-                f"{_SELECT_TASK} WHERE {' AND '.join(where)} ORDER BY rowid LIMIT ?", params
+                f"SELECT {distinct}tasks.rowid, {_prefixed('tasks')} {source} "
+                f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?",
+                params,
             ).fetchall()
             conn.execute("COMMIT")
             more = len(rows) > query.limit
@@ -697,8 +711,11 @@ def _apply(
     )  # fmt: skip
     was_pending, is_pending = task.status is Status.PENDING, new.status is Status.PENDING
     if was_pending != is_pending:
-        conn.execute(
-            "UPDATE task_labels SET pending = ? WHERE task_rowid = ?", (int(is_pending), rowid)
+        # By the whole primary key (label, task_rowid): by task_rowid alone this
+        # would scan every label row of the history.
+        conn.executemany(
+            "UPDATE task_labels SET pending = ? WHERE label = ? AND task_rowid = ?",
+            [(int(is_pending), label, rowid) for label in new.labels],
         )
     return new, [_append_event(conn, rowid, new, change.type, actor, change.chunk)]
 
