@@ -70,6 +70,9 @@ class PassThroughBytes(grpc.aio.ServerInterceptor):
     watchers close to a bare broadcast.
     """
 
+    def __init__(self) -> None:
+        self._rebuilt: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -80,13 +83,18 @@ class PassThroughBytes(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_stream is None or handler.response_serializer is None:
             return handler
-        serialize = handler.response_serializer
+        cached = self._rebuilt.get(handler_call_details.method)
+        if cached is None or cached[0] is not handler:
+            serialize = handler.response_serializer
 
-        def bytes_or_serialized(response: Any) -> bytes:
-            return response if isinstance(response, bytes) else serialize(response)
+            def bytes_or_serialized(response: Any) -> bytes:
+                return response if isinstance(response, bytes) else serialize(response)
 
-        return grpc.unary_stream_rpc_method_handler(
-            handler.unary_stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=bytes_or_serialized,
-        )
+            rebuilt = grpc.unary_stream_rpc_method_handler(
+                handler.unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=bytes_or_serialized,
+            )
+            cached = (handler, rebuilt)
+            self._rebuilt[handler_call_details.method] = cached
+        return cached[1]
