@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard proto/legato/v1/*.proto)
 
-.PHONY: install run demo test lint format proto proto-check bench clean
+.PHONY: install run demo test lint format proto proto-check bench bench-smoke chaos clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The long form of the reliability suite (its short form runs in `make test`):
+# kill -9 loops, lease chaos, 10,000 abandoned streams, fuzzing. ~15-20 min; see RELIABILITY.md.
+chaos: install
+	LEGATO_CHAOS=long $(BIN)/python -m pytest -q tests/reliability
 
 lint: install
 	$(BIN)/ruff check .
@@ -55,8 +60,17 @@ proto-check: install
 		test -e "$$tmp/$$f" || { echo "proto-check: proto/$$f has no .proto source; delete it"; exit 1; }; \
 	done && echo "proto-check: generated code matches proto/"
 
+# Measures legato and its ceilings in one run (< 10 min); writes BENCHMARKS.md and
+# bench/latency.png. matplotlib draws the plot; it is a benchmark-only dependency.
 bench: install
+	$(BIN)/python -m pip install --quiet matplotlib
 	$(BIN)/python -m bench
+
+# The quick form CI runs (~1 min, small counts, no 1M database): the harness must
+# work; a missed target is reported, not fatal. Writes under bench/results/smoke/.
+bench-smoke: install
+	$(BIN)/python -m pip install --quiet matplotlib || echo "bench-smoke: no matplotlib, no plot"
+	$(BIN)/python -m bench --smoke
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,15 @@
+"""legato's benchmark harness: the daemon and its ceilings, measured in the same run.
+
+`make bench` (`python -m bench`) runs every section and writes BENCHMARKS.md and
+bench/latency.png; `make bench-smoke` (`python -m bench --smoke`) is the quick
+form CI runs so the harness never rots. Modules, one per concern:
+
+- `profiles`: how much of everything a run does (full or smoke).
+- `payloads`: the requests every section sends, one shape for legato and ceilings.
+- `procs`: the processes of a run (daemons, ceilings) and what /proc says of them.
+- `ceilings`: the bare grpc.aio echo and fan-out servers legato is compared to.
+- `loadgen`: load-generator worker processes, driven over a pipe.
+- `dbgen`: the 10k / 1M task databases, generated directly and cached.
+- `sections`: what is measured, section by section.
+- `stats`, `report`: medians and ratios; the console table, BENCHMARKS.md, the plot.
+"""
