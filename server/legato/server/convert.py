@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from legato.server.errors import InvalidArgument
 from legato.server.model import AgentRecord, Event, Role, Status, TaskRecord
 from legato.v1 import agents_pb2, tasks_pb2
@@ -94,11 +94,18 @@ def event_proto(event: Event) -> tasks_pb2.TaskEvent:
 
 
 def timestamp_us(message: object, field: str) -> int | None:
-    """A Timestamp field in microseconds, or None when unset."""
+    """A Timestamp field in microseconds, or None when unset; INVALID_ARGUMENT if malformed."""
     if not message.HasField(field):  # type: ignore[attr-defined]
         return None
-    value: int = getattr(message, field).ToMicroseconds()
-    return value
+    value: timestamp_pb2.Timestamp = getattr(message, field)
+    # The Timestamp range: years 1 to 9999, nanos 0 to 999,999,999.
+    if not (-62135596800 <= value.seconds <= 253402300799 and 0 <= value.nanos <= 999_999_999):
+        raise InvalidArgument(
+            f"{field} is not a valid Timestamp (seconds={value.seconds}, nanos={value.nanos}): "
+            "it must fall in years 1 to 9999, with nanos 0 to 999,999,999"
+        )
+    microseconds: int = value.ToMicroseconds()
+    return microseconds
 
 
 def agent_proto(agent: AgentRecord) -> agents_pb2.Agent:

@@ -6,11 +6,12 @@ so no request can bring the daemon down.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from functools import wraps
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from legato.server.errors import DomainError
 from legato.server.events import SubscriptionClosed, SubscriptionOverflow, SubscriptionRevoked
 
@@ -62,12 +63,43 @@ def unary(
     return wrapped
 
 
-class PassThroughBytes(grpc.aio.ServerInterceptor):
-    """Lets a streaming handler yield responses it already serialized.
+class _Undecodable:
+    """Stands in for a request whose bytes could not be parsed."""
 
-    A watch event goes to every watcher with the same bytes: serializing it once
-    for all of them, instead of once per stream, is what keeps fan-out to many
-    watchers close to a bare broadcast.
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Undecodable(exc)
+
+    return parse
+
+
+async def _refuse(context: Context, request: _Undecodable) -> None:
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the request could not be decoded ({request.error}): strings must be valid UTF-8, "
+        "messages complete, and Struct values nested at most about 30 levels deep",
+    )
+
+
+class WireFormat(grpc.aio.ServerInterceptor):
+    """What is about bytes on the wire, for every method, built once per method.
+
+    - A request gRPC cannot parse (invalid UTF-8, a truncated message, a Struct
+      nested too deep) would be answered UNKNOWN before any handler runs: it is
+      INVALID_ARGUMENT with the parser's reason instead.
+    - A streaming handler may yield responses it already serialized: a watch
+      event goes to every watcher with the same bytes, and serializing it once
+      for all of them, not once per stream, keeps fan-out close to a bare broadcast.
     """
 
     def __init__(self) -> None:
@@ -81,20 +113,47 @@ class PassThroughBytes(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_stream is None or handler.response_serializer is None:
-            return handler
+        if handler is None:
+            return None
         cached = self._rebuilt.get(handler_call_details.method)
         if cached is None or cached[0] is not handler:
-            serialize = handler.response_serializer
-
-            def bytes_or_serialized(response: Any) -> bytes:
-                return response if isinstance(response, bytes) else serialize(response)
-
-            rebuilt = grpc.unary_stream_rpc_method_handler(
-                handler.unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=bytes_or_serialized,
-            )
-            cached = (handler, rebuilt)
+            cached = (handler, self._rebuild(handler))
             self._rebuilt[handler_call_details.method] = cached
         return cached[1]
+
+    @staticmethod
+    def _rebuild(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        if handler.unary_unary is not None:
+            behaviour: Any = handler.unary_unary  # an async callable under grpc.aio
+
+            async def unary(request: Any, context: Context) -> Any:
+                if isinstance(request, _Undecodable):
+                    await _refuse(context, request)
+                return await behaviour(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            stream_behaviour: Any = handler.unary_stream  # an async generator under grpc.aio
+            serialize = handler.response_serializer
+
+            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await _refuse(context, request)
+                async for response in stream_behaviour(request, context):
+                    yield response
+
+            def bytes_or_serialized(response: Any) -> bytes:
+                if isinstance(response, bytes) or serialize is None:
+                    return response  # type: ignore[no-any-return]
+                return serialize(response)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=bytes_or_serialized,
+            )
+        return handler

@@ -209,7 +209,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         return task_proto(task)
 
-    # Yields each TaskEvent already serialized (rpc.PassThroughBytes sends the bytes as
+    # Yields each TaskEvent already serialized (rpc.WireFormat sends the bytes as
     # they are), which the generated servicer's TaskEvent return type cannot say.
     async def WatchTasks(  # type: ignore[override]
         self, request: tasks_pb2.WatchTasksRequest, context: Context
@@ -225,7 +225,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         try:
             async with aclosing(events):
                 async for event in events:
-                    yield self._encoded(event)  # see rpc.PassThroughBytes
+                    yield self._encoded(event)  # see rpc.WireFormat
         except Exception as exc:
             code, message = status_of(exc)
             await context.abort(code, message)
