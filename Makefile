@@ -26,7 +26,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # The long form of the reliability suite (its short form runs in `make test`):
-# kill -9 loops, lease chaos, 10,000 abandoned streams, fuzzing. ~15-20 min; see RELIABILITY.md.
+# kill -9 loops, lease chaos, 10,000 abandoned streams, fuzzing. ~10 min; see RELIABILITY.md.
 chaos: install
 	LEGATO_CHAOS=long $(BIN)/python -m pytest -q tests/reliability
 

@@ -7,7 +7,6 @@ to stderr and exit 1.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -172,7 +171,7 @@ class Output:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from legato.server.daemon import AlreadyRunning, Config, serve
+    from legato.server.daemon import AlreadyRunning, Config, run_event_loop, serve
     from legato.server.db import Durability
 
     logging.basicConfig(
@@ -190,7 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.data_dir:
         config = replace(config, data_dir=Path(args.data_dir))
     try:
-        asyncio.run(serve(config))
+        run_event_loop(serve(config))
     except AlreadyRunning as exc:
         print(f"legato: {exc}", file=sys.stderr)
         return 1
@@ -198,6 +197,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"legato: cannot start the daemon: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """`legato backup PATH`: an online copy of the daemon's database (see `ops.backup`)."""
+    from legato.client.ops import BackupError, backup
+
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    try:
+        made = backup(Path(args.path), data_dir=data_dir, force=args.force)
+    except BackupError as exc:
+        print(f"legato: {exc}", file=sys.stderr)
+        return 1
+    print(f"backed up {made.tasks} tasks and {made.events} events to {made.path} ({made.size} B)")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """`legato doctor`: one line per check; exit 0 only if every check is ok."""
+    from legato.client.ops import OK, doctor
+
+    checks = doctor(data_dir=Path(args.data_dir) if args.data_dir else None, address=args.address)
+    for check in checks:
+        print(check.line())
+    return 0 if all(check.status == OK for check in checks) else 1
 
 
 def resolve_key(explicit: str | None) -> str:
@@ -580,6 +603,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=cmd_serve)
 
+    backup = commands.add_parser(
+        "backup", help="copy the daemon's database to PATH while it serves (online, consistent)"
+    )
+    backup.add_argument("path", help="the file to write (mode 0600)")
+    backup.add_argument(
+        "--data-dir",
+        help="the daemon's data dir (default: LEGATO_DATA_DIR or the per-user data dir)",
+    )
+    backup.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
+    backup.set_defaults(run=cmd_backup)
+
+    doctor = commands.add_parser(
+        "doctor", help="check the data dir, database, daemon and admin key; say what to fix"
+    )
+    doctor.add_argument(
+        "--data-dir",
+        help="the daemon's data dir (default: LEGATO_DATA_DIR or the per-user data dir)",
+    )
+    doctor.add_argument(
+        "--address", help="daemon address (default: LEGATO_ADDRESS or the default socket)"
+    )
+    doctor.set_defaults(run=cmd_doctor)
+
     work = commands.add_parser(
         "work",
         help="run a command for each task of your labels",
@@ -789,7 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     options, command = split_command(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(options)
-    if args.command == "serve":
+    if args.command in ("serve", "backup", "doctor"):  # no client, no key
         return int(args.run(args))
     if args.command == "mcp" and args.action is None:
         from legato.client.mcp_bridge import run

@@ -1,0 +1,1 @@
+"""Reliability suite: the real daemon under kills, restarts, stalls, floods and fuzzing."""
