@@ -26,7 +26,6 @@ from legato.client.errors import LegatoError, UnavailableError, from_rpc_error
 from legato.client.models import Agent, Role, Task, TaskEvent, TaskPage, TaskStatus
 from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
-Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 

@@ -128,10 +128,6 @@ class Database:
         """Runs `fn` on a reader connection; it may open its own read transaction."""
         return await self._submit(self._reads, fn, None)
 
-    def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Runs `fn` on the writer connection from the calling thread; for start-up only."""
-        return fn(self._writer_conn)
-
     async def _submit(
         self,
         queue: SimpleQueue[_Job[Any] | None],

@@ -39,10 +39,6 @@ class ResourceExhausted(DomainError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class Unavailable(DomainError):
-    code = grpc.StatusCode.UNAVAILABLE
-
-
 class PermissionDenied(DomainError):
     code = grpc.StatusCode.PERMISSION_DENIED
 

@@ -113,10 +113,6 @@ class EventBus:
     def _subscriptions(self) -> set[Subscription]:
         return {s for subs in (*self._by_label.values(), *self._by_task.values()) for s in subs}
 
-    @property
-    def subscriber_count(self) -> int:
-        return len(self._subscriptions())
-
     def publish(self, events: Iterable[Event]) -> None:
         """Delivers events, which must come in seq order, to every matching subscription."""
         for event in events:

@@ -36,10 +36,6 @@ class Status(IntEnum):
         return self in (Status.DONE, Status.FAILED, Status.CANCELED)
 
 
-# Unfinished states: the ones a task can still leave.
-OPEN_STATUSES = (Status.PENDING, Status.CLAIMED, Status.INPUT_REQUIRED)
-
-
 class EventType(IntEnum):
     """Kinds of change; values match `legato.v1.TaskEventType`."""
 

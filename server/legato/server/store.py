@@ -504,12 +504,6 @@ class Store:
 
         return await self._db.read(read)
 
-    async def last_seq(self) -> int:
-        def read(conn: sqlite3.Connection) -> int:
-            return int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
-
-        return await self._db.read(read)
-
     async def next_due(self) -> int | None:
         """When the earliest lease ends or deadline passes, or None if nothing is due."""
 
