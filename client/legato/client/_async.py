@@ -427,9 +427,9 @@ class AsyncTaskHandle:
         events = self._client._watch((), (self.id,), 0, deadline)
         async with aclosing(events):
             async for event in events:
-                if event.task.status.terminal:
-                    self.task = event.task
-                    return outcome(event.task)
+                self.task = event.onto(self.task).task
+                if self.task.status.terminal:
+                    return outcome(self.task)
         raise AssertionError("the watch stream ended without an error")  # it resumes instead
 
     async def events(self, *, timeout: float | None = None) -> AsyncGenerator[TaskEvent, None]:
@@ -437,6 +437,9 @@ class AsyncTaskHandle:
         events = self._client._watch((), (self.id,), 0, Deadline(timeout))
         async with aclosing(events):
             async for event in events:
+                # Events are deltas; replayed from CREATED on, they fold into
+                # the whole task.
+                event = event.onto(self.task)
                 self.task = event.task
                 yield event
                 if event.task.status.terminal:

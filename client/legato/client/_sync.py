@@ -411,15 +411,18 @@ class TaskHandle:
         """
         with closing(self._client._watch((), (self.id,), 0, Deadline(timeout))) as events:
             for event in events:
-                if event.task.status.terminal:
-                    self.task = event.task
-                    return outcome(event.task)
+                self.task = event.onto(self.task).task
+                if self.task.status.terminal:
+                    return outcome(self.task)
         raise AssertionError("the watch stream ended without an error")  # it resumes instead
 
     def events(self, *, timeout: float | None = None) -> Generator[TaskEvent, None, None]:
         """Every event of the task from its creation, live, until it finishes."""
         with closing(self._client._watch((), (self.id,), 0, Deadline(timeout))) as events:
             for event in events:
+                # Events are deltas; replayed from CREATED on, they fold into
+                # the whole task.
+                event = event.onto(self.task)
                 self.task = event.task
                 yield event
                 if event.task.status.terminal:
