@@ -464,15 +464,20 @@ def cmd_tail(client: Client, args: argparse.Namespace, out: Output) -> int:
     client.get_task(args.id)
     handle = client.get_handle(args.id)
     ends_with_newline = True
-    for event in handle.events():
-        if event.output is None:
-            continue
+    attempt = 0
+    # The current attempt's output, then what follows; an abandoned attempt's
+    # text is not shown again.
+    for chunk in handle.output_chunks():
         if out.as_json:
-            print(_dump({"offset": event.output.offset, "text": event.output.text}), flush=True)
-        else:
-            sys.stdout.write(event.output.text)
+            print(_dump({"attempt": chunk.attempt, "offset": chunk.offset, "text": chunk.text}))
             sys.stdout.flush()
-            ends_with_newline = event.output.text.endswith("\n")
+            continue
+        if attempt and chunk.attempt != attempt:
+            print(f"\nlegato: attempt {chunk.attempt} starts over", file=sys.stderr, flush=True)
+        attempt = chunk.attempt
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        ends_with_newline = chunk.text.endswith("\n")
     task = handle.task
     assert task is not None
     assert task.status.terminal
