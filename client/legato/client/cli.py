@@ -52,13 +52,21 @@ def _agent_line(agent: Agent) -> str:
 
 
 def _event_json(event: TaskEvent) -> dict[str, Any]:
-    return {
+    """An event for scripts; `task` is the event's delta (see TaskEvent.task in the contract)."""
+    document: dict[str, Any] = {
         "seq": event.seq,
         "type": event.type.value,
         "actor": event.actor,
         "time": event.time,
         "task": _task_json(event.task),
     }
+    if event.output is not None:
+        document["output"] = {
+            "attempt": event.output.attempt,
+            "offset": event.output.offset,
+            "text": event.output.text,
+        }
+    return document
 
 
 def _task_line(task: Task) -> str:
