@@ -585,7 +585,18 @@ class Store:
 
 
 class AgentStore:
-    """The `agents` table, on the same database as the tasks."""
+    """The `agents` table, on the same database as the tasks.
+
+    Each change is an UPDATE of the columns it changes, never a write of a whole
+    record held in memory: a record read before another change was written
+    would undo that change on disk (a key rotation, a revocation). Changes of a
+    live agent match only while it is not revoked, so one racing a revocation
+    cannot bring the agent back; they return whether they matched.
+
+    `applied` runs on the event loop once the change is committed, in commit
+    order across all writes (see `Database.write`): the place to update what
+    the caller holds in memory, so that it follows the same order as the disk.
+    """
 
     def __init__(self, store: Store):
         self._db = store._db
@@ -597,7 +608,7 @@ class AgentStore:
 
         return await self._db.read(read)
 
-    async def insert(self, agent: AgentRecord) -> None:
+    async def insert(self, agent: AgentRecord, *, applied: Callable[[], object]) -> None:
         def insert(conn: sqlite3.Connection) -> None:
             if conn.execute("SELECT 1 FROM agents WHERE name = ?", (agent.name,)).fetchone():
                 raise AlreadyExists(
@@ -609,19 +620,82 @@ class AgentStore:
                 _agent_row(agent),
             )
 
-        await self._db.write(insert)
+        await self._db.write(insert, after_commit=_calling(applied))
 
-    async def save(self, agent: AgentRecord) -> None:
-        """Writes every field of an existing agent."""
+    async def set_key(
+        self, name: str, key_id: str, key_hash: str, *, applied: Callable[[], object]
+    ) -> bool:
+        """Replaces a live agent's key."""
+        return await self._update_live(
+            name, "key_id = ?, key_hash = ?", (key_id, key_hash), applied
+        )
 
-        def save(conn: sqlite3.Connection) -> None:
+    async def set_labels_role(
+        self,
+        name: str,
+        *,
+        labels: Sequence[str] | None,
+        role: Role | None,
+        applied: Callable[[], object],
+    ) -> bool:
+        """Replaces a live agent's labels, role, or both (None: left as it is)."""
+        return await self._update_live(
+            name,
+            "labels = COALESCE(?, labels), role = COALESCE(?, role)",
+            (
+                None if labels is None else json.dumps(list(labels)),
+                None if role is None else int(role),
+            ),
+            applied,
+        )
+
+    async def revoke(self, name: str, *, applied: Callable[[], object]) -> bool:
+        """Revokes a live agent, for good."""
+        return await self._update_live(name, "revoked = 1", (), applied)
+
+    async def reinstate_admin(self, name: str, *, applied: Callable[[], object]) -> None:
+        """Makes `name` a live admin again, revoked or not (the admin bootstrap only)."""
+
+        def reinstate(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE agents SET labels = ?, role = ?, created_at = ?, key_id = ?, "
-                "key_hash = ?, last_seen_at = ?, revoked = ? WHERE name = ?",
-                (*_agent_row(agent)[1:], agent.name),
+                "UPDATE agents SET revoked = 0, role = ? WHERE name = ?", (int(Role.ADMIN), name)
             )
 
-        await self._db.write(save)
+        await self._db.write(reinstate, after_commit=_calling(applied))
+
+    async def touch_last_seen(self, name: str, at: int) -> None:
+        """Records that the agent made a call at `at`; never moves last_seen_at back."""
+
+        def touch(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE agents SET last_seen_at = ? "
+                "WHERE name = ? AND (last_seen_at IS NULL OR last_seen_at < ?)",
+                (at, name, at),
+            )
+
+        await self._db.write(touch)
+
+    async def _update_live(
+        self, name: str, assignments: str, params: tuple[Any, ...], applied: Callable[[], object]
+    ) -> bool:
+        def update(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                f"UPDATE agents SET {assignments} WHERE name = ? AND revoked = 0", (*params, name)
+            )
+            return cursor.rowcount == 1
+
+        def after_commit(matched: bool) -> None:
+            if matched:
+                applied()
+
+        return await self._db.write(update, after_commit=after_commit)
+
+
+def _calling(applied: Callable[[], object]) -> Callable[[object], None]:
+    def after_commit(_: object) -> None:
+        applied()
+
+    return after_commit
 
 
 _AGENT_COLUMNS = "name, labels, role, created_at, key_id, key_hash, last_seen_at, revoked"
