@@ -1,18 +1,28 @@
 """Who an agent is, as it is now: key rotations, revocations and label changes
-hold across restarts."""
+hold across restarts, and a task outside a view reads exactly like a missing
+one."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import grpc
+import pytest
+from conftest import EVENT_GUARD, keyed_channel
 from legato.client import AsyncClient, Role
 from legato.client.errors import UnauthenticatedError
 from legato.server.agents import AgentRegistry
 from legato.server.daemon import Config, Daemon
 from legato.server.errors import FailedPrecondition
 from legato.server.tasks import TaskManager
+from legato.v1 import tasks_pb2, tasks_pb2_grpc
+
+if TYPE_CHECKING:
+    from legato.v1.tasks_pb2_grpc import TaskServiceAsyncStub
 
 # -- helpers ----------------------------------------------------------------------------
 
@@ -113,3 +123,79 @@ async def test_concurrent_changes_of_one_agent_all_hold(config: Config) -> None:
         assert await key_works(restarted, new_key)
         assert (await admin.get_agent("worker")).labels == ("@new",)
         assert (await admin.get_agent("leaver")).revoked
+
+
+# -- outside the view reads exactly like missing ----------------------------------------
+
+Probe = Callable[["TaskServiceAsyncStub", str], Awaitable[object]]
+LEASE = "l_" + "x" * 32
+
+
+async def _watch_first(stub: TaskServiceAsyncStub, task_id: str) -> object:
+    stream = stub.WatchTasks(tasks_pb2.WatchTasksRequest(task_ids=[task_id], after_seq=0))
+    return await stream.read()
+
+
+# Every RPC that takes a task id, and the id it is given.
+PROBES: dict[str, Probe] = {
+    "GetTask": lambda s, i: s.GetTask(tasks_pb2.GetTaskRequest(id=i)),
+    "GetTaskTree": lambda s, i: s.GetTaskTree(tasks_pb2.GetTaskTreeRequest(id=i)),
+    "ListTaskEvents": lambda s, i: s.ListTaskEvents(tasks_pb2.ListTaskEventsRequest(id=i)),
+    "ClaimTask": lambda s, i: s.ClaimTask(tasks_pb2.ClaimTaskRequest(id=i)),
+    "Heartbeat": lambda s, i: s.Heartbeat(tasks_pb2.HeartbeatRequest(id=i, lease_token=LEASE)),
+    "CompleteTask": lambda s, i: s.CompleteTask(
+        tasks_pb2.CompleteTaskRequest(id=i, lease_token=LEASE)
+    ),
+    "FailTask": lambda s, i: s.FailTask(
+        tasks_pb2.FailTaskRequest(id=i, lease_token=LEASE, error="no")
+    ),
+    "CancelTask": lambda s, i: s.CancelTask(tasks_pb2.CancelTaskRequest(id=i)),
+    "AppendOutput": lambda s, i: s.AppendOutput(
+        tasks_pb2.AppendOutputRequest(id=i, lease_token=LEASE, text="x")
+    ),
+    "RequestInput": lambda s, i: s.RequestInput(
+        tasks_pb2.RequestInputRequest(id=i, lease_token=LEASE, question="?")
+    ),
+    "ProvideInput": lambda s, i: s.ProvideInput(tasks_pb2.ProvideInputRequest(id=i, answer="a")),
+    "CreateTask(parent_id)": lambda s, i: s.CreateTask(
+        tasks_pb2.CreateTaskRequest(content="child", labels=["@outsider"], parent_id=i)
+    ),
+    "WatchTasks(task_ids)": _watch_first,
+}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: grpc.StatusCode
+    # The message with the id asked for replaced by "<id>": ids differ, nothing else may.
+    message: str
+
+
+async def refusal(probe: Probe, stub: TaskServiceAsyncStub, task_id: str) -> Refusal:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await asyncio.wait_for(probe(stub, task_id), EVENT_GUARD)
+    details = refused.value.details() or ""
+    return Refusal(refused.value.code(), details.replace(task_id, "<id>"))
+
+
+@pytest.mark.parametrize("rpc", list(PROBES))
+async def test_a_task_outside_the_view_reads_exactly_like_a_missing_one(
+    rpc: str,
+    daemon: Daemon,
+    coder: AsyncClient,
+    researcher: AsyncClient,
+    agent_key: Callable[..., Awaitable[str]],
+) -> None:
+    hidden = await coder.create_task("not for outsiders", labels=["@researcher"])
+    job = await researcher.claim()  # claimed, so every RPC meets it in a state it acts on
+    assert job is not None and job.id == hidden.id
+    missing = "t_" + "A" * (len(hidden.id) - 2)
+    key = await agent_key("outsider")
+
+    async with keyed_channel(daemon.config.address, key) as channel:
+        stub: TaskServiceAsyncStub = tasks_pb2_grpc.TaskServiceStub(channel)
+        of_missing = await refusal(PROBES[rpc], stub, missing)
+        of_hidden = await refusal(PROBES[rpc], stub, hidden.id)
+
+    assert of_missing.code == grpc.StatusCode.NOT_FOUND
+    assert of_hidden == of_missing

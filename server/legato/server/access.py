@@ -29,6 +29,11 @@ def require_visible(agent: AgentRecord, task: TaskRecord) -> None:
         raise NotFound(f"task {task.id!r} not found")
 
 
+def parent_not_found(parent_id: str) -> str:
+    """What CreateTask answers for a parent_id it does not find or the caller does not see."""
+    return f"parent_id {parent_id!r}: no such task"
+
+
 def claim_labels(agent: AgentRecord, requested: Sequence[str]) -> tuple[str, ...]:
     """The labels a claim draws from: the requested ones, which the agent must
     hold, or all of the agent's labels when none are requested."""
@@ -79,7 +84,10 @@ def require_can_cancel(agent: AgentRecord, task: TaskRecord) -> None:
 def require_can_delegate_under(agent: AgentRecord, parent: TaskRecord) -> None:
     """Children are created by the parent's claimant (delegating further), its
     creator, or an admin."""
-    require_visible(agent, parent)
+    if not sees(agent, parent):
+        # The store's answer for a parent_id that does not exist: any other
+        # answer would tell that this one does.
+        raise NotFound(parent_not_found(parent.id))
     if not agent.admin and agent.name not in (parent.created_by, parent.claimed_by):
         raise PermissionDenied(
             f"only the claimant or the creator of task {parent.id} can create tasks under it"

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from legato.server import access
 from legato.server.db import Database, Durability
 from legato.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from legato.server.model import (
@@ -323,7 +324,7 @@ class Store:
             if task.parent_id:
                 loaded = _load(conn, "id = ?", (task.parent_id,))
                 if loaded is None:
-                    raise NotFound(f"parent_id {task.parent_id!r}: no such task")
+                    raise NotFound(access.parent_not_found(task.parent_id))
                 parent = loaded[1]
                 if parent_check is not None:
                     parent_check(parent)
