@@ -1,6 +1,6 @@
 """Who an agent is, as it is now: key rotations, revocations and label changes
-hold across restarts, and a task outside a view reads exactly like a missing
-one."""
+hold across restarts, reach calls already waiting, and a task outside a view
+reads exactly like a missing one."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
-from conftest import EVENT_GUARD, keyed_channel
-from legato.client import AsyncClient, Role
-from legato.client.errors import UnauthenticatedError
+from conftest import EVENT_GUARD, Connect, keyed_channel
+from legato.client import AsyncClient, Role, TaskStatus
+from legato.client.errors import PermissionDeniedError, UnauthenticatedError
 from legato.server.agents import AgentRegistry
 from legato.server.daemon import Config, Daemon
-from legato.server.errors import FailedPrecondition
+from legato.server.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated
 from legato.server.tasks import TaskManager
 from legato.v1 import tasks_pb2, tasks_pb2_grpc
 
@@ -50,6 +50,22 @@ async def key_works(daemon: Daemon, key: str) -> bool:
         except UnauthenticatedError:
             return False
     return True
+
+
+async def until_claim_waits(manager: TaskManager, attempts_before: int) -> None:
+    """Returns once a claim call made after `attempts_before` was read is waiting.
+
+    A claim registers as a waiter before its first look, and each look counts in
+    `claim_attempts`, so a higher count means the claim is registered. Nothing
+    of a waiting claim reaches a client, so this yields to the daemon (on this
+    loop) until the count moves, bounded by EVENT_GUARD.
+    """
+
+    async def spin() -> None:
+        while manager.claim_attempts == attempts_before:
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(spin(), EVENT_GUARD)
 
 
 # -- agent changes are not undone on disk -----------------------------------------------
@@ -123,6 +139,109 @@ async def test_concurrent_changes_of_one_agent_all_hold(config: Config) -> None:
         assert await key_works(restarted, new_key)
         assert (await admin.get_agent("worker")).labels == ("@new",)
         assert (await admin.get_agent("leaver")).revoked
+
+
+# -- waiting claims follow their agent --------------------------------------------------
+
+
+async def test_revoking_an_agent_ends_its_waiting_claim_and_the_next_task_stays_pending(
+    daemon: Daemon, admin: AsyncClient, coder: AsyncClient, connect: Connect
+) -> None:
+    worker = await connect("worker", ["@work"])
+    await worker.whoami()  # connected, so the claim below is the only thing in flight
+    manager = manager_of(daemon)
+    attempts = manager.claim_attempts
+    claiming = asyncio.create_task(worker.claim(["@work"], wait=30))
+    await until_claim_waits(manager, attempts)
+
+    await admin.revoke_agent("worker")
+    handle = await coder.create_task("for whoever holds @work", labels=["@work"])
+
+    with pytest.raises(UnauthenticatedError, match="revoked"):
+        await asyncio.wait_for(claiming, 5)
+    assert (await coder.get_task(handle.id)).status is TaskStatus.PENDING
+
+
+async def test_rotating_a_key_ends_the_claims_waiting_under_the_old_one(
+    daemon: Daemon, admin: AsyncClient, coder: AsyncClient, connect: Connect
+) -> None:
+    worker = await connect("worker", ["@work"])
+    await worker.whoami()
+    manager = manager_of(daemon)
+    attempts = manager.claim_attempts
+    claiming = asyncio.create_task(worker.claim(["@work"], wait=30))
+    await until_claim_waits(manager, attempts)
+
+    _, new_key = await admin.rotate_key("worker")
+    handle = await coder.create_task("for whoever holds @work", labels=["@work"])
+
+    with pytest.raises(UnauthenticatedError, match="rotated"):
+        await asyncio.wait_for(claiming, 5)
+    assert (await coder.get_task(handle.id)).status is TaskStatus.PENDING
+    async with AsyncClient(daemon.config.address, api_key=new_key, timeout=10) as renewed:
+        job = await renewed.claim(["@work"])
+        assert job is not None and job.id == handle.id
+
+
+async def test_a_waiting_claim_on_a_label_taken_away_ends_permission_denied(
+    daemon: Daemon, admin: AsyncClient, coder: AsyncClient, connect: Connect
+) -> None:
+    worker = await connect("worker", ["@work", "@other"])
+    await worker.whoami()
+    manager = manager_of(daemon)
+    attempts = manager.claim_attempts
+    claiming = asyncio.create_task(worker.claim(["@work"], wait=30))
+    await until_claim_waits(manager, attempts)
+
+    await admin.update_agent("worker", labels=["@other"])
+    handle = await coder.create_task("for whoever holds @work", labels=["@work"])
+
+    with pytest.raises(PermissionDeniedError, match="does not hold @work"):
+        await asyncio.wait_for(claiming, 5)
+    assert (await coder.get_task(handle.id)).status is TaskStatus.PENDING
+
+
+async def test_a_waiting_claim_on_all_its_labels_follows_the_agents_labels(
+    daemon: Daemon, admin: AsyncClient, coder: AsyncClient, connect: Connect
+) -> None:
+    worker = await connect("worker", ["@work", "@other"])
+    await worker.whoami()
+    manager = manager_of(daemon)
+    attempts = manager.claim_attempts
+    claiming = asyncio.create_task(worker.claim(wait=30))  # no labels: all of the agent's
+    await until_claim_waits(manager, attempts)
+
+    await admin.update_agent("worker", labels=["@other", "@new"])
+    dropped = await coder.create_task("for @work, which worker no longer holds", labels=["@work"])
+    added = await coder.create_task("for @new, which it holds now", labels=["@new"])
+
+    job = await asyncio.wait_for(claiming, 5)
+    assert job is not None and job.id == added.id
+    assert (await coder.get_task(dropped.id)).status is TaskStatus.PENDING
+
+
+async def test_a_claim_made_before_a_revocation_is_refused_when_it_runs_after(
+    daemon: Daemon, admin: AsyncClient, coder: AsyncClient, connect: Connect
+) -> None:
+    """A call authenticated just before its agent was revoked (or lost a label)
+    carries the agent as it was; the claim decides on the agent as it is now."""
+    await connect("worker", ["@work"])
+    manager = manager_of(daemon)
+    as_authenticated = manager.agents.get("worker")
+    handle = await coder.create_task("for whoever holds @work", labels=["@work"])
+
+    await admin.update_agent("worker", labels=["@other"])
+    with pytest.raises(PermissionDenied, match="does not hold @work"):
+        await manager.claim(labels=["@work"], task_id="", lease_us=None, caller=as_authenticated)
+    with pytest.raises(NotFound):  # @work no longer in its view: as if it did not exist
+        await manager.claim(labels=[], task_id=handle.id, lease_us=None, caller=as_authenticated)
+
+    await admin.update_agent("worker", labels=["@work"])
+    await admin.revoke_agent("worker")
+    for task_id in ("", handle.id):
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await manager.claim(labels=[], task_id=task_id, lease_us=None, caller=as_authenticated)
+    assert (await coder.get_task(handle.id)).status is TaskStatus.PENDING
 
 
 # -- outside the view reads exactly like missing ----------------------------------------

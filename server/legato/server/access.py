@@ -64,6 +64,21 @@ def require_claimable(agent: AgentRecord, task: TaskRecord) -> None:
         )
 
 
+def require_holds_label(agent: AgentRecord, task: TaskRecord, claimed_from: Sequence[str]) -> None:
+    """Claiming by labels: the agent must still hold one of the task's labels.
+
+    Checked as the task is taken, for a claim whose labels were chosen before
+    the agent's labels changed. Names neither the task nor its labels: the
+    agent may no longer see it.
+    """
+    if not agent.admin and agent.labels_set.isdisjoint(task.labels):
+        dropped = [label for label in claimed_from if label not in agent.labels_set]
+        raise PermissionDenied(
+            f"agent {agent.name!r} does not hold {', '.join(dropped)} any more; claim again "
+            f"from its labels ({', '.join(agent.labels) or 'none'})"
+        )
+
+
 def require_claimant(agent: AgentRecord, task: TaskRecord, action: str) -> None:
     """Heartbeat, complete and fail are for the current claimant only."""
     if task.claimed_by != agent.name:

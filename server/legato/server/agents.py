@@ -55,6 +55,8 @@ class AgentRegistry:
         self._background: set[asyncio.Task[None]] = set()
         # Called with an agent's name when its key stops working (revoke, rotate).
         self.on_key_invalidated: Callable[[str], None] = lambda name: None
+        # Called with an agent's name when its labels or role changed.
+        self.on_access_changed: Callable[[str], None] = lambda name: None
 
     @classmethod
     async def open(cls, store: AgentStore, clock: Clock) -> AgentRegistry:
@@ -105,6 +107,27 @@ class AgentRegistry:
         """The agent as it is now (labels and role may have changed since a call began)."""
         return self._by_name.get(agent.name, agent)
 
+    def live(self, agent: AgentRecord) -> AgentRecord:
+        """The agent as it is now, while the key `agent` was authenticated with works.
+
+        A call carries its agent as it was when it was authenticated; one that
+        acts later (a claim that waited, a decision inside a transaction) asks
+        here whether its agent was revoked or its key rotated meanwhile. Safe
+        on the database thread: it only reads, and records are immutable.
+        """
+        current = self._by_name.get(agent.name)
+        if current is None or current.revoked:
+            raise Unauthenticated(
+                f"agent {agent.name!r} was revoked while this call was in progress; its key no "
+                "longer works (an admin can add a new agent: `legato agent add NAME`)"
+            )
+        if current.key_id != agent.key_id:
+            raise Unauthenticated(
+                f"the key of agent {agent.name!r} was rotated while this call was in progress; "
+                "call again with the new key"
+            )
+        return current
+
     def list(self, *, include_revoked: bool) -> list[AgentRecord]:
         return [a for a in self._by_name.values() if include_revoked or not a.revoked]
 
@@ -132,7 +155,7 @@ class AgentRegistry:
         self, name: str, *, labels: Sequence[str] | None, role: Role | None
     ) -> AgentRecord:
         checked = None if labels is None else limits.check_labels("labels", labels, required=False)
-        return await self._change(
+        updated = await self._change(
             name,
             "updated",
             lambda applied: self._store.set_labels_role(
@@ -144,6 +167,8 @@ class AgentRegistry:
                 role=agent.role if role is None else role,
             ),
         )
+        self.on_access_changed(name)
+        return updated
 
     async def revoke(self, name: str) -> AgentRecord:
         revoked = await self._change(

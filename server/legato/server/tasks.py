@@ -95,9 +95,15 @@ class TaskManager:
         self.agents = agents
         self._clock = clock
         self._max_open_tasks = max_open_tasks
-        agents.on_key_invalidated = bus.end_owner
         self._reaper = LeaseReaper(expire=self._expire_due, next_expiry=store.next_due, clock=clock)
         self._waiters = ClaimWaiters()
+
+        def key_invalidated(name: str) -> None:
+            bus.end_owner(name)
+            self._waiters.nudge_owner(name)
+
+        agents.on_key_invalidated = key_invalidated
+        agents.on_access_changed = self._waiters.nudge_owner
         # How often a claim looked for a task: long-polling workers must not drive it up.
         self.claim_attempts = 0
         # Releases of claims whose callers went away; awaited on close.
@@ -272,18 +278,29 @@ class TaskManager:
         wait_us: int | None = None,
     ) -> TaskRecord | None:
         """Claims the task `task_id`, or the oldest pending one with any of `labels`
-        (default: any of the caller's labels), waiting up to `wait_us` for one."""
+        (default: any of the caller's labels), waiting up to `wait_us` for one.
+
+        The claim acts for the caller as it is when it takes a task, not as it
+        was when the call began: UNAUTHENTICATED once the caller is revoked or
+        its key rotated; a wait for given labels ends PERMISSION_DENIED once the
+        caller no longer holds them all, and a wait for all of its labels waits
+        on the labels it holds now.
+        """
         lease = limits.check_lease("lease", lease_us) or limits.DEFAULT_LEASE_US
         checked_labels = limits.check_labels("labels", labels, required=False)
         name = caller.name
         if wait_us is not None and not 0 <= wait_us <= MAX_CLAIM_WAIT_US:
             raise InvalidArgument(f"wait must be 0 to 60 s; got {wait_us / 1e6:g} s")
+        current = self.agents.live(caller)
         if task_id:
             if wait_us:
                 raise InvalidArgument("wait applies to claims by labels, not by id")
 
             def decide_by_id(task: TaskRecord) -> Change:
-                access.require_claimable(caller, task)
+                # Inside the transaction, with the caller as it is at this moment.
+                now_caller = self.agents.current(caller)
+                access.require_claimable(now_caller, task)
+                self.agents.live(caller)
                 return lifecycle.claim(
                     task,
                     actor=name,
@@ -295,28 +312,38 @@ class TaskManager:
             return await self._claim_or_release(
                 self._store.update(limits.check_id("id", task_id), decide_by_id, actor=name), name
             )
-        from_labels = access.claim_labels(caller, checked_labels)
+
+        from_labels = access.claim_labels(current, checked_labels)
 
         def decide(task: TaskRecord) -> Change:
+            # Inside the transaction, with the caller as it is at this moment: its
+            # labels may have changed since it chose the labels to look under.
+            access.require_holds_label(self.agents.live(caller), task, from_labels)
             return lifecycle.claim(
                 task, actor=name, lease_token=new_lease_token(), lease_us=lease, now=self._clock()
             )
 
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + (wait_us or 0) / 1e6
-        # Registered before the first look, so a task created in between wakes it.
-        with self._waiters.register(from_labels) as waiter:
-            while True:
-                waiter.rearm()
-                self.claim_attempts += 1
-                task = await self._claim_or_release(
-                    self._store.claim_next(from_labels, decide, actor=name), name
-                )
-                if task is not None or self._waiters.closed:
-                    return task
-                left = give_up_at - loop.time()
-                if left <= 0 or not await waiter.wait(left):
-                    return None
+        while True:
+            # Registered before the first look, so a task created in between wakes it.
+            with self._waiters.register(name, from_labels) as waiter:
+                while True:
+                    # Also after each wake-up or nudge: the caller may have changed.
+                    now_labels = access.claim_labels(self.agents.live(caller), checked_labels)
+                    if now_labels != from_labels:
+                        break  # to wait under the labels it holds now
+                    waiter.rearm()
+                    self.claim_attempts += 1
+                    task = await self._claim_or_release(
+                        self._store.claim_next(from_labels, decide, actor=name), name
+                    )
+                    if task is not None or self._waiters.closed:
+                        return task
+                    left = give_up_at - loop.time()
+                    if left <= 0 or not await waiter.wait(left):
+                        return None
+            from_labels = now_labels
 
     async def _claim_or_release(
         self, write: Coroutine[Any, Any, TaskRecord | None], actor: str
