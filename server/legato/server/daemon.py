@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import ipaddress
 import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +81,32 @@ class Config:
     @property
     def address(self) -> str:
         return self.listen or f"unix:{default_runtime_dir() / SOCKET_NAME}"
+
+
+def listen_warning(address: str) -> str | None:
+    """What to tell the user about listening on `address`: None for a unix
+    socket or a loopback HOST:PORT, else the warning that keys travel in clear."""
+    if unix_socket_path(address) is not None:
+        return None
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    host = host.removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None  # a host name: it may resolve anywhere
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip is not None and ip.is_loopback:
+        return None
+    return (
+        f"WARNING: listening on {address}, beyond loopback, without TLS. API keys travel "
+        "in clear in each call's metadata: anyone who can see this traffic can take them and "
+        "act as your agents, and anyone who can reach the port can try keys. Keep --listen on "
+        "loopback (127.0.0.1:PORT, [::1]:PORT or localhost:PORT) or use the default unix "
+        "socket; legato has no TLS yet."
+    )
 
 
 class _HolderLock:
@@ -192,6 +220,7 @@ class Daemon:
         self.tasks: TaskManager | None = None
         self.admin_key_path = config.data_dir / ADMIN_KEY_FILE
         self._server: grpc.aio.Server | None = None
+        self._bound_port = 0
         self._health = health.aio.HealthServicer()
         self._lock = DaemonLock(private_dir(config.data_dir), config.address)
 
@@ -240,10 +269,20 @@ class Daemon:
                 )
         finally:
             os.umask(old_umask)
+        self._bound_port = bound
         await server.start()
         self._server = server
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    @property
+    def address(self) -> str:
+        """Where the daemon listens: the configured address, with the port it was
+        given for a HOST:0."""
+        address = self.config.address
+        if unix_socket_path(address) is not None or not self._bound_port:
+            return address
+        return f"{address.rsplit(':', 1)[0]}:{self._bound_port}"
 
     async def stop(self) -> None:
         """Graceful stop: NOT_SERVING, end watch streams, drain calls, close the database.
@@ -294,9 +333,13 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Daemon(config):
+    warning = listen_warning(config.address)
+    if warning is not None:
+        # Printed, not logged: --log-level must not be able to hide it.
+        print(f"legato: {warning}", file=sys.stderr, flush=True)
+    async with Daemon(config) as daemon:
         print(
-            f"legato serving on {config.address} (data: {config.data_dir}, "
+            f"legato serving on {daemon.address} (data: {config.data_dir}, "
             f"durability: {config.durability.value})",
             flush=True,
         )
