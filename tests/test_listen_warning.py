@@ -106,3 +106,21 @@ async def test_listening_on_loopback_gives_no_warning(serve_on: ServeOn) -> None
 )
 def test_which_addresses_warn(address: str, warns: bool) -> None:
     assert (listen_warning(address) is not None) is warns
+
+
+async def test_an_abstract_unix_socket_is_refused_in_one_line(short_tmp: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        str(LEGATO), "serve", "--data-dir", str(short_tmp / "data"),
+        "--listen", "unix-abstract:legato-test",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), START_TIMEOUT)
+    finally:
+        if process.returncode is None:  # it served instead of refusing
+            process.kill()
+            await process.wait()
+
+    assert process.returncode == 1 and stdout == b""
+    [line] = stderr.decode().splitlines()
+    assert "abstract unix sockets have no permissions" in line and "unix:PATH" in line

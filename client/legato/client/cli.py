@@ -181,6 +181,7 @@ class Output:
 def cmd_serve(args: argparse.Namespace) -> int:
     from legato.server.daemon import AlreadyRunning, Config, run_event_loop, serve
     from legato.server.db import Durability
+    from legato.server.paths import UnsafeAddress
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -198,7 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = replace(config, data_dir=Path(args.data_dir))
     try:
         run_event_loop(serve(config))
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, UnsafeAddress) as exc:
         print(f"legato: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

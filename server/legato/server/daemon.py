@@ -130,7 +130,7 @@ class _HolderLock:
             other = _read_holder(fd)
             os.close(fd)
             return other
-        os.fchmod(fd, 0o600)  # a file from an older daemon may have been looser
+        os.fchmod(fd, 0o600)  # os.open's mode applies to a new file only
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self._fd = fd

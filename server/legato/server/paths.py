@@ -77,10 +77,17 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+class UnsafeAddress(ValueError):
+    """An address the daemon will not listen on."""
+
+
 def unix_socket_path(address: str) -> Path | None:
     """The socket file of a `unix:PATH` (or `unix://PATH`) address; None for `HOST:PORT`."""
     if address.startswith("unix-abstract:"):
-        raise ValueError("abstract unix sockets have no permissions; use a unix:PATH socket")
+        raise UnsafeAddress(
+            f"{address}: abstract unix sockets have no permissions (any local process can "
+            "connect); use a unix:PATH socket"
+        )
     if not address.startswith("unix:"):
         return None
     return Path(address.removeprefix("unix:").removeprefix("//"))
