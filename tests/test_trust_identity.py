@@ -268,6 +268,9 @@ PROBES: dict[str, Probe] = {
     "FailTask": lambda s, i: s.FailTask(
         tasks_pb2.FailTaskRequest(id=i, lease_token=LEASE, error="no")
     ),
+    "ReleaseTask": lambda s, i: s.ReleaseTask(
+        tasks_pb2.ReleaseTaskRequest(id=i, lease_token=LEASE)
+    ),
     "CancelTask": lambda s, i: s.CancelTask(tasks_pb2.CancelTaskRequest(id=i)),
     "AppendOutput": lambda s, i: s.AppendOutput(
         tasks_pb2.AppendOutputRequest(id=i, lease_token=LEASE, text="x")
