@@ -1,22 +1,33 @@
 """No task, every field at its limit, can outgrow a message on its own.
 
 The per-field limits add up below the message limit (checked here and when
-`limits` is imported), and the size estimate is an upper bound of a task's
-wire size.
+`limits` is imported), the size estimate that cuts pages is an upper bound of
+a task's wire size, and a task at every limit lives its whole life on a daemon.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
+from conftest import keyed_channel, next_event, watch_task
 from google.protobuf import struct_pb2
+from legato.client import AsyncClient, EventType, TaskStatus
 from legato.server import agents, convert, daemon, lifecycle, limits, model, tasks
+from legato.server.daemon import Daemon
 from legato.server.model import Status, TaskRecord, task_size
-from legato.v1 import tasks_pb2
+from legato.v1 import tasks_pb2, tasks_pb2_grpc
 
 # The last microsecond a Timestamp holds (year 9999).
 MAX_TIME_US = 253402300799_999_999
+
+# Room for a whole message each way on the raw test channels.
+MESSAGE_OPTIONS = [
+    ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
+]
 
 
 def struct_bytes(value: dict[str, Any]) -> bytes:
@@ -36,6 +47,21 @@ def struct_of_size(size: int) -> dict[str, Any]:
         if got == size:
             return value
         filler -= got - size
+
+
+@pytest.fixture
+async def raw_stub(daemon: Daemon, agent_key: Any) -> AsyncIterator[Any]:
+    """`raw_stub(key)`: a TaskService stub on a channel of its own for the key."""
+    channels: list[grpc.aio.Channel] = []
+
+    def open_stub(key: str) -> tasks_pb2_grpc.TaskServiceStub:
+        channel = keyed_channel(daemon.config.address, key, MESSAGE_OPTIONS)
+        channels.append(channel)
+        return tasks_pb2_grpc.TaskServiceStub(channel)
+
+    yield open_stub
+    for channel in channels:
+        await channel.close()
 
 
 # -- no task outgrows a message ---------------------------------------------------------
@@ -132,3 +158,85 @@ MIXED_TASK = TaskRecord(
 def test_the_size_estimate_bounds_any_task_on_the_wire(task: TaskRecord) -> None:
     wire = tasks_pb2.ListTasksResponse(tasks=[convert.task_proto(task)]).ByteSize()
     assert wire <= model.task_size(task)
+
+
+async def test_a_task_with_every_field_at_its_limit_lives_its_whole_life(
+    daemon: Daemon, admin: AsyncClient, raw_stub: Any
+) -> None:
+    wide_label = "@w" + "w" * (limits.MAX_LABEL_BYTES - 2)
+    labels = [wide_label] + [f"@l{i:02d}" + "l" * (limits.MAX_LABEL_BYTES - 4) for i in range(15)]
+    _, creator_key = await admin.create_agent("c" * limits.MAX_NAME_BYTES, labels=["@creator"])
+    _, worker_key = await admin.create_agent("w" * limits.MAX_NAME_BYTES, labels=[wide_label])
+    creator = raw_stub(creator_key)
+    worker = raw_stub(worker_key)
+    blob = struct_of_size(limits.MAX_BLOB_BYTES)
+    text = "q" * limits.MAX_TEXT_BYTES
+    ids = []
+    async with AsyncClient(daemon.config.address, api_key=creator_key, timeout=30) as client:
+        for i in range(2):  # two: a listing of both passes a message; its pages must not
+            request = tasks_pb2.CreateTaskRequest(
+                content=str(i) * limits.MAX_CONTENT_BYTES,
+                labels=labels,
+                idempotency_key=str(i) * limits.MAX_IDEMPOTENCY_KEY,
+            )
+            request.context.update(blob)
+            created = await creator.CreateTask(request)
+            assert created.context.ByteSize() == limits.MAX_BLOB_BYTES
+            ids.append(created.id)
+            events = watch_task(client, created.id)
+            claim = await worker.ClaimTask(tasks_pb2.ClaimTaskRequest(id=created.id))
+            await worker.FailTask(
+                tasks_pb2.FailTaskRequest(
+                    id=created.id, lease_token=claim.lease_token, error=text, retryable=True
+                )
+            )
+            requeued = await next_event(events, EventType.REQUEUED)
+            assert requeued.task.error == text
+            claim = await worker.ClaimTask(tasks_pb2.ClaimTaskRequest(id=created.id))
+            await worker.RequestInput(
+                tasks_pb2.RequestInputRequest(
+                    id=created.id, lease_token=claim.lease_token, question=text
+                )
+            )
+            await creator.ProvideInput(tasks_pb2.ProvideInputRequest(id=created.id, answer=text))
+            chunk = "o" * tasks.MAX_CHUNK_BYTES
+            for _ in range(limits.MAX_OUTPUT_BYTES // len(chunk)):
+                await worker.AppendOutput(
+                    tasks_pb2.AppendOutputRequest(
+                        id=created.id, lease_token=claim.lease_token, text=chunk
+                    )
+                )
+            complete = tasks_pb2.CompleteTaskRequest(id=created.id, lease_token=claim.lease_token)
+            complete.result.update(blob)
+            await worker.CompleteTask(complete)
+            done = await next_event(events, EventType.COMPLETED)
+            assert done.task.status is TaskStatus.DONE
+            assert done.task.result == blob  # an event carries what changed
+            await events.aclose()
+
+            got = await creator.GetTask(tasks_pb2.GetTaskRequest(id=created.id))
+            assert len(got.output) == limits.MAX_OUTPUT_BYTES
+            assert got.result.ByteSize() == limits.MAX_BLOB_BYTES
+            assert (got.question, got.answer) == (text, text)
+            assert got.ByteSize() > 3 * limits.MAX_BLOB_BYTES
+
+        listed: list[str] = []
+        token, pages = "", 0
+        while True:
+            page = await client.list_tasks(page_token=token)
+            listed.extend(t.id for t in page.tasks)
+            pages += 1
+            token = page.next_page_token
+            if not token:
+                break
+        assert listed == ids and pages == 2
+        # The whole history replays, one large event at a time.
+        replayed = [e.type async for e in _history(client, ids[1])]
+        assert replayed[0] is EventType.CREATED and replayed[-1] is EventType.COMPLETED
+
+
+async def _history(client: AsyncClient, task_id: str) -> AsyncIterator[Any]:
+    async for event in watch_task(client, task_id):
+        yield event
+        if event.task.status.terminal:
+            return

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from legato.server import access
+from legato.server import access, limits
 from legato.server.db import Database, Durability
 from legato.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from legato.server.model import (
@@ -36,6 +36,7 @@ from legato.server.model import (
     Status,
     TaskRecord,
     slim,
+    task_size,
 )
 
 T = TypeVar("T")
@@ -229,6 +230,9 @@ class TaskQuery:
     # Only tasks this agent sees (created, claimed, or carrying one of its
     # labels); None for no such restriction (admins).
     visible_to: AgentRecord | None = None
+    # A page ends before its tasks' sizes (`model.task_size`) would pass this,
+    # holding at least one task whatever its size.
+    max_bytes: int = limits.PAGE_BUDGET_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,57 +431,14 @@ class Store:
 
     async def list_tasks(self, query: TaskQuery) -> TaskPage:
         """One page of tasks, oldest first, with the event cursor of the same snapshot."""
+        sql, params = list_sql(query)
 
         def list_page(conn: sqlite3.Connection) -> TaskPage:
-            if query.labels:
-                # Walk the labels' own index ranges in task order, so a page costs
-                # what the label holds, not the whole history; the pending index
-                # when only PENDING tasks are asked for.
-                only_pending = set(query.statuses) == {Status.PENDING}
-                source = (
-                    "FROM task_labels l "
-                    + ("INDEXED BY task_labels_pending " if only_pending else "")
-                    + "JOIN tasks ON tasks.rowid = l.task_rowid"
-                )
-                where = [f"l.label IN ({_in(query.labels)})", "l.task_rowid > ?"]
-                params: list[Any] = [*query.labels, query.after_position]
-                if only_pending:
-                    where.append("l.pending = 1")
-                distinct = "DISTINCT " if len(query.labels) > 1 else ""
-                order = "l.task_rowid" if not distinct else "tasks.rowid"
-            else:
-                source, distinct, order = "FROM tasks", "", "tasks.rowid"
-                where, params = ["tasks.rowid > ?"], [query.after_position]
-            if query.statuses:
-                where.append(f"tasks.status IN ({_in(query.statuses)})")
-                params.extend(int(s) for s in query.statuses)
-            if query.parent_id:
-                where.append("tasks.parent_id = ?")
-                params.append(query.parent_id)
-            if query.visible_to is not None:
-                agent = query.visible_to
-                where.append(
-                    "(tasks.created_by = ? OR tasks.claimed_by = ? OR EXISTS (SELECT 1 FROM "
-                    f"task_labels v WHERE v.task_rowid = tasks.rowid AND v.label IN "
-                    f"({_in(agent.labels)})))"
-                )
-                params.extend([agent.name, agent.name, *agent.labels])
-            params.append(query.limit + 1)
             conn.execute("BEGIN")
             cursor = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-            rows = conn.execute(
-                f"SELECT {distinct}tasks.rowid, {_prefixed('tasks')} {source} "
-                f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?",
-                params,
-            ).fetchall()
+            tasks, next_position = _page_within(conn, sql, params, query.limit, query.max_bytes)
             conn.execute("COMMIT")
-            more = len(rows) > query.limit
-            rows = rows[: query.limit]
-            return TaskPage(
-                tasks=[_task_from_row(r[1:]) for r in rows],
-                next_position=rows[-1][0] if more else None,
-                cursor=cursor,
-            )
+            return TaskPage(tasks=tasks, next_position=next_position, cursor=cursor)
 
         return await self._db.read(list_page)
 
@@ -583,6 +544,79 @@ class Store:
             return [_task_from_row(r[1:]) for r in rows]
 
         return await self._db.read(read)
+
+
+def list_sql(query: TaskQuery) -> tuple[str, list[Any]]:
+    """The SELECT of a listing page: (rowid, task columns) in rowid order, at
+    most `query.limit + 1` rows."""
+    if query.labels:
+        # Walk the labels' own index ranges in task order, so a page costs
+        # what the label holds, not the whole history; the pending index
+        # when only PENDING tasks are asked for.
+        only_pending = set(query.statuses) == {Status.PENDING}
+        source = (
+            "FROM task_labels l "
+            + ("INDEXED BY task_labels_pending " if only_pending else "")
+            + "JOIN tasks ON tasks.rowid = l.task_rowid"
+        )
+        where = [f"l.label IN ({_in(query.labels)})", "l.task_rowid > ?"]
+        params: list[Any] = [*query.labels, query.after_position]
+        if only_pending:
+            where.append("l.pending = 1")
+        distinct = "DISTINCT " if len(query.labels) > 1 else ""
+        order = "l.task_rowid" if not distinct else "tasks.rowid"
+    else:
+        source, distinct, order = "FROM tasks", "", "tasks.rowid"
+        where, params = ["tasks.rowid > ?"], [query.after_position]
+    if query.statuses:
+        where.append(f"tasks.status IN ({_in(query.statuses)})")
+        params.extend(int(s) for s in query.statuses)
+    if query.parent_id:
+        where.append("tasks.parent_id = ?")
+        params.append(query.parent_id)
+    if query.visible_to is not None:
+        agent = query.visible_to
+        where.append(
+            "(tasks.created_by = ? OR tasks.claimed_by = ? OR EXISTS (SELECT 1 FROM "
+            f"task_labels v WHERE v.task_rowid = tasks.rowid AND v.label IN "
+            f"({_in(agent.labels)})))"
+        )
+        params.extend([agent.name, agent.name, *agent.labels])
+    params.append(query.limit + 1)
+    return (
+        f"SELECT {distinct}tasks.rowid, {_prefixed('tasks')} {source} "
+        f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?",
+        params,
+    )
+
+
+def _page_within(
+    conn: sqlite3.Connection, sql: str, params: list[Any], limit: int, max_bytes: int
+) -> tuple[list[TaskRecord], int | None]:
+    """At most `limit` tasks of a query (of at most `limit + 1` rows) whose sizes
+    add up to at most `max_bytes` (at least one), and the rowid of the last when
+    more follow.
+
+    Row by row, so a page of large tasks reads one task past its end, not `limit`.
+    """
+    rows = conn.execute(sql, params)
+    tasks: list[TaskRecord] = []
+    total, last, more = 0, 0, False
+    try:
+        for row in rows:
+            if len(tasks) == limit:
+                more = True
+                break
+            task = _task_from_row(row[1:])
+            total += task_size(task)
+            if tasks and total > max_bytes:
+                more = True
+                break
+            tasks.append(task)
+            last = row[0]
+    finally:
+        rows.close()
+    return tasks, last if more else None
 
 
 class AgentStore:

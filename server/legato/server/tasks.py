@@ -263,6 +263,7 @@ class TaskManager:
                 limit=limits.check_page_size(page_size),
                 after_position=_decode_page_token(page_token),
                 visible_to=None if caller.admin else caller,
+                max_bytes=limits.PAGE_BUDGET_BYTES,
             )
         )
         next_token = "" if page.next_position is None else _encode_page_token(page.next_position)
