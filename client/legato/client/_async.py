@@ -233,10 +233,20 @@ class AsyncClient(ClientCore):
         return Task.from_proto(await self._call(self._stub.ProvideInput, request))
 
     async def get_task_tree(self, task_id: str) -> list[Task]:
-        """The task and the descendants this agent sees, each after its parent."""
-        request = tasks_pb2.GetTaskTreeRequest(id=task_id)
-        response = await self._call(self._stub.GetTaskTree, request)
-        return [Task.from_proto(t) for t in response.tasks]
+        """The task and the descendants this agent sees, each after its parent
+        (every page of them)."""
+        tasks: list[Task] = []
+        page_token = ""
+        while True:
+            # The most a page holds; the daemon cuts pages of large tasks shorter.
+            request = tasks_pb2.GetTaskTreeRequest(
+                id=task_id, page_size=1000, page_token=page_token
+            )
+            response = await self._call(self._stub.GetTaskTree, request)
+            tasks.extend(Task.from_proto(t) for t in response.tasks)
+            page_token = response.next_page_token
+            if not page_token:
+                return tasks
 
     async def work(
         self,

@@ -220,9 +220,20 @@ class Client(ClientCore):
         return Task.from_proto(self._call(self._stub.ProvideInput, request))
 
     def get_task_tree(self, task_id: str) -> list[Task]:
-        """The task and the descendants this agent sees, each after its parent."""
-        response = self._call(self._stub.GetTaskTree, tasks_pb2.GetTaskTreeRequest(id=task_id))
-        return [Task.from_proto(t) for t in response.tasks]
+        """The task and the descendants this agent sees, each after its parent
+        (every page of them)."""
+        tasks: list[Task] = []
+        page_token = ""
+        while True:
+            # The most a page holds; the daemon cuts pages of large tasks shorter.
+            request = tasks_pb2.GetTaskTreeRequest(
+                id=task_id, page_size=1000, page_token=page_token
+            )
+            response = self._call(self._stub.GetTaskTree, request)
+            tasks.extend(Task.from_proto(t) for t in response.tasks)
+            page_token = response.next_page_token
+            if not page_token:
+                return tasks
 
     def work(
         self,

@@ -531,19 +531,39 @@ class Store:
 
         return await self._db.read(read)
 
-    async def subtree(self, task_id: str) -> list[TaskRecord]:
-        """The task and its descendants, each after its parent (creation order)."""
+    async def subtree(
+        self,
+        task_id: str,
+        *,
+        visible_to: AgentRecord | None = None,
+        after_position: int = 0,
+        limit: int = limits.DEFAULT_PAGE_SIZE,
+        max_bytes: int = limits.PAGE_BUDGET_BYTES,
+    ) -> tuple[list[TaskRecord], int | None]:
+        """A page of the task and its descendants, each after its parent (rowid
+        order: a child is created after its parent), and the position of the
+        page's last task when more may follow (else None).
 
-        def read(conn: sqlite3.Connection) -> list[TaskRecord]:
-            rows = conn.execute(
-                f"WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
-                "SELECT t.id FROM tasks t JOIN tree ON t.parent_id = tree.id) "
-                f"{_SELECT_TASK} WHERE id IN (SELECT id FROM tree) ORDER BY rowid",
-                (task_id,),
-            ).fetchall()
-            return [_task_from_row(r[1:]) for r in rows]
+        Only the tasks `visible_to` sees, filtered before the page is cut, so
+        every page but the last is full and no position is a hidden task's.
+        Bounded like `list_tasks`.
+        """
+        sql, params = subtree_sql(task_id, visible_to, after_position, limit)
+
+        def read(conn: sqlite3.Connection) -> tuple[list[TaskRecord], int | None]:
+            return _page_within(conn, sql, params, limit, max_bytes)
 
         return await self._db.read(read)
+
+
+def _sees(agent: AgentRecord) -> tuple[str, list[Any]]:
+    """`access.sees` for a row of `tasks`, as SQL: for filtering rows an index chose."""
+    sql = (
+        "(tasks.created_by = ? OR tasks.claimed_by = ? OR EXISTS (SELECT 1 FROM "
+        "task_labels v WHERE v.task_rowid = tasks.rowid AND v.label IN "
+        f"({_in(agent.labels)})))"
+    )
+    return sql, [agent.name, agent.name, *agent.labels]
 
 
 def list_sql(query: TaskQuery) -> tuple[str, list[Any]]:
@@ -575,18 +595,37 @@ def list_sql(query: TaskQuery) -> tuple[str, list[Any]]:
         where.append("tasks.parent_id = ?")
         params.append(query.parent_id)
     if query.visible_to is not None:
-        agent = query.visible_to
-        where.append(
-            "(tasks.created_by = ? OR tasks.claimed_by = ? OR EXISTS (SELECT 1 FROM "
-            f"task_labels v WHERE v.task_rowid = tasks.rowid AND v.label IN "
-            f"({_in(agent.labels)})))"
-        )
-        params.extend([agent.name, agent.name, *agent.labels])
+        sees, sees_params = _sees(query.visible_to)
+        where.append(sees)
+        params.extend(sees_params)
     params.append(query.limit + 1)
     return (
         f"SELECT {distinct}tasks.rowid, {_prefixed('tasks')} {source} "
         f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?",
         params,
+    )
+
+
+def subtree_sql(
+    task_id: str, visible_to: AgentRecord | None, after_position: int, limit: int
+) -> tuple[str, list[Any]]:
+    """The SELECT of a page of a subtree: (rowid, task columns) in rowid order,
+    at most `limit + 1` rows."""
+    # The recursive step by the parent index (partial: it needs the `!= ''`
+    # to apply; without, SQLite builds an automatic index of every task each time).
+    where, params = ["tasks.rowid > ?"], [task_id, after_position]
+    if visible_to is not None:
+        sees, sees_params = _sees(visible_to)
+        where.append(sees)
+        params.extend(sees_params)
+    return (
+        "WITH RECURSIVE tree(rowid, id) AS (SELECT rowid, id FROM tasks WHERE id = ? "
+        "UNION ALL SELECT t.rowid, t.id FROM tree JOIN tasks t INDEXED BY tasks_parent "
+        "ON t.parent_id = tree.id AND t.parent_id != '') "
+        f"SELECT tasks.rowid, {_prefixed('tasks')} FROM tasks "
+        f"WHERE tasks.rowid IN (SELECT rowid FROM tree) AND {' AND '.join(where)} "
+        "ORDER BY tasks.rowid LIMIT ?",
+        [*params, limit + 1],
     )
 
 

@@ -224,10 +224,22 @@ class TaskManager:
         output = await self._store.task_output(task) if task.output_size else ""
         return task, output
 
-    async def tree(self, task_id: str, *, caller: AgentRecord) -> list[TaskRecord]:
-        """The task and the descendants the caller sees, each after its parent."""
+    async def tree(
+        self, task_id: str, *, caller: AgentRecord, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[TaskRecord], str]:
+        """A page of the task and the descendants the caller sees, each after its
+        parent, and the token of the next page ("" if none)."""
+        limit = limits.check_page_size(page_size)
+        after_position = _decode_page_token(page_token)
         await self._visible_task(task_id, caller)
-        return [t for t in await self._store.subtree(task_id) if access.sees(caller, t)]
+        tasks, next_position = await self._store.subtree(
+            task_id,
+            visible_to=None if caller.admin else caller,
+            after_position=after_position,
+            limit=limit,
+            max_bytes=limits.PAGE_BUDGET_BYTES,
+        )
+        return tasks, "" if next_position is None else _encode_page_token(next_position)
 
     async def history(
         self, task_id: str, *, caller: AgentRecord, after_seq: int, page_size: int
