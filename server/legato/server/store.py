@@ -82,6 +82,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency
     ON tasks (created_by, idempotency_key) WHERE idempotency_key != '';
 CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (lease_expires_at) WHERE status = 2;
 CREATE INDEX IF NOT EXISTS tasks_parent ON tasks (parent_id) WHERE parent_id != '';
+-- What an agent sees, besides its labels' tasks (task_labels): the tasks it
+-- created and those it claimed, each in rowid order within a name, so its
+-- listing is a merge of index ranges, not a walk of the whole history.
+CREATE INDEX IF NOT EXISTS tasks_created_by ON tasks (created_by);
+CREATE INDEX IF NOT EXISTS tasks_claimed_by ON tasks (claimed_by) WHERE claimed_by != '';
 CREATE INDEX IF NOT EXISTS tasks_deadline
     ON tasks (deadline) WHERE deadline IS NOT NULL AND status IN (1, 2, 6);
 
@@ -566,9 +571,72 @@ def _sees(agent: AgentRecord) -> tuple[str, list[Any]]:
     return sql, [agent.name, agent.name, *agent.labels]
 
 
+def _visible_rowids(agent: AgentRecord, query: TaskQuery) -> tuple[str, list[Any]]:
+    """The rowids of the first tasks after `query.after_position` that `agent`
+    sees, in rowid order, as one compound SELECT.
+
+    One index range per reason to see a task (created it, claimed it, carries
+    one of its labels), each already in rowid order, merged by UNION with the
+    LIMIT on top: SQLite stops reading every range once the page is full. So
+    the cost follows what the agent sees, not the history. INDEXED BY, because
+    without statistics the planner may prefer walking the rowids of every task.
+    """
+    statuses = [int(s) for s in query.statuses]
+    on_status = f" AND tasks.status IN ({_in(statuses)})" if statuses else ""
+    after = query.after_position
+    arms = [
+        (
+            "SELECT tasks.rowid FROM tasks INDEXED BY tasks_created_by "
+            f"WHERE tasks.created_by = ? AND tasks.rowid > ?{on_status}",
+            [agent.name, after, *statuses],
+        ),
+        (
+            "SELECT tasks.rowid FROM tasks INDEXED BY tasks_claimed_by WHERE tasks.claimed_by = ? "
+            f"AND tasks.claimed_by != '' AND tasks.rowid > ?{on_status}",
+            [agent.name, after, *statuses],
+        ),
+    ]
+    only_pending = set(query.statuses) == {Status.PENDING}
+    for label in agent.labels:
+        if only_pending:  # the pending index alone answers: no task row to read
+            arms.append(
+                (
+                    "SELECT l.task_rowid FROM task_labels l INDEXED BY task_labels_pending "
+                    "WHERE l.label = ? AND l.pending = 1 AND l.task_rowid > ?",
+                    [label, after],
+                )
+            )
+        elif statuses:  # CROSS JOIN: the label's range stays the outer loop, in rowid order
+            arms.append(
+                (
+                    "SELECT l.task_rowid FROM task_labels l CROSS JOIN tasks ON tasks.rowid = "
+                    f"l.task_rowid WHERE l.label = ? AND l.task_rowid > ?{on_status}",
+                    [label, after, *statuses],
+                )
+            )
+        else:
+            arms.append(
+                (
+                    "SELECT l.task_rowid FROM task_labels l WHERE l.label = ? AND l.task_rowid > ?",
+                    [label, after],
+                )
+            )
+    sql = " UNION ".join(arm for arm, _ in arms) + " ORDER BY 1 LIMIT ?"
+    return sql, [*(p for _, arm_params in arms for p in arm_params), query.limit + 1]
+
+
 def list_sql(query: TaskQuery) -> tuple[str, list[Any]]:
     """The SELECT of a listing page: (rowid, task columns) in rowid order, at
     most `query.limit + 1` rows."""
+    where: list[str]
+    params: list[Any]
+    if not query.labels and not query.parent_id and query.visible_to is not None:
+        visible, params = _visible_rowids(query.visible_to, query)
+        return (
+            f"SELECT tasks.rowid, {_prefixed('tasks')} FROM tasks "
+            f"WHERE tasks.rowid IN ({visible}) ORDER BY tasks.rowid",
+            params,
+        )
     if query.labels:
         # Walk the labels' own index ranges in task order, so a page costs
         # what the label holds, not the whole history; the pending index
@@ -580,11 +648,17 @@ def list_sql(query: TaskQuery) -> tuple[str, list[Any]]:
             + "JOIN tasks ON tasks.rowid = l.task_rowid"
         )
         where = [f"l.label IN ({_in(query.labels)})", "l.task_rowid > ?"]
-        params: list[Any] = [*query.labels, query.after_position]
+        params = [*query.labels, query.after_position]
         if only_pending:
             where.append("l.pending = 1")
         distinct = "DISTINCT " if len(query.labels) > 1 else ""
         order = "l.task_rowid" if not distinct else "tasks.rowid"
+    elif query.parent_id:
+        # The children of one task, by the parent index (partial: it needs
+        # the `!= ''` to apply), in rowid order.
+        source, distinct, order = "FROM tasks INDEXED BY tasks_parent", "", "tasks.rowid"
+        where = ["tasks.parent_id != ''", "tasks.rowid > ?"]
+        params = [query.after_position]
     else:
         source, distinct, order = "FROM tasks", "", "tasks.rowid"
         where, params = ["tasks.rowid > ?"], [query.after_position]
