@@ -3,21 +3,31 @@
 A non-admin listing merges the index ranges of what its agent sees (created,
 claimed, its labels) instead of walking every task; trees and children
 listings go by the parent index. The plans are checked on the SQL the daemon
-runs, captured from its reader connections.
+runs, captured from its reader connections. Connecting and a cursor-less
+watch ask for no listing at all (WhoAmI and GetCursor).
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from conftest import Connect
-from legato.client import AsyncClient, Task, TaskStatus
+from legato.client import AsyncClient, Client, Task, TaskStatus
+from legato.client.errors import UnauthenticatedError
 from legato.server.daemon import Daemon
+
+LIST_TASKS = "/legato.v1.TaskService/ListTasks"
+WHO_AM_I = "/legato.v1.AgentService/WhoAmI"
+GET_CURSOR = "/legato.v1.TaskService/GetCursor"
 
 
 @contextmanager
@@ -147,3 +157,103 @@ async def test_trees_and_children_listings_go_by_the_parent_index(
             plan = query_plan(daemon.tasks.store.path, sql)
             assert not history_walks(plan), plan
             assert any("tasks_parent" in step for step in plan), plan
+
+
+class _Recorder(grpc.aio.UnaryUnaryClientInterceptor):
+    """The unary methods a grpc.aio channel calls; `cursor_taken` once a GetCursor answered."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+        self.cursor_taken = asyncio.Event()
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        self.methods.append(method)
+        call = await continuation(details, request)
+        if method == GET_CURSOR:
+            await call
+            self.cursor_taken.set()
+        return call
+
+
+class _SyncRecorder(grpc.UnaryUnaryClientInterceptor):
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+        self.cursor_taken = threading.Event()
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        self.methods.append(details.method)
+        outcome = continuation(details, request)
+        if details.method == GET_CURSOR:
+            outcome.result()
+            self.cursor_taken.set()
+        return outcome
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> Callable[[], _Recorder]:
+    """Makes every grpc.aio channel opened afterwards record its unary calls."""
+
+    def install() -> _Recorder:
+        recorder = _Recorder()
+        plain = grpc.aio.insecure_channel
+
+        def recording(target: str, options: Any = None, **kwargs: Any) -> grpc.aio.Channel:
+            return plain(target, options=options, interceptors=[recorder], **kwargs)
+
+        monkeypatch.setattr(grpc.aio, "insecure_channel", recording)
+        return recorder
+
+    return install
+
+
+async def test_connect_and_a_cursorless_watch_list_no_tasks(
+    daemon: Daemon, agent_key: Callable[..., Any], recorded: Callable[[], _Recorder]
+) -> None:
+    key = await agent_key("watcher")
+    creator_key = await agent_key("creator")
+    recorder = recorded()
+    client = await AsyncClient.connect(daemon.config.address, api_key=key)
+    try:
+        assert recorder.methods == [WHO_AM_I]
+        events = client.watch(labels=["@watcher"])
+        first = asyncio.ensure_future(anext(events))
+        await asyncio.wait_for(recorder.cursor_taken.wait(), 10)
+        async with AsyncClient(daemon.config.address, api_key=creator_key) as creator:
+            handle = await creator.create_task("after the cursor", labels=["@watcher"])
+        assert (await asyncio.wait_for(first, 10)).task.id == handle.id
+        await events.aclose()
+    finally:
+        await client.aclose()
+    assert LIST_TASKS not in recorder.methods
+    assert GET_CURSOR in recorder.methods
+    with pytest.raises(UnauthenticatedError):
+        await AsyncClient.connect(daemon.config.address, api_key="lgt_000000000000_" + "x" * 43)
+
+
+async def test_sync_connect_and_a_cursorless_watch_list_no_tasks(
+    daemon: Daemon, agent_key: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = await agent_key("watcher")
+    creator_key = await agent_key("creator")
+    recorder = _SyncRecorder()
+    plain = grpc.insecure_channel
+
+    def recording(target: str, options: Any = None, **kwargs: Any) -> grpc.Channel:
+        return grpc.intercept_channel(plain(target, options=options, **kwargs), recorder)
+
+    monkeypatch.setattr(grpc, "insecure_channel", recording)
+    client = await asyncio.to_thread(Client.connect, daemon.config.address, api_key=key)
+    try:
+        assert recorder.methods == [WHO_AM_I]
+        events = client.watch(labels=["@watcher"])
+        first = asyncio.ensure_future(asyncio.to_thread(lambda: next(islice(events, 1))))
+        assert await asyncio.to_thread(recorder.cursor_taken.wait, 10)
+        async with AsyncClient(daemon.config.address, api_key=creator_key) as creator:
+            handle = await creator.create_task("after the cursor", labels=["@watcher"])
+        assert (await asyncio.wait_for(first, 10)).task.id == handle.id
+        events.close()
+    finally:
+        client.close()
+    assert LIST_TASKS not in recorder.methods
+    assert GET_CURSOR in recorder.methods

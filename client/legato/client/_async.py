@@ -68,12 +68,12 @@ class AsyncClient(ClientCore):
         timeout: float | None = 30.0,
         connect_timeout: float = 5.0,
     ) -> AsyncClient:
-        """Creates a client and waits until the daemon answers; UnavailableError if it does not."""
+        """Creates a client and waits until the daemon answers; UnavailableError if it does
+        not, UnauthenticatedError if it does not know the key."""
         client = cls(address, api_key=api_key, timeout=timeout)
         try:
-            await client._call(
-                client._stub.ListTasks, tasks_pb2.ListTasksRequest(page_size=1), connect_timeout
-            )
+            # WhoAmI: it checks the key and costs the same however long the history is.
+            await client._call(client._agents.WhoAmI, agents_pb2.WhoAmIRequest(), connect_timeout)
         except BaseException:
             await client.aclose()
             raise
@@ -388,7 +388,8 @@ class AsyncClient(ClientCore):
         deadline: Deadline,
     ) -> AsyncGenerator[TaskEvent, None]:
         if after_seq is None:
-            after_seq = (await self.list_tasks(page_size=1)).cursor
+            cursor = await self._call(self._stub.GetCursor, tasks_pb2.GetCursorRequest())
+            after_seq = cursor.cursor
         resume = Resume()
         while True:
             self._check_open()

@@ -66,12 +66,12 @@ class Client(ClientCore):
         timeout: float | None = 30.0,
         connect_timeout: float = 5.0,
     ) -> Client:
-        """Creates a client and waits until the daemon answers; UnavailableError if it does not."""
+        """Creates a client and waits until the daemon answers; UnavailableError if it does
+        not, UnauthenticatedError if it does not know the key."""
         client = cls(address, api_key=api_key, timeout=timeout)
         try:
-            client._call(
-                client._stub.ListTasks, tasks_pb2.ListTasksRequest(page_size=1), connect_timeout
-            )
+            # WhoAmI: it checks the key and costs the same however long the history is.
+            client._call(client._agents.WhoAmI, agents_pb2.WhoAmIRequest(), connect_timeout)
         except BaseException:
             client.close()
             raise
@@ -375,7 +375,7 @@ class Client(ClientCore):
         deadline: Deadline,
     ) -> Generator[TaskEvent, None, None]:
         if after_seq is None:
-            after_seq = self.list_tasks(page_size=1).cursor
+            after_seq = self._call(self._stub.GetCursor, tasks_pb2.GetCursorRequest()).cursor
         resume = Resume()
         while True:
             self._check_open()
