@@ -498,6 +498,21 @@ class Store:
 
         return await self._db.read(read)
 
+    async def held_by(self, agent: str) -> list[str]:
+        """The ids of the tasks `agent` holds now (CLAIMED or INPUT_REQUIRED)."""
+
+        def read(conn: sqlite3.Connection) -> list[str]:
+            # `claimed_by != ''` repeats the partial index's condition, so the
+            # planner may use it for a bound parameter.
+            rows = conn.execute(
+                "SELECT id FROM tasks INDEXED BY tasks_claimed_by "
+                "WHERE claimed_by = ? AND claimed_by != '' AND status IN (2, 6)",
+                (agent,),
+            )
+            return [task_id for (task_id,) in rows]
+
+        return await self._db.read(read)
+
     async def cursor(self) -> int:
         """The seq of the latest event (0 before the first): one index lookup."""
 

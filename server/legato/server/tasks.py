@@ -103,6 +103,7 @@ class TaskManager:
             self._waiters.nudge_owner(name)
 
         agents.on_key_invalidated = key_invalidated
+        agents.on_revoked = self._release_held_by
         agents.on_access_changed = self._waiters.nudge_owner
         # How often a claim looked for a task: long-polling workers must not drive it up.
         self.claim_attempts = 0
@@ -393,6 +394,21 @@ class TaskManager:
         background = asyncio.ensure_future(release())
         self._background.add(background)
         background.add_done_callback(self._background.discard)
+
+    async def _release_held_by(self, name: str) -> None:
+        """Hands back what a revoked agent held: it can never finish it, and
+        waiting out a lease (up to 24 h) would stall the task for nothing."""
+        reason = f"agent {name} was revoked while it held the task"
+
+        def decide(task: TaskRecord) -> Change | None:
+            if task.claimed_by != name or task.status not in lifecycle.WORKING:
+                return None  # finished or moved on meanwhile
+            return lifecycle.release(
+                task, lease_token=task.lease_token, reason=reason, now=self._clock()
+            )
+
+        for task_id in await self._store.held_by(name):
+            await self._store.update(task_id, decide, actor=DAEMON_ACTOR)
 
     async def heartbeat(
         self, *, task_id: str, lease_token: str, lease_us: int | None, caller: AgentRecord
