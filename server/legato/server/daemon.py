@@ -178,14 +178,16 @@ class Daemon:
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self) -> None:
-        """Graceful stop: NOT_SERVING, end watch streams, drain calls, close the database.
+        """Graceful stop: NOT_SERVING, end watch streams and claim waits, drain calls,
+        close the database.
 
-        Watch streams are ended first because `server.stop(grace)` otherwise
-        waits out the whole grace period while any stream is open.
+        Watch streams and long-poll claims are ended first because
+        `server.stop(grace)` otherwise waits out the whole grace period while
+        any of them is open.
         """
         await self._health.enter_graceful_shutdown()
         if self.tasks is not None:
-            self.tasks.bus.close()
+            self.tasks.end_waits()
         if self._server is not None:
             await self._server.stop(self.config.grace)
             self._server = None
