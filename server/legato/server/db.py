@@ -17,6 +17,8 @@ write's sync, and WAL gives each read a consistent snapshot.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import os
 import sqlite3
 import threading
@@ -28,6 +30,8 @@ from queue import Empty, SimpleQueue
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # How many queued writes may share one transaction. Bounds the latency a write
 # adds to the others of its group.
@@ -48,6 +52,57 @@ class Durability(StrEnum):
 
     NORMAL = "normal"
     FULL = "full"
+
+
+# The test hook that makes one part of a real daemon's database fail on purpose;
+# see `InjectedFault.from_env`.
+FAULT_ENV = "LEGATO_INJECT_FAULT"
+
+
+class FaultPart(StrEnum):
+    """The parts of the database a test can make fail."""
+
+    WRITER = "writer"
+    CHECKPOINT = "checkpoint"
+    AFTER_COMMIT = "after_commit"
+
+
+@dataclass(frozen=True)
+class InjectedFault:
+    """A test hook: `part` fails once, after it has worked `after` times.
+
+    `writer`: the writer thread raises instead of committing its next group
+    once it has committed `after` groups. `checkpoint`: the checkpoint thread
+    raises instead of running its checkpoint number `after + 1`. `after_commit`:
+    the post-commit callback of the write number `after + 1` that has one raises,
+    after that write committed.
+
+    No real fault was found that makes these threads die (every error SQLite
+    raises is handed to the callers), so the tests that prove the daemon
+    survives such a death arm this instead.
+    """
+
+    part: FaultPart
+    after: int
+
+    @classmethod
+    def from_env(cls) -> InjectedFault | None:
+        """The fault `LEGATO_INJECT_FAULT=PART:N` asks for (e.g. `writer:40`), if any."""
+        spec = os.environ.get(FAULT_ENV, "").strip()
+        if not spec:
+            return None
+        part, _, after = spec.partition(":")
+        try:
+            return cls(FaultPart(part), int(after))
+        except ValueError:
+            raise ValueError(
+                f"{FAULT_ENV}={spec!r}: expected PART:N with PART one of "
+                f"{', '.join(FaultPart)} and N a number of successes before the fault"
+            ) from None
+
+
+class InjectedFailure(Exception):
+    """What an `InjectedFault` raises."""
 
 
 @dataclass
@@ -109,6 +164,22 @@ class Database:
         for thread in self._threads:
             thread.start()
         self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        durability: Durability = Durability.NORMAL,
+        fault: InjectedFault | None = None,
+    ) -> Database:
+        """Opens the database at `path`; with `fault` (default: from LEGATO_INJECT_FAULT),
+        one whose `fault.part` fails on purpose, for tests."""
+        fault = fault or InjectedFault.from_env()
+        if fault is None:
+            return cls(path, durability=durability)
+        log.warning("test hook %s armed: the database will fail on purpose (%s)", FAULT_ENV, fault)
+        return _FaultyDatabase(path, fault, durability=durability)
 
     async def write(
         self,
@@ -175,12 +246,15 @@ class Database:
             self._checkpoint_due.clear()
             if self._stopping:
                 break
-            # PASSIVE: copies what it can without blocking readers or the writer.
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._checkpoint(conn)
         # The writer is done: fold the whole WAL back and truncate it, so the
         # database file alone is complete after a clean stop.
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        # PASSIVE: copies what it can without blocking readers or the writer.
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _commit_group(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> None:
         try:
@@ -241,3 +315,45 @@ class Database:
     def _join(self) -> None:
         for thread in self._threads:
             thread.join()
+
+
+class _FaultyDatabase(Database):
+    """A `Database` whose part `fault.part` fails once, after `fault.after` successes.
+
+    A subclass rather than a check in the real code paths: the writer's
+    per-commit work stays what it is when no fault is armed.
+    """
+
+    def __init__(self, path: Path, fault: InjectedFault, *, durability: Durability):
+        # Before the threads start: they may reach the fault at once.
+        self._fault = fault
+        self._successes = itertools.count()
+        super().__init__(path, durability=durability)
+
+    def _trip(self, part: FaultPart) -> None:
+        if self._fault.part is part and next(self._successes) == self._fault.after:
+            raise InjectedFailure(f"{FAULT_ENV}={part}:{self._fault.after}: the injected fault")
+
+    def _commit_group(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> None:
+        self._trip(FaultPart.WRITER)
+        super()._commit_group(conn, group)
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        self._trip(FaultPart.CHECKPOINT)
+        super()._checkpoint(conn)
+
+    async def write(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        after_commit: Callable[[T], None] | None = None,
+    ) -> T:
+        if after_commit is None or self._fault.part is not FaultPart.AFTER_COMMIT:
+            return await super().write(fn, after_commit=after_commit)
+        publish = after_commit
+
+        def publish_or_fail(outcome: T) -> None:
+            self._trip(FaultPart.AFTER_COMMIT)
+            publish(outcome)
+
+        return await super().write(fn, after_commit=publish_or_fail)

@@ -238,7 +238,7 @@ class Store:
         durability: Durability = Durability.NORMAL,
     ) -> Store:
         """Opens (creating if needed) the database at `path`."""
-        db = Database(path, durability=durability)
+        db = Database.open(path, durability=durability)
         try:
             await db.write(_migrate)
         except BaseException:
