@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -19,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from legato.server.agent_service import AgentService
 from legato.server.agents import ADMIN_KEY_FILE
 from legato.server.auth import AuthInterceptor
-from legato.server.db import Durability
+from legato.server.db import DatabaseFailed, Durability
 from legato.server.events import DEFAULT_BUFFER
 from legato.server.paths import (
     DB_NAME,
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 # 1 MiB each of context and result; the rest is headroom.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SERVICE_NAME = "legato.v1.TaskService"
+# The exit status of `legato serve` when the daemon stopped because its
+# database failed: a supervisor (systemd's Restart=on-failure) restarts it.
+EXIT_DATABASE_FAILED = 3
 
 GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -132,6 +136,10 @@ class Daemon:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._lock = DataDirLock(private_dir(config.data_dir))
+        # Why the daemon's database failed, once it has; `serve` then stops it.
+        self.failure: DatabaseFailed | None = None
+        self._failed = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._lock.__enter__()
@@ -147,6 +155,9 @@ class Daemon:
             durability=self.config.durability,
             max_open_tasks=self.config.max_open_tasks,
             watch_buffer=self.config.watch_buffer,
+        )
+        self._supervisor = asyncio.create_task(
+            self._supervise(self.tasks), name="legato-supervisor"
         )
         self.admin_key_path = await self.tasks.agents.bootstrap_admin(self.config.data_dir)
         server = grpc.aio.server(
@@ -177,6 +188,30 @@ class Daemon:
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
+    async def _supervise(self, tasks: TaskManager) -> None:
+        """Once the database fails: NOT_SERVING, and no caller left waiting for it.
+
+        The database has already answered every call pending on it; watch
+        streams and long-poll claims wait on commits that will not come, so
+        they are ended too.
+        """
+        failure = await tasks.store.failed()
+        await self._health.enter_graceful_shutdown()
+        tasks.end_waits()
+        self._record(failure)
+
+    def _record(self, failure: DatabaseFailed) -> None:
+        if self.failure is None:
+            self.failure = failure
+            self._failed.set()
+
+    async def failed(self) -> DatabaseFailed:
+        """Waits until the database fails; by then health says NOT_SERVING and no
+        call waits on it. Stopping the daemon is left to the caller (`serve`)."""
+        await self._failed.wait()
+        assert self.failure is not None
+        return self.failure
+
     async def stop(self) -> None:
         """Graceful stop: NOT_SERVING, end watch streams and claim waits, drain calls,
         close the database.
@@ -192,8 +227,17 @@ class Daemon:
             await self._server.stop(self.config.grace)
             self._server = None
         if self.tasks is not None:
+            store = self.tasks.store
             await self.tasks.close()
             self.tasks = None
+            # It may fail as it closes too (its last checkpoint, say): that counts.
+            if store.failure is not None:
+                self._record(store.failure)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
         self._lock.__exit__(None, None, None)
 
     async def __aenter__(self) -> Daemon:
@@ -223,12 +267,17 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Runs the daemon until SIGINT or SIGTERM."""
+    """Runs the daemon until SIGINT or SIGTERM, or until its database fails.
+
+    Raises `DatabaseFailed` once the daemon has stopped if its database failed:
+    the process must then exit non-zero (`EXIT_DATABASE_FAILED`), so that a
+    supervisor restarts it.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Daemon(config):
+    async with Daemon(config) as daemon:
         print(
             f"legato serving on {config.address} (data: {config.data_dir}, "
             f"durability: {config.durability.value})",
@@ -236,6 +285,17 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         )
         if ready is not None:
             ready.set()
-        await stop.wait()
-        log.info("shutting down")
+        signalled = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(daemon.failed())
+        try:
+            await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            signalled.cancel()
+            failed.cancel()
+        if daemon.failure is None:
+            log.info("shutting down")
+        else:
+            log.error("shutting down: the database failed (%s)", daemon.failure.reason)
+    if daemon.failure is not None:
+        raise daemon.failure
     print("legato stopped", flush=True)
