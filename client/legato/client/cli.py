@@ -179,8 +179,14 @@ class Output:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from legato.server.daemon import AlreadyRunning, Config, run_event_loop, serve
-    from legato.server.db import Durability
+    from legato.server.daemon import (
+        EXIT_DATABASE_FAILED,
+        AlreadyRunning,
+        Config,
+        run_event_loop,
+        serve,
+    )
+    from legato.server.db import DatabaseFailed, Durability
     from legato.server.paths import UnsafeAddress
 
     logging.basicConfig(
@@ -205,6 +211,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"legato: cannot start the daemon: {exc}", file=sys.stderr)
         return 1
+    except DatabaseFailed as exc:
+        print(
+            f"legato: the daemon stopped because its database failed ({exc.reason}); "
+            "its log above has the traceback. Restart it: nothing acknowledged was lost",
+            file=sys.stderr,
+        )
+        return EXIT_DATABASE_FAILED
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import ipaddress
 import json
@@ -23,7 +24,7 @@ from legato.server import limits
 from legato.server.agent_service import AgentService
 from legato.server.agents import ADMIN_KEY_FILE
 from legato.server.auth import AuthInterceptor
-from legato.server.db import Durability
+from legato.server.db import DatabaseFailed, Durability
 from legato.server.events import DEFAULT_BUFFER
 from legato.server.paths import (
     DB_NAME,
@@ -43,6 +44,9 @@ from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "legato.v1.TaskService"
+# The exit status of `legato serve` when the daemon stopped because its
+# database failed: a supervisor (systemd's Restart=on-failure) restarts it.
+EXIT_DATABASE_FAILED = 3
 
 GRPC_OPTIONS: list[tuple[str, int]] = [
     # The largest request or response; `limits` shows that every task fits one.
@@ -222,6 +226,10 @@ class Daemon:
         self._bound_port = 0
         self._health = health.aio.HealthServicer()
         self._lock = DaemonLock(private_dir(config.data_dir), config.address)
+        # Why the daemon's database failed, once it has; `serve` then stops it.
+        self.failure: DatabaseFailed | None = None
+        self._failed = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._lock.__enter__()
@@ -237,6 +245,9 @@ class Daemon:
             durability=self.config.durability,
             max_open_tasks=self.config.max_open_tasks,
             watch_buffer=self.config.watch_buffer,
+        )
+        self._supervisor = asyncio.create_task(
+            self._supervise(self.tasks), name="legato-supervisor"
         )
         self.admin_key_path = await self.tasks.agents.bootstrap_admin(self.config.data_dir)
         server = grpc.aio.server(
@@ -283,21 +294,56 @@ class Daemon:
             return address
         return f"{address.rsplit(':', 1)[0]}:{self._bound_port}"
 
-    async def stop(self) -> None:
-        """Graceful stop: NOT_SERVING, end watch streams, drain calls, close the database.
+    async def _supervise(self, tasks: TaskManager) -> None:
+        """Once the database fails: NOT_SERVING, and no caller left waiting for it.
 
-        Watch streams are ended first because `server.stop(grace)` otherwise
-        waits out the whole grace period while any stream is open.
+        The database has already answered every call pending on it; watch
+        streams and long-poll claims wait on commits that will not come, so
+        they are ended too.
+        """
+        failure = await tasks.store.failed()
+        await self._health.enter_graceful_shutdown()
+        tasks.end_waits()
+        self._record(failure)
+
+    def _record(self, failure: DatabaseFailed) -> None:
+        if self.failure is None:
+            self.failure = failure
+            self._failed.set()
+
+    async def failed(self) -> DatabaseFailed:
+        """Waits until the database fails; by then health says NOT_SERVING and no
+        call waits on it. Stopping the daemon is left to the caller (`serve`)."""
+        await self._failed.wait()
+        assert self.failure is not None
+        return self.failure
+
+    async def stop(self) -> None:
+        """Graceful stop: NOT_SERVING, end watch streams and claim waits, drain calls,
+        close the database.
+
+        Watch streams and long-poll claims are ended first because
+        `server.stop(grace)` otherwise waits out the whole grace period while
+        any of them is open.
         """
         await self._health.enter_graceful_shutdown()
         if self.tasks is not None:
-            self.tasks.bus.close()
+            self.tasks.end_waits()
         if self._server is not None:
             await self._server.stop(self.config.grace)
             self._server = None
         if self.tasks is not None:
+            store = self.tasks.store
             await self.tasks.close()
             self.tasks = None
+            # It may fail as it closes too (its last checkpoint, say): that counts.
+            if store.failure is not None:
+                self._record(store.failure)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
         self._lock.__exit__(None, None, None)
 
     async def __aenter__(self) -> Daemon:
@@ -327,7 +373,12 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Runs the daemon until SIGINT or SIGTERM."""
+    """Runs the daemon until SIGINT or SIGTERM, or until its database fails.
+
+    Raises `DatabaseFailed` once the daemon has stopped if its database failed:
+    the process must then exit non-zero (`EXIT_DATABASE_FAILED`), so that a
+    supervisor restarts it.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -344,6 +395,17 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         )
         if ready is not None:
             ready.set()
-        await stop.wait()
-        log.info("shutting down")
+        signalled = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(daemon.failed())
+        try:
+            await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            signalled.cancel()
+            failed.cancel()
+        if daemon.failure is None:
+            log.info("shutting down")
+        else:
+            log.error("shutting down: the database failed (%s)", daemon.failure.reason)
+    if daemon.failure is not None:
+        raise daemon.failure
     print("legato stopped", flush=True)

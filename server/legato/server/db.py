@@ -12,22 +12,36 @@ one transaction, and cancelling a caller cannot leave a transaction open (the
 function runs to COMMIT or ROLLBACK on its thread whatever the caller does).
 Reads run on their own connections and threads, so they never wait behind a
 write's sync, and WAL gives each read a consistent snapshot.
+
+The threads are supervised: if one dies (or a post-commit callback raises),
+the database fails as a whole. Every call waiting on it is answered with
+`DatabaseFailed`, every later call gets it at once, and `failed()` tells the
+daemon, which stops serving so that it is restarted; no caller is left waiting
+on a thread that is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import Any, Generic, TypeVar
 
+import grpc
+from legato.server.errors import DomainError
+
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # How many queued writes may share one transaction. Bounds the latency a write
 # adds to the others of its group.
@@ -48,6 +62,98 @@ class Durability(StrEnum):
 
     NORMAL = "normal"
     FULL = "full"
+
+
+# The test hook that makes one part of a real daemon's database fail on purpose;
+# see `InjectedFault.from_env`.
+FAULT_ENV = "LEGATO_INJECT_FAULT"
+
+
+class FaultPart(StrEnum):
+    """The parts of the database a test can make fail."""
+
+    WRITER = "writer"
+    CHECKPOINT = "checkpoint"
+    AFTER_COMMIT = "after_commit"
+
+
+@dataclass(frozen=True)
+class InjectedFault:
+    """A test hook: `part` fails once, after it has worked `after` times.
+
+    `writer`: the writer thread raises instead of committing its next group
+    once it has committed `after` groups. `checkpoint`: the checkpoint thread
+    raises instead of running its checkpoint number `after + 1`. `after_commit`:
+    the post-commit callback of the write number `after + 1` that has one raises,
+    after that write committed.
+
+    No real fault was found that makes these threads die (every error SQLite
+    raises is handed to the callers), so the tests that prove the daemon
+    survives such a death arm this instead.
+    """
+
+    part: FaultPart
+    after: int
+
+    @classmethod
+    def from_env(cls) -> InjectedFault | None:
+        """The fault `LEGATO_INJECT_FAULT=PART:N` asks for (e.g. `writer:40`), if any."""
+        spec = os.environ.get(FAULT_ENV, "").strip()
+        if not spec:
+            return None
+        part, _, after = spec.partition(":")
+        try:
+            return cls(FaultPart(part), int(after))
+        except ValueError:
+            raise ValueError(
+                f"{FAULT_ENV}={spec!r}: expected PART:N with PART one of "
+                f"{', '.join(FaultPart)} and N a number of successes before the fault"
+            ) from None
+
+
+class InjectedFailure(Exception):
+    """What an `InjectedFault` raises."""
+
+
+class DatabaseFailed(DomainError):
+    """The database stopped serving: one of its threads died, or a post-commit
+    callback raised. The daemon stops, to be restarted.
+
+    UNAVAILABLE, like a daemon that is down: the caller does not know whether
+    its call took effect and retries once the daemon is back (a create with
+    the same idempotency key is answered with the task it made, if it did).
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+    _explanation = (
+        "the daemon's database failed ({reason}) and the daemon is stopping; retry once it is back"
+    )
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(self._explanation.format(reason=reason))
+        self.reason = reason
+
+
+class CommittedUnpublished(DatabaseFailed):
+    """The caller's change was committed, but the post-commit callback that
+    publishes it raised, and the database failed with it.
+
+    Unlike the other `DomainError`s, something was changed: the message says
+    so. It is an error all the same, since watchers, waiting claims and lease
+    timers did not hear of the change, and the daemon is stopping; to the
+    caller it is the familiar case of a daemon that died after its commit,
+    before its answer.
+    """
+
+    _explanation = (
+        "the change was committed, but the daemon's database failed right after ({reason}) "
+        "and the daemon is stopping; the change stands: read it back once the daemon is "
+        "back before repeating it"
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass
@@ -96,6 +202,11 @@ class Database:
             os.umask(old_umask)
         self._checkpoint_due = threading.Event()
         self._stopping = False
+        self._closed = False
+        self._failure: DatabaseFailed | None = None
+        self._failed: asyncio.Future[DatabaseFailed] = self._loop.create_future()
+        # Closed or failed: one flag, so a call pays a single check for both.
+        self._refusing = False
         self._threads = [
             threading.Thread(target=self._writer, name="legato-db-writer", daemon=True),
             threading.Thread(target=self._checkpointer, name="legato-db-checkpoint", daemon=True),
@@ -108,7 +219,22 @@ class Database:
         ]
         for thread in self._threads:
             thread.start()
-        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        durability: Durability = Durability.NORMAL,
+        fault: InjectedFault | None = None,
+    ) -> Database:
+        """Opens the database at `path`; with `fault` (default: from LEGATO_INJECT_FAULT),
+        one whose `fault.part` fails on purpose, for tests."""
+        fault = fault or InjectedFault.from_env()
+        if fault is None:
+            return cls(path, durability=durability)
+        log.warning("test hook %s armed: the database will fail on purpose (%s)", FAULT_ENV, fault)
+        return _FaultyDatabase(path, fault, durability=durability)
 
     async def write(
         self,
@@ -128,59 +254,94 @@ class Database:
         """Runs `fn` on a reader connection; it may open its own read transaction."""
         return await self._submit(self._reads, fn, None)
 
+    @property
+    def failure(self) -> DatabaseFailed | None:
+        """Why the database failed, or None while it has not."""
+        return self._failure
+
+    async def failed(self) -> DatabaseFailed:
+        """Waits until the database fails and returns why; on a clean close it never does."""
+        return await asyncio.shield(self._failed)
+
     async def _submit(
         self,
         queue: SimpleQueue[_Job[Any] | None],
         fn: Callable[[sqlite3.Connection], T],
         after_commit: Callable[[T], None] | None,
     ) -> T:
-        if self._closed:
-            raise RuntimeError("the database is closed")
+        if self._refusing:
+            raise self._refusal()
         future: asyncio.Future[T] = self._loop.create_future()
         queue.put(_Job(fn, future, after_commit))
         return await future
 
+    def _refusal(self) -> Exception:
+        # A new exception for every caller: one shared instance would collect
+        # the traceback of each task it is raised in.
+        if self._failure is not None:
+            return DatabaseFailed(self._failure.reason)
+        return RuntimeError("the database is closed")
+
     def _writer(self) -> None:
         conn = self._writer_conn
         commits = 0
-        while True:
-            first = self._writes.get()
-            if first is None:
-                break
-            group = [first]
-            stop = False
-            while len(group) < MAX_GROUP:
-                try:
-                    job = self._writes.get_nowait()
-                except Empty:
+        # The group in hand when the thread dies is answered by `_fail`; kept in a
+        # local the loop assigns anyway, so supervision costs a commit nothing.
+        group: list[_Job[Any]] = []
+        try:
+            while True:
+                first = self._writes.get()
+                if first is None:
                     break
-                if job is None:
-                    stop = True
+                group = [first]
+                stop = False
+                while len(group) < MAX_GROUP:
+                    try:
+                        job = self._writes.get_nowait()
+                    except Empty:
+                        break
+                    if job is None:
+                        stop = True
+                        break
+                    group.append(job)
+                self._commit_group(conn, group)
+                commits += 1
+                if commits % CHECKPOINT_EVERY == 0:
+                    self._checkpoint_due.set()
+                if stop:
                     break
-                group.append(job)
-            self._commit_group(conn, group)
-            commits += 1
-            if commits % CHECKPOINT_EVERY == 0:
-                self._checkpoint_due.set()
-            if stop:
-                break
-        conn.close()
-        self._stopping = True
-        self._checkpoint_due.set()
+            conn.close()
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()  # rolls back a transaction the writer died in
+            self._died("writer", exc, group)
+        finally:
+            self._stopping = True
+            self._checkpoint_due.set()
 
     def _checkpointer(self) -> None:
         conn = self._checkpoint_conn
-        while True:
-            self._checkpoint_due.wait()
-            self._checkpoint_due.clear()
-            if self._stopping:
-                break
-            # PASSIVE: copies what it can without blocking readers or the writer.
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        # The writer is done: fold the whole WAL back and truncate it, so the
-        # database file alone is complete after a clean stop.
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.close()
+        try:
+            while True:
+                self._checkpoint_due.wait()
+                self._checkpoint_due.clear()
+                if self._stopping:
+                    break
+                self._checkpoint(conn)
+            # The writer is done: fold the whole WAL back and truncate it, so the
+            # database file alone is complete after a clean stop.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.close()
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+            # Nobody waits on this thread, but without it the WAL grows without
+            # end: the daemon must stop and be restarted all the same.
+            self._died("checkpoint", exc, ())
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        # PASSIVE: copies what it can without blocking readers or the writer.
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _commit_group(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> None:
         try:
@@ -202,9 +363,20 @@ class Database:
         self._loop.call_soon_threadsafe(self._deliver, group)
 
     def _deliver(self, group: list[_Job[Any]]) -> None:
+        unpublished: BaseException | None = None
         for job in group:
             if job.error is None and job.after_commit is not None:
-                job.after_commit(job.outcome)
+                # Each callback on its own: the rest of the group committed too,
+                # and is still published and answered.
+                try:
+                    job.after_commit(job.outcome)
+                except BaseException as exc:
+                    unpublished = unpublished or exc
+                    job.error = CommittedUnpublished(f"publishing it raised {_describe(exc)}")
+        if unpublished is not None:
+            # Watchers missed an event: the daemon can no longer be trusted to
+            # tell them, so it fails (before answering, so that health says so first).
+            self._fail(f"a post-commit callback raised {_describe(unpublished)}", unpublished, ())
         for job in group:
             if job.future.done():  # the caller was cancelled; the write stands
                 continue
@@ -214,25 +386,77 @@ class Database:
                 job.future.set_result(job.outcome)
 
     def _reader(self, conn: sqlite3.Connection) -> None:
-        while True:
-            job = self._reads.get()
-            if job is None:
-                break
-            try:
-                job.outcome = job.fn(conn)
-            except BaseException as exc:  # handed to the caller
-                job.error = exc
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            self._loop.call_soon_threadsafe(self._deliver, [job])
-        conn.close()
+        job: _Job[Any] | None = None
+        try:
+            while True:
+                job = self._reads.get()
+                if job is None:
+                    break
+                try:
+                    job.outcome = job.fn(conn)
+                except BaseException as exc:  # handed to the caller
+                    job.error = exc
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                self._loop.call_soon_threadsafe(self._deliver, [job])
+            conn.close()
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+            self._died("reader", exc, () if job is None else (job,))
+
+    def _died(self, role: str, exc: BaseException, in_hand: Sequence[_Job[Any]]) -> None:
+        # On the dying thread: the loop owns the futures, so it does the rest. It
+        # runs after any delivery this thread scheduled before, so a job it had
+        # already answered is left as it is.
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
+            self._loop.call_soon_threadsafe(
+                self._fail, f"its {role} thread died: {_describe(exc)}", exc, list(in_hand)
+            )
+
+    def _fail(self, reason: str, exc: BaseException, in_hand: Sequence[_Job[Any]]) -> None:
+        """Fails the database, on the loop: answers every call waiting on it."""
+        if self._failure is None:
+            log.error(
+                "the database failed: %s; answering every pending call UNAVAILABLE, "
+                "the daemon stops",
+                reason,
+                exc_info=exc,
+            )
+            self._failure = DatabaseFailed(reason)
+            self._refusing = True
+            self._failed.set_result(self._failure)
+        else:
+            log.error("the database failed again: %s", reason, exc_info=exc)
+        for job in in_hand:
+            self._refuse(job)
+        # Calls queued but not taken: a dead thread will never take them. A live
+        # one may race us for them, which is fine: each job is taken once.
+        for queue in (self._writes, self._reads):
+            stops = 0
+            while True:
+                try:
+                    queued = queue.get_nowait()
+                except Empty:
+                    break
+                if queued is None:
+                    stops += 1
+                else:
+                    self._refuse(queued)
+            for _ in range(stops):  # close()'s, for the threads still alive
+                queue.put(None)
+
+    def _refuse(self, job: _Job[Any]) -> None:
+        if not job.future.done():
+            job.future.set_exception(self._refusal())
 
     async def close(self) -> None:
         """Finishes queued work, then closes every connection."""
         if self._closed:
             return
         self._closed = True
+        self._refusing = True
         self._writes.put(None)
         for _ in self._reader_conns:
             self._reads.put(None)
@@ -241,3 +465,45 @@ class Database:
     def _join(self) -> None:
         for thread in self._threads:
             thread.join()
+
+
+class _FaultyDatabase(Database):
+    """A `Database` whose part `fault.part` fails once, after `fault.after` successes.
+
+    A subclass rather than a check in the real code paths: the writer's
+    per-commit work stays what it is when no fault is armed.
+    """
+
+    def __init__(self, path: Path, fault: InjectedFault, *, durability: Durability):
+        # Before the threads start: they may reach the fault at once.
+        self._fault = fault
+        self._successes = itertools.count()
+        super().__init__(path, durability=durability)
+
+    def _trip(self, part: FaultPart) -> None:
+        if self._fault.part is part and next(self._successes) == self._fault.after:
+            raise InjectedFailure(f"{FAULT_ENV}={part}:{self._fault.after}: the injected fault")
+
+    def _commit_group(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> None:
+        self._trip(FaultPart.WRITER)
+        super()._commit_group(conn, group)
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        self._trip(FaultPart.CHECKPOINT)
+        super()._checkpoint(conn)
+
+    async def write(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        after_commit: Callable[[T], None] | None = None,
+    ) -> T:
+        if after_commit is None or self._fault.part is not FaultPart.AFTER_COMMIT:
+            return await super().write(fn, after_commit=after_commit)
+        publish = after_commit
+
+        def publish_or_fail(outcome: T) -> None:
+            self._trip(FaultPart.AFTER_COMMIT)
+            publish(outcome)
+
+        return await super().write(fn, after_commit=publish_or_fail)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from legato.server import access, limits
-from legato.server.db import Database, Durability
+from legato.server.db import Database, DatabaseFailed, Durability
 from legato.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from legato.server.model import (
     AgentRecord,
@@ -265,7 +265,7 @@ class Store:
         durability: Durability = Durability.NORMAL,
     ) -> Store:
         """Opens (creating if needed) the database at `path`."""
-        db = Database(path, durability=durability)
+        db = Database.open(path, durability=durability)
         try:
             await db.write(_migrate)
         except BaseException:
@@ -279,6 +279,15 @@ class Store:
 
     async def close(self) -> None:
         await self._db.close()
+
+    @property
+    def failure(self) -> DatabaseFailed | None:
+        """Why the database failed, or None while it has not (see `Database.failed`)."""
+        return self._db.failure
+
+    async def failed(self) -> DatabaseFailed:
+        """Waits until the database fails and returns why."""
+        return await self._db.failed()
 
     async def _write(self, fn: Callable[[sqlite3.Connection], tuple[T, list[Event]]]) -> T:
         def publish(outcome: tuple[T, list[Event]]) -> None:

@@ -132,10 +132,19 @@ class TaskManager:
         manager._reaper.start()
         return manager
 
-    async def close(self) -> None:
-        """Ends watch streams and claim waits, stops the reaper, closes the database."""
+    def end_waits(self) -> None:
+        """Ends watch streams and long-poll claims, now and for good: the daemon is stopping.
+
+        Waiting claims return empty at once; left waiting, each would hold up
+        the server's drain for the whole grace period.
+        """
         self.bus.close()
         self._waiters.close()
+
+    async def close(self) -> None:
+        """Ends watch streams and claim waits, finishes pending releases, stops the
+        reaper, closes the database."""
+        self.end_waits()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._reaper.stop()
