@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from legato.server import limits
 from legato.server.agent_service import AgentService
@@ -26,6 +26,7 @@ from legato.server.agents import ADMIN_KEY_FILE
 from legato.server.auth import AuthInterceptor
 from legato.server.db import DatabaseFailed, Durability
 from legato.server.events import DEFAULT_BUFFER
+from legato.server.health import Health
 from legato.server.paths import (
     DB_NAME,
     LOCK_NAME,
@@ -224,7 +225,7 @@ class Daemon:
         self.admin_key_path = config.data_dir / ADMIN_KEY_FILE
         self._server: grpc.aio.Server | None = None
         self._bound_port = 0
-        self._health = health.aio.HealthServicer()
+        self._health = Health()
         self._lock = DaemonLock(private_dir(config.data_dir), config.address)
         # Why the daemon's database failed, once it has; `serve` then stops it.
         self.failure: DatabaseFailed | None = None
