@@ -29,6 +29,10 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
+    # Reconnect soon after the daemon restarts: grpc's default backoff grows to
+    # 2 min, long enough for a worker's leases to run out after it is back.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 # A watch resumes by itself after these; anything else is the caller's to see.
