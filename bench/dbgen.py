@@ -30,7 +30,7 @@ from bench.payloads import CONTEXT, CREATOR, LABEL, RESULT, WORKER, content, str
 from bench.procs import Processes, start_daemon
 
 # Bump when the rows generated here change.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SAMPLE_IDS = 2000
 STATE_SENTINEL = 7_777_777_777_777_777
 BATCH = 50_000
@@ -141,6 +141,8 @@ def _done_task_row(columns: list[str]) -> tuple[list[Any], dict[str, int]]:
         "output_size": 0,
         "question": "",
         "answer": "",
+        "released": 0,
+        "claim_seq": 0,
     }
     unknown = [c for c in columns if c not in values]
     if unknown:

@@ -119,7 +119,7 @@ async def test_expired_lease_requeues_the_task_by_itself_and_fences_out_the_old_
         lambda: stale.fail("gave up", retryable=True),
     ]
     for call in refused:
-        with pytest.raises(FailedPreconditionError, match="lease_token does not hold task"):
+        with pytest.raises(FailedPreconditionError, match="not the current lease token of task"):
             await call()
     still_held = await coder.get_task(handle.id)
     assert still_held.status is TaskStatus.CLAIMED and still_held.claimed_by == "fresh-worker"
@@ -231,7 +231,7 @@ async def test_heartbeat_with_a_wrong_token_is_refused_and_changes_nothing(
     before = await coder.get_task(job.id)
     impostor = await connect("impostor")
 
-    with pytest.raises(FailedPreconditionError, match="lease_token does not hold task"):
+    with pytest.raises(FailedPreconditionError, match="not the current lease token of task"):
         await impostor.heartbeat(job.id, "l_not-the-lease-token", lease=LONG_LEASE)
     with pytest.raises(FailedPreconditionError):
         await impostor.complete_task(job.id, "l_not-the-lease-token", {"stolen": True})

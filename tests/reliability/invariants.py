@@ -7,7 +7,8 @@ the event log is replayed through the task state machine:
 - every event row references an existing task, and every task starts with CREATED;
 - `seq` is strictly increasing and each task's events carry its versions 1, 2, 3, ...;
 - each task's events are a legal path PENDING -> CLAIMED -> ... (no change after
-  a terminal state, attempts grow only on REQUEUED and never pass max_attempts);
+  a terminal state, attempts grow only on REQUEUED and RELEASED, and the counted ones (all but
+  the released) never pass max_attempts);
 - the task row is where its last event left it;
 - `task_labels` holds exactly each task's labels, flagged pending iff the task is.
 """
@@ -30,22 +31,22 @@ STATUS_NAMES = {
     CANCELED: "CANCELED", INPUT_REQUIRED: "INPUT_REQUIRED",
 }  # fmt: skip
 
-# legato.v1.TaskEventType
-(CREATED, CLAIMED_EVENT, HEARTBEAT, COMPLETED, FAILED_EVENT, CANCELED_EVENT, REQUEUED, OUTPUT,
- INPUT_REQUESTED, INPUT_PROVIDED) = range(1, 11)  # fmt: skip
+# legato.v1.TaskEventType (3 was HEARTBEAT: heartbeats record no event)
+CREATED, CLAIMED_EVENT = 1, 2
+(COMPLETED, FAILED_EVENT, CANCELED_EVENT, REQUEUED, OUTPUT, INPUT_REQUESTED, INPUT_PROVIDED,
+ RELEASED) = range(4, 12)  # fmt: skip
 EVENT_NAMES = {
-    CREATED: "CREATED", CLAIMED_EVENT: "CLAIMED", HEARTBEAT: "HEARTBEAT",
+    CREATED: "CREATED", CLAIMED_EVENT: "CLAIMED",
     COMPLETED: "COMPLETED", FAILED_EVENT: "FAILED", CANCELED_EVENT: "CANCELED",
     REQUEUED: "REQUEUED", OUTPUT: "OUTPUT", INPUT_REQUESTED: "INPUT_REQUESTED",
-    INPUT_PROVIDED: "INPUT_PROVIDED",
+    INPUT_PROVIDED: "INPUT_PROVIDED", RELEASED: "RELEASED",
 }  # fmt: skip
-ENDS_A_CLAIM = frozenset({COMPLETED, FAILED_EVENT, CANCELED_EVENT, REQUEUED})
+ENDS_A_CLAIM = frozenset({COMPLETED, FAILED_EVENT, CANCELED_EVENT, REQUEUED, RELEASED})
 
 # event type -> {status before: status after}; None before: the task's first event.
 LEGAL: dict[int, dict[int | None, int]] = {
     CREATED: {None: PENDING},
     CLAIMED_EVENT: {PENDING: CLAIMED},
-    HEARTBEAT: {CLAIMED: CLAIMED},
     OUTPUT: {CLAIMED: CLAIMED, INPUT_REQUIRED: INPUT_REQUIRED},
     INPUT_REQUESTED: {CLAIMED: INPUT_REQUIRED},
     INPUT_PROVIDED: {INPUT_REQUIRED: CLAIMED},
@@ -53,6 +54,7 @@ LEGAL: dict[int, dict[int | None, int]] = {
     # A passed deadline fails a task in any unfinished state.
     FAILED_EVENT: {PENDING: FAILED, CLAIMED: FAILED, INPUT_REQUIRED: FAILED},
     REQUEUED: {CLAIMED: PENDING, INPUT_REQUIRED: PENDING},
+    RELEASED: {CLAIMED: PENDING, INPUT_REQUIRED: PENDING},
     CANCELED_EVENT: {PENDING: CANCELED, CLAIMED: CANCELED, INPUT_REQUIRED: CANCELED},
 }
 
@@ -212,7 +214,7 @@ def _check_task(task: TaskRow, events: list[EventRow], labels: dict[str, int] | 
     if not events:
         return [f"{where} has no events"]
     status: int | None = None
-    attempt = 1
+    attempt, released = 1, 0
     for number, event in enumerate(events, start=1):
         name = EVENT_NAMES.get(event.type, str(event.type))
         allowed = LEGAL.get(event.type, {})
@@ -227,11 +229,17 @@ def _check_task(task: TaskRow, events: list[EventRow], labels: dict[str, int] | 
                 f"expected {number} (a version skipped or repeated)"
             )
         new_attempt = int(event.state["attempt"])
-        if new_attempt != attempt + (event.type == REQUEUED):
+        new_released = int(event.state.get("released", 0))
+        if new_attempt != attempt + (event.type in (REQUEUED, RELEASED)):
             bad.append(f"{where}: seq {event.seq} {name} moved attempt {attempt}->{new_attempt}")
-        if new_attempt > task.max_attempts:
-            bad.append(f"{where}: attempt {new_attempt} of max {task.max_attempts}")
-        status, attempt = event.status, new_attempt
+        if new_released != released + (event.type == RELEASED):
+            bad.append(f"{where}: seq {event.seq} {name} moved released {released}->{new_released}")
+        if new_attempt - new_released > task.max_attempts:
+            bad.append(
+                f"{where}: attempt {new_attempt} ({new_released} released) of max "
+                f"{task.max_attempts}"
+            )
+        status, attempt, released = event.status, new_attempt, new_released
     if task.status != status or task.version != len(events) or task.attempt != attempt:
         bad.append(
             f"{where}: row says {STATUS_NAMES.get(task.status)} v{task.version} attempt "

@@ -36,7 +36,6 @@ from reliability.invariants import (
     DONE,
     ENDS_A_CLAIM,
     FAILED,
-    HEARTBEAT,
     TERMINAL,
     Snapshot,
     assert_sound,
@@ -149,9 +148,29 @@ class LeaseAudit:
     completed_after_lease_end: list[str] = field(default_factory=list)
 
 
-def audit_leases(snapshot: Snapshot) -> LeaseAudit:
+def lease_extensions(notes: list[dict[str, Any]]) -> dict[tuple[str, int], int | None]:
+    """How far the workers' heartbeats extended each claim, by (task, attempt).
+
+    Heartbeats record no event, so the workers' logs say it: None where a
+    heartbeat got no answer (a daemon kill) and may or may not have extended it.
+    """
+    attempt_of = {n["token"]: n["attempt"] for n in notes if n["ev"] == "claimed"}
+    extended: dict[tuple[str, int], int | None] = {}
+    for note in notes:
+        if note["ev"] != "heartbeat" or note["token"] not in attempt_of:
+            continue
+        key = (note["task"], attempt_of[note["token"]])
+        if "expires" not in note:
+            extended[key] = None
+        elif key not in extended or extended[key] is not None:
+            extended[key] = max(extended.get(key) or 0, int(note["expires"]))
+    return extended
+
+
+def audit_leases(snapshot: Snapshot, extended: dict[tuple[str, int], int | None]) -> LeaseAudit:
     """Each claim holds from its CLAIMED event until its lease end (as last extended by a
-    heartbeat) or the event that ended it, whichever is first; no two may overlap."""
+    heartbeat, from `lease_extensions`) or the event that ended it, whichever is first;
+    no two may overlap."""
     audit = LeaseAudit()
     for rowid, events in snapshot.by_task.items():
         task_id = snapshot.tasks[rowid].id
@@ -159,6 +178,7 @@ def audit_leases(snapshot: Snapshot) -> LeaseAudit:
         start: int | None = None
         lease_end = 0
         claim_seq = 0
+        lease_known = True
         for event in events:
             if event.type == CLAIMED_EVENT:
                 if start is not None:  # claimed again before the previous claim ended
@@ -168,13 +188,15 @@ def audit_leases(snapshot: Snapshot) -> LeaseAudit:
                     int(event.state["lease_expires_at"]),
                     event.seq,
                 )
+                key = (task_id, int(event.state["attempt"]))
+                lease_known = extended.get(key, 0) is not None
+                lease_end = max(lease_end, extended.get(key) or 0)
                 audit.claims += 1
-            elif event.type == HEARTBEAT and start is not None:
-                lease_end = int(event.state["lease_expires_at"])
             elif event.type in ENDS_A_CLAIM and start is not None:
-                if event.type == COMPLETED and event.at >= lease_end:
+                if event.type == COMPLETED and lease_known and event.at >= lease_end:
                     audit.completed_after_lease_end.append(f"{task_id}: seq {event.seq}")
-                intervals.append((start, min(lease_end, event.at), claim_seq))
+                end = min(lease_end, event.at) if lease_known else event.at
+                intervals.append((start, end, claim_seq))
                 start = None
         if start is not None:
             intervals.append((start, lease_end, claim_seq))
@@ -240,8 +262,8 @@ async def test_leases_stay_exclusive_and_every_task_ends_once_under_chaos(
 
     report = assert_sound(daemon.db_path)
     snapshot = read_snapshot(daemon.db_path)
-    audit = audit_leases(snapshot)
     notes = read_worker_logs(log_dir)
+    audit = audit_leases(snapshot, lease_extensions(notes))
     finishes = [n for n in notes if n["ev"] == "finish"]
     # A stale completion the daemon died under got no answer (its retry, if the worker
     # lived, is another note): whether it was applied shows in the event log instead.

@@ -35,7 +35,15 @@ from legato.client.errors import (
     RPCError,
     from_rpc_error,
 )
-from legato.client.models import Agent, Role, Task, TaskEvent, TaskPage, TaskStatus
+from legato.client.models import (
+    Agent,
+    OutputChunk,
+    Role,
+    Task,
+    TaskEvent,
+    TaskPage,
+    TaskStatus,
+)
 from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 Response = TypeVar("Response")
@@ -385,6 +393,11 @@ class AsyncClient(ClientCore):
         response = await self._call(self._agents.RotateKey, request)
         return Agent.from_proto(response.agent), response.api_key
 
+    async def get_cursor(self) -> int:
+        """The seq of the latest event: `watch(after_seq=cursor)` misses nothing from now on."""
+        response = await self._call(self._stub.GetCursor, tasks_pb2.GetCursorRequest())
+        return response.cursor
+
     def watch(
         self,
         *,
@@ -481,9 +494,9 @@ class AsyncTaskHandle:
         events = self._client._watch((), (self.id,), 0, deadline)
         async with aclosing(events):
             async for event in events:
-                if event.task.status.terminal:
-                    self.task = event.task
-                    return outcome(event.task)
+                self.task = event.onto(self.task).task
+                if self.task.status.terminal:
+                    return outcome(self.task)
         raise AssertionError("the watch stream ended without an error")  # it resumes instead
 
     async def events(self, *, timeout: float | None = None) -> AsyncGenerator[TaskEvent, None]:
@@ -491,17 +504,50 @@ class AsyncTaskHandle:
         events = self._client._watch((), (self.id,), 0, Deadline(timeout))
         async with aclosing(events):
             async for event in events:
+                # Events are deltas; replayed from CREATED on, they fold into
+                # the whole task.
+                event = event.onto(self.task)
                 self.task = event.task
                 yield event
                 if event.task.status.terminal:
                     return
 
     async def output(self, *, timeout: float | None = None) -> AsyncGenerator[str, None]:
-        """The task's output as it is written, chunk by chunk, until it finishes."""
-        async with aclosing(self.events(timeout=timeout)) as events:
+        """The task's output as it is written, chunk by chunk, until it finishes.
+
+        It starts with the current attempt's output so far; what abandoned
+        attempts (lease expired, handed back) wrote is not repeated. When a
+        new attempt begins meanwhile, its output follows.
+        """
+        async with aclosing(self.output_chunks(timeout=timeout)) as chunks:
+            async for chunk in chunks:
+                yield chunk.text
+
+    async def output_chunks(
+        self, *, timeout: float | None = None
+    ) -> AsyncGenerator[OutputChunk, None]:
+        """Like `output`, with each chunk's attempt and offset."""
+        deadline = Deadline(timeout)
+        # The cursor first, then the task: a chunk committed in between is both
+        # in the task's output and after the cursor, and is skipped below.
+        cursor = await self._client.get_cursor()
+        task = await self.get()
+        if task.output:
+            yield OutputChunk(0, task.output, task.attempt)
+        if task.status.terminal:
+            return
+        events = self._client._watch((), (self.id,), cursor, deadline)
+        async with aclosing(events):
             async for event in events:
-                if event.output is not None:
-                    yield event.output.text
+                self.task = event.onto(self.task).task
+                chunk = event.output
+                if chunk is not None and (chunk.attempt, chunk.offset) >= (
+                    task.attempt,
+                    task.output_size,
+                ):
+                    yield chunk
+                if self.task.status.terminal:
+                    return
 
     async def answer(self, text: str) -> Task:
         """Answers the question the claimant asked (`task.question`)."""

@@ -52,13 +52,21 @@ def _agent_line(agent: Agent) -> str:
 
 
 def _event_json(event: TaskEvent) -> dict[str, Any]:
-    return {
+    """An event for scripts; `task` is the event's delta (see TaskEvent.task in the contract)."""
+    document: dict[str, Any] = {
         "seq": event.seq,
         "type": event.type.value,
         "actor": event.actor,
         "time": event.time,
         "task": _task_json(event.task),
     }
+    if event.output is not None:
+        document["output"] = {
+            "attempt": event.output.attempt,
+            "offset": event.output.offset,
+            "text": event.output.text,
+        }
+    return document
 
 
 def _task_line(task: Task) -> str:
@@ -173,6 +181,7 @@ class Output:
 def cmd_serve(args: argparse.Namespace) -> int:
     from legato.server.daemon import AlreadyRunning, Config, run_event_loop, serve
     from legato.server.db import Durability
+    from legato.server.paths import UnsafeAddress
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -190,7 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = replace(config, data_dir=Path(args.data_dir))
     try:
         run_event_loop(serve(config))
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, UnsafeAddress) as exc:
         print(f"legato: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -464,15 +473,20 @@ def cmd_tail(client: Client, args: argparse.Namespace, out: Output) -> int:
     client.get_task(args.id)
     handle = client.get_handle(args.id)
     ends_with_newline = True
-    for event in handle.events():
-        if event.output is None:
-            continue
+    attempt = 0
+    # The current attempt's output, then what follows; an abandoned attempt's
+    # text is not shown again.
+    for chunk in handle.output_chunks():
         if out.as_json:
-            print(_dump({"offset": event.output.offset, "text": event.output.text}), flush=True)
-        else:
-            sys.stdout.write(event.output.text)
+            print(_dump({"attempt": chunk.attempt, "offset": chunk.offset, "text": chunk.text}))
             sys.stdout.flush()
-            ends_with_newline = event.output.text.endswith("\n")
+            continue
+        if attempt and chunk.attempt != attempt:
+            print(f"\nlegato: attempt {chunk.attempt} starts over", file=sys.stderr, flush=True)
+        attempt = chunk.attempt
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        ends_with_newline = chunk.text.endswith("\n")
     task = handle.task
     assert task is not None
     assert task.status.terminal

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -41,7 +41,6 @@ class EventType(StrEnum):
 
     CREATED = "created"
     CLAIMED = "claimed"
-    HEARTBEAT = "heartbeat"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELED = "canceled"
@@ -49,6 +48,8 @@ class EventType(StrEnum):
     OUTPUT = "output"
     INPUT_REQUESTED = "input_requested"
     INPUT_PROVIDED = "input_provided"
+    # The claimant handed the task back (`job.release()`); the attempt is not counted.
+    RELEASED = "released"
 
 
 def _plain(value: Any) -> Any:
@@ -116,6 +117,8 @@ class Task:
     answer: str = ""
     # Only on a just-created task: e.g. that no agent holds one of its labels yet.
     warnings: tuple[str, ...] = ()
+    # Attempts handed back with `release()`; they do not count against max_attempts.
+    released: int = 0
 
     @classmethod
     def from_proto(cls, message: tasks_pb2.Task) -> Task:
@@ -148,15 +151,34 @@ class Task:
             question=message.question,
             answer=message.answer,
             warnings=tuple(message.warnings),
+            released=message.released,
         )
 
 
 @dataclass(frozen=True, slots=True)
 class OutputChunk:
-    """A piece of a task's output; `offset` counts UTF-8 bytes from its start."""
+    """A piece of an attempt's output; `offset` counts UTF-8 bytes from the
+    start of that attempt's output."""
 
     offset: int
     text: str
+    attempt: int = 1
+
+
+# The texts and blobs each event type carries (the contract, TaskEvent.task):
+# any other is left out of the event and keeps the value it had before.
+CARRIES: dict[EventType, frozenset[str]] = {
+    EventType.CLAIMED: frozenset({"question", "answer"}),
+    EventType.COMPLETED: frozenset({"result", "error"}),
+    EventType.FAILED: frozenset({"error"}),
+    EventType.CANCELED: frozenset({"error"}),
+    EventType.REQUEUED: frozenset({"error"}),
+    EventType.RELEASED: frozenset({"error"}),
+    EventType.OUTPUT: frozenset(),
+    EventType.INPUT_REQUESTED: frozenset({"question", "answer"}),
+    EventType.INPUT_PROVIDED: frozenset({"question", "answer"}),
+}
+_BLOBS = ("content", "context", "result", "error", "question", "answer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,11 +203,24 @@ class TaskEvent:
             actor=message.actor,
             time=_time(message.time),
             output=(
-                OutputChunk(message.output.offset, message.output.text)
+                OutputChunk(message.output.offset, message.output.text, message.output.attempt)
                 if message.HasField("output")
                 else None
             ),
         )
+
+    def onto(self, before: Task | None) -> TaskEvent:
+        """This event with its task made whole from the task as it was `before` it.
+
+        Events carry only what their change may alter (`CARRIES`); the texts
+        and blobs they leave out keep their earlier values. Folding a task's
+        events from its CREATED one on rebuilds the task as the daemon stores it.
+        """
+        if before is None or self.type is EventType.CREATED:
+            return self
+        carried = CARRIES[self.type]
+        kept = {name: getattr(before, name) for name in _BLOBS if name not in carried}
+        return replace(self, task=replace(self.task, warnings=(), **kept))
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,8 +78,6 @@ class _TaskEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskEve
     TASK_EVENT_TYPE_UNSPECIFIED: _TaskEventType.ValueType  # 0
     TASK_EVENT_TYPE_CREATED: _TaskEventType.ValueType  # 1
     TASK_EVENT_TYPE_CLAIMED: _TaskEventType.ValueType  # 2
-    TASK_EVENT_TYPE_HEARTBEAT: _TaskEventType.ValueType  # 3
-    """The claimant extended its lease."""
     TASK_EVENT_TYPE_COMPLETED: _TaskEventType.ValueType  # 4
     TASK_EVENT_TYPE_FAILED: _TaskEventType.ValueType  # 5
     TASK_EVENT_TYPE_CANCELED: _TaskEventType.ValueType  # 6
@@ -91,14 +89,14 @@ class _TaskEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskEve
     """The claimant asked a question: `Task.question`."""
     TASK_EVENT_TYPE_INPUT_PROVIDED: _TaskEventType.ValueType  # 10
     """The creator answered: `Task.answer`."""
+    TASK_EVENT_TYPE_RELEASED: _TaskEventType.ValueType  # 11
+    """The claimant handed the task back (ReleaseTask): PENDING, attempt not counted."""
 
 class TaskEventType(_TaskEventType, metaclass=_TaskEventTypeEnumTypeWrapper): ...
 
 TASK_EVENT_TYPE_UNSPECIFIED: TaskEventType.ValueType  # 0
 TASK_EVENT_TYPE_CREATED: TaskEventType.ValueType  # 1
 TASK_EVENT_TYPE_CLAIMED: TaskEventType.ValueType  # 2
-TASK_EVENT_TYPE_HEARTBEAT: TaskEventType.ValueType  # 3
-"""The claimant extended its lease."""
 TASK_EVENT_TYPE_COMPLETED: TaskEventType.ValueType  # 4
 TASK_EVENT_TYPE_FAILED: TaskEventType.ValueType  # 5
 TASK_EVENT_TYPE_CANCELED: TaskEventType.ValueType  # 6
@@ -110,6 +108,8 @@ TASK_EVENT_TYPE_INPUT_REQUESTED: TaskEventType.ValueType  # 9
 """The claimant asked a question: `Task.question`."""
 TASK_EVENT_TYPE_INPUT_PROVIDED: TaskEventType.ValueType  # 10
 """The creator answered: `Task.answer`."""
+TASK_EVENT_TYPE_RELEASED: TaskEventType.ValueType  # 11
+"""The claimant handed the task back (ReleaseTask): PENDING, attempt not counted."""
 Global___TaskEventType: _TypeAlias = TaskEventType  # noqa: Y015
 
 @_typing.final
@@ -140,6 +140,7 @@ class Task(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     QUESTION_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Opaque and unguessable."""
     content: _builtins.str
@@ -154,19 +155,30 @@ class Task(_message.Message):
     root_id: _builtins.str
     """The top of the parent chain; the task's own id when it has no parent."""
     attempt: _builtins.int
-    """1 for the first attempt; grows each time the task is requeued."""
+    """1 for the first attempt; grows each time the task goes back to PENDING
+    (requeued or released), so every claim has its own number.
+    """
     max_attempts: _builtins.int
+    """How many attempts may end in a failure or an expired lease before the
+    task fails for good. Released attempts do not count.
+    """
     version: _builtins.int
-    """Grows by one with every change."""
+    """Grows by one with every recorded change (a heartbeat records none)."""
     depth: _builtins.int
     """0 for a task without a parent, parent's depth + 1 otherwise. At most 8."""
     output_size: _builtins.int
-    """Bytes (UTF-8) of output appended so far. At most 1 MiB."""
+    """Bytes (UTF-8) of output the current attempt appended so far. At most 1 MiB."""
     output: _builtins.str
-    """The output so far; only in GetTask responses (events carry chunks instead)."""
+    """The current attempt's output so far; only in GetTask responses (events
+    carry chunks instead, and the history keeps every attempt's).
+    """
     question: _builtins.str
     """The last question the claimant asked, and the creator's answer to it."""
     answer: _builtins.str
+    released: _builtins.int
+    """How many attempts were handed back with ReleaseTask (not counted against
+    `max_attempts`).
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Routing labels, each `@name`."""
@@ -224,10 +236,11 @@ class Task(_message.Message):
         output: _builtins.str = ...,
         question: _builtins.str = ...,
         answer: _builtins.str = ...,
+        released: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "created_at", b"created_at", "deadline", b"deadline", "lease_expires_at", b"lease_expires_at", "result", b"result", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "attempt", b"attempt", "claimed_by", b"claimed_by", "content", b"content", "context", b"context", "created_at", b"created_at", "created_by", b"created_by", "deadline", b"deadline", "depth", b"depth", "error", b"error", "id", b"id", "labels", b"labels", "lease_expires_at", b"lease_expires_at", "max_attempts", b"max_attempts", "output", b"output", "output_size", b"output_size", "parent_id", b"parent_id", "question", b"question", "result", b"result", "root_id", b"root_id", "status", b"status", "updated_at", b"updated_at", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "attempt", b"attempt", "claimed_by", b"claimed_by", "content", b"content", "context", b"context", "created_at", b"created_at", "created_by", b"created_by", "deadline", b"deadline", "depth", b"depth", "error", b"error", "id", b"id", "labels", b"labels", "lease_expires_at", b"lease_expires_at", "max_attempts", b"max_attempts", "output", b"output", "output_size", b"output_size", "parent_id", b"parent_id", "question", b"question", "released", b"released", "result", b"result", "root_id", b"root_id", "status", b"status", "updated_at", b"updated_at", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -316,7 +329,9 @@ class ListTasksRequest(_message.Message):
     parent_id: _builtins.str
     """Only the children of this task."""
     page_size: _builtins.int
-    """0 means 100; at most 1000."""
+    """0 means 100; at most 1000. A page also ends before it would pass the
+    message budget (3 MiB), so a page of large tasks may hold fewer.
+    """
     page_token: _builtins.str
     """From the previous response's `next_page_token`."""
     @_builtins.property
@@ -551,6 +566,32 @@ class FailTaskRequest(_message.Message):
 Global___FailTaskRequest: _TypeAlias = FailTaskRequest  # noqa: Y015
 
 @_typing.final
+class ReleaseTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    lease_token: _builtins.str
+    reason: _builtins.str
+    """Why it is handed back, for the history; at most 8 KiB."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        lease_token: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "lease_token", b"lease_token", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseTaskRequest: _TypeAlias = ReleaseTaskRequest  # noqa: Y015
+
+@_typing.final
 class CancelTaskRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -681,15 +722,25 @@ class GetTaskTreeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    page_size: _builtins.int
+    """0 means 100; at most 1000. A page also ends before it would pass the
+    message budget (3 MiB), whatever its size.
+    """
+    page_token: _builtins.str
+    """From the previous response's `next_page_token`."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -700,6 +751,9 @@ class GetTaskTreeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TASKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
         """The task first, then its descendants, each after its parent."""
@@ -708,10 +762,11 @@ class GetTaskTreeResponse(_message.Message):
         self,
         *,
         tasks: _abc.Iterable[Global___Task] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -762,7 +817,9 @@ class ListTaskEventsRequest(_message.Message):
     after_seq: _builtins.int
     """Events with a larger seq; 0 for all."""
     page_size: _builtins.int
-    """0 means 100; at most 1000."""
+    """0 means 100; at most 1000. A page also ends before it would pass the
+    message budget (3 MiB).
+    """
     def __init__(
         self,
         *,
@@ -803,6 +860,40 @@ class ListTaskEventsResponse(_message.Message):
 Global___ListTaskEventsResponse: _TypeAlias = ListTaskEventsResponse  # noqa: Y015
 
 @_typing.final
+class GetCursorRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCursorRequest: _TypeAlias = GetCursorRequest  # noqa: Y015
+
+@_typing.final
+class GetCursorResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.int
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCursorResponse: _TypeAlias = GetCursorResponse  # noqa: Y015
+
+@_typing.final
 class TaskEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -819,7 +910,17 @@ class TaskEvent(_message.Message):
     """The agent that made the change ("legato" when the daemon did, e.g. lease expiry)."""
     @_builtins.property
     def task(self) -> Global___Task:
-        """The task as it is after the change."""
+        """The task after the change, as a delta. Every event has the small fields
+        (ids, labels, status, attempt, released, version, creator, claimant,
+        depth, output_size, times, lease). Texts and blobs come only with the
+        events whose change may alter them: everything on CREATED; `result` and
+        `error` on COMPLETED; `error` on FAILED, CANCELED, REQUEUED and RELEASED;
+        `question` and `answer` on CLAIMED, INPUT_REQUESTED and INPUT_PROVIDED.
+        Folding a task's events onto its CREATED task rebuilds the stored task
+        (GetTask has the current attempt's output; heartbeats move the lease
+        without an event). So an event costs what changed, not a copy of a large
+        context.
+        """
 
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
@@ -851,20 +952,24 @@ class OutputChunk(_message.Message):
 
     OFFSET_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
-    """Where the chunk starts, in UTF-8 bytes of the task's output: chunks in seq
-    order rebuild the exact text.
+    """Where the chunk starts, in UTF-8 bytes of its attempt's output: the
+    chunks of one attempt in seq order rebuild the exact text.
     """
     text: _builtins.str
+    attempt: _builtins.int
+    """The attempt that wrote it (`Task.attempt`); each attempt's output starts at 0."""
     def __init__(
         self,
         *,
         offset: _builtins.int = ...,
         text: _builtins.str = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "offset", b"offset", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -69,6 +69,11 @@ class TaskServiceStub:
                 request_serializer=legato_dot_v1_dot_tasks__pb2.FailTaskRequest.SerializeToString,
                 response_deserializer=legato_dot_v1_dot_tasks__pb2.Task.FromString,
                 _registered_method=True)
+        self.ReleaseTask = channel.unary_unary(
+                '/legato.v1.TaskService/ReleaseTask',
+                request_serializer=legato_dot_v1_dot_tasks__pb2.ReleaseTaskRequest.SerializeToString,
+                response_deserializer=legato_dot_v1_dot_tasks__pb2.Task.FromString,
+                _registered_method=True)
         self.CancelTask = channel.unary_unary(
                 '/legato.v1.TaskService/CancelTask',
                 request_serializer=legato_dot_v1_dot_tasks__pb2.CancelTaskRequest.SerializeToString,
@@ -103,6 +108,11 @@ class TaskServiceStub:
                 '/legato.v1.TaskService/ListTaskEvents',
                 request_serializer=legato_dot_v1_dot_tasks__pb2.ListTaskEventsRequest.SerializeToString,
                 response_deserializer=legato_dot_v1_dot_tasks__pb2.ListTaskEventsResponse.FromString,
+                _registered_method=True)
+        self.GetCursor = channel.unary_unary(
+                '/legato.v1.TaskService/GetCursor',
+                request_serializer=legato_dot_v1_dot_tasks__pb2.GetCursorRequest.SerializeToString,
+                response_deserializer=legato_dot_v1_dot_tasks__pb2.GetCursorResponse.FromString,
                 _registered_method=True)
 
 
@@ -154,6 +164,15 @@ class TaskServiceServicer:
 
     def FailTask(self, request, context):
         """Fails a claimed task; a retryable failure requeues it while attempts remain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseTask(self, request, context):
+        """Hands a claimed task back: PENDING again for another worker, and the
+        attempt does not count against `max_attempts` (a worker stopping, a bridge
+        restarting). Its output is set aside with the attempt.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -211,6 +230,14 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCursor(self, request, context):
+        """The seq of the latest event: WatchTasks with `after_seq = cursor` misses
+        nothing from this moment on. Costs one index lookup, however long the history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +276,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     request_deserializer=legato_dot_v1_dot_tasks__pb2.FailTaskRequest.FromString,
                     response_serializer=legato_dot_v1_dot_tasks__pb2.Task.SerializeToString,
             ),
+            'ReleaseTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseTask,
+                    request_deserializer=legato_dot_v1_dot_tasks__pb2.ReleaseTaskRequest.FromString,
+                    response_serializer=legato_dot_v1_dot_tasks__pb2.Task.SerializeToString,
+            ),
             'CancelTask': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelTask,
                     request_deserializer=legato_dot_v1_dot_tasks__pb2.CancelTaskRequest.FromString,
@@ -283,6 +315,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.ListTaskEvents,
                     request_deserializer=legato_dot_v1_dot_tasks__pb2.ListTaskEventsRequest.FromString,
                     response_serializer=legato_dot_v1_dot_tasks__pb2.ListTaskEventsResponse.SerializeToString,
+            ),
+            'GetCursor': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCursor,
+                    request_deserializer=legato_dot_v1_dot_tasks__pb2.GetCursorRequest.FromString,
+                    response_serializer=legato_dot_v1_dot_tasks__pb2.GetCursorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +522,33 @@ class TaskService:
             _registered_method=True)
 
     @staticmethod
+    def ReleaseTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/legato.v1.TaskService/ReleaseTask',
+            legato_dot_v1_dot_tasks__pb2.ReleaseTaskRequest.SerializeToString,
+            legato_dot_v1_dot_tasks__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CancelTask(request,
             target,
             options=(),
@@ -663,6 +727,33 @@ class TaskService:
             '/legato.v1.TaskService/ListTaskEvents',
             legato_dot_v1_dot_tasks__pb2.ListTaskEventsRequest.SerializeToString,
             legato_dot_v1_dot_tasks__pb2.ListTaskEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCursor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/legato.v1.TaskService/GetCursor',
+            legato_dot_v1_dot_tasks__pb2.GetCursorRequest.SerializeToString,
+            legato_dot_v1_dot_tasks__pb2.GetCursorResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,11 @@ class TaskServiceStub:
     """Finishes a claimed task with its result."""
     FailTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.FailTaskRequest, _tasks_pb2.Task]
     """Fails a claimed task; a retryable failure requeues it while attempts remain."""
+    ReleaseTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ReleaseTaskRequest, _tasks_pb2.Task]
+    """Hands a claimed task back: PENDING again for another worker, and the
+    attempt does not count against `max_attempts` (a worker stopping, a bridge
+    restarting). Its output is set aside with the attempt.
+    """
     CancelTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.Task]
     """Cancels an unfinished task and, unless `keep_children`, its unfinished descendants."""
     AppendOutput: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.AppendOutputRequest, _tasks_pb2.AppendOutputResponse]
@@ -72,6 +77,10 @@ class TaskServiceStub:
     ListTaskEvents: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListTaskEventsRequest, _tasks_pb2.ListTaskEventsResponse]
     """The stored events of one task, oldest first: who created, claimed,
     completed or canceled it, and when.
+    """
+    GetCursor: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.GetCursorRequest, _tasks_pb2.GetCursorResponse]
+    """The seq of the latest event: WatchTasks with `after_seq = cursor` misses
+    nothing from this moment on. Costs one index lookup, however long the history.
     """
 
 @_typing.type_check_only
@@ -93,6 +102,11 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Finishes a claimed task with its result."""
     FailTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.FailTaskRequest, _tasks_pb2.Task]  # type: ignore[assignment]
     """Fails a claimed task; a retryable failure requeues it while attempts remain."""
+    ReleaseTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ReleaseTaskRequest, _tasks_pb2.Task]  # type: ignore[assignment]
+    """Hands a claimed task back: PENDING again for another worker, and the
+    attempt does not count against `max_attempts` (a worker stopping, a bridge
+    restarting). Its output is set aside with the attempt.
+    """
     CancelTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.Task]  # type: ignore[assignment]
     """Cancels an unfinished task and, unless `keep_children`, its unfinished descendants."""
     AppendOutput: _aio.UnaryUnaryMultiCallable[_tasks_pb2.AppendOutputRequest, _tasks_pb2.AppendOutputResponse]  # type: ignore[assignment]
@@ -112,6 +126,10 @@ class TaskServiceAsyncStub(TaskServiceStub):
     ListTaskEvents: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListTaskEventsRequest, _tasks_pb2.ListTaskEventsResponse]  # type: ignore[assignment]
     """The stored events of one task, oldest first: who created, claimed,
     completed or canceled it, and when.
+    """
+    GetCursor: _aio.UnaryUnaryMultiCallable[_tasks_pb2.GetCursorRequest, _tasks_pb2.GetCursorResponse]  # type: ignore[assignment]
+    """The seq of the latest event: WatchTasks with `after_seq = cursor` misses
+    nothing from this moment on. Costs one index lookup, however long the history.
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -174,6 +192,17 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         """Fails a claimed task; a retryable failure requeues it while attempts remain."""
 
     @_abc_1.abstractmethod
+    def ReleaseTask(
+        self,
+        request: _tasks_pb2.ReleaseTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.Task, _abc.Awaitable[_tasks_pb2.Task]]:
+        """Hands a claimed task back: PENDING again for another worker, and the
+        attempt does not count against `max_attempts` (a worker stopping, a bridge
+        restarting). Its output is set aside with the attempt.
+        """
+
+    @_abc_1.abstractmethod
     def CancelTask(
         self,
         request: _tasks_pb2.CancelTaskRequest,
@@ -233,6 +262,16 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tasks_pb2.ListTaskEventsResponse, _abc.Awaitable[_tasks_pb2.ListTaskEventsResponse]]:
         """The stored events of one task, oldest first: who created, claimed,
         completed or canceled it, and when.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCursor(
+        self,
+        request: _tasks_pb2.GetCursorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.GetCursorResponse, _abc.Awaitable[_tasks_pb2.GetCursorResponse]]:
+        """The seq of the latest event: WatchTasks with `after_seq = cursor` misses
+        nothing from this moment on. Costs one index lookup, however long the history.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

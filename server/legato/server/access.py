@@ -29,6 +29,11 @@ def require_visible(agent: AgentRecord, task: TaskRecord) -> None:
         raise NotFound(f"task {task.id!r} not found")
 
 
+def parent_not_found(parent_id: str) -> str:
+    """What CreateTask answers for a parent_id it does not find or the caller does not see."""
+    return f"parent_id {parent_id!r}: no such task"
+
+
 def claim_labels(agent: AgentRecord, requested: Sequence[str]) -> tuple[str, ...]:
     """The labels a claim draws from: the requested ones, which the agent must
     hold, or all of the agent's labels when none are requested."""
@@ -59,6 +64,21 @@ def require_claimable(agent: AgentRecord, task: TaskRecord) -> None:
         )
 
 
+def require_holds_label(agent: AgentRecord, task: TaskRecord, claimed_from: Sequence[str]) -> None:
+    """Claiming by labels: the agent must still hold one of the task's labels.
+
+    Checked as the task is taken, for a claim whose labels were chosen before
+    the agent's labels changed. Names neither the task nor its labels: the
+    agent may no longer see it.
+    """
+    if not agent.admin and agent.labels_set.isdisjoint(task.labels):
+        dropped = [label for label in claimed_from if label not in agent.labels_set]
+        raise PermissionDenied(
+            f"agent {agent.name!r} does not hold {', '.join(dropped)} any more; claim again "
+            f"from its labels ({', '.join(agent.labels) or 'none'})"
+        )
+
+
 def require_claimant(agent: AgentRecord, task: TaskRecord, action: str) -> None:
     """Heartbeat, complete and fail are for the current claimant only."""
     if task.claimed_by != agent.name:
@@ -79,7 +99,10 @@ def require_can_cancel(agent: AgentRecord, task: TaskRecord) -> None:
 def require_can_delegate_under(agent: AgentRecord, parent: TaskRecord) -> None:
     """Children are created by the parent's claimant (delegating further), its
     creator, or an admin."""
-    require_visible(agent, parent)
+    if not sees(agent, parent):
+        # The store's answer for a parent_id that does not exist: any other
+        # answer would tell that this one does.
+        raise NotFound(parent_not_found(parent.id))
     if not agent.admin and agent.name not in (parent.created_by, parent.claimed_by):
         raise PermissionDenied(
             f"only the claimant or the creator of task {parent.id} can create tasks under it"

@@ -3,6 +3,12 @@
 All agents are held in memory (a developer machine has a handful) and every
 change is written through to the store before it is acknowledged, so the
 in-memory view is always the stored one: authentication costs no I/O.
+
+A change is written as an UPDATE of what it changes and applied, once
+committed and in commit order, to the agent as it is in memory then, never to
+a copy taken before: two changes in flight at once (a rotation and the
+last-seen bookkeeping of the call that asked for it, an update and a
+revocation) both hold, in memory and on disk.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +55,8 @@ class AgentRegistry:
         self._background: set[asyncio.Task[None]] = set()
         # Called with an agent's name when its key stops working (revoke, rotate).
         self.on_key_invalidated: Callable[[str], None] = lambda name: None
+        # Called with an agent's name when its labels or role changed.
+        self.on_access_changed: Callable[[str], None] = lambda name: None
 
     @classmethod
     async def open(cls, store: AgentStore, clock: Clock) -> AgentRegistry:
@@ -99,6 +107,27 @@ class AgentRegistry:
         """The agent as it is now (labels and role may have changed since a call began)."""
         return self._by_name.get(agent.name, agent)
 
+    def live(self, agent: AgentRecord) -> AgentRecord:
+        """The agent as it is now, while the key `agent` was authenticated with works.
+
+        A call carries its agent as it was when it was authenticated; one that
+        acts later (a claim that waited, a decision inside a transaction) asks
+        here whether its agent was revoked or its key rotated meanwhile. Safe
+        on the database thread: it only reads, and records are immutable.
+        """
+        current = self._by_name.get(agent.name)
+        if current is None or current.revoked:
+            raise Unauthenticated(
+                f"agent {agent.name!r} was revoked while this call was in progress; its key no "
+                "longer works (an admin can add a new agent: `legato agent add NAME`)"
+            )
+        if current.key_id != agent.key_id:
+            raise Unauthenticated(
+                f"the key of agent {agent.name!r} was rotated while this call was in progress; "
+                "call again with the new key"
+            )
+        return current
+
     def list(self, *, include_revoked: bool) -> list[AgentRecord]:
         return [a for a in self._by_name.values() if include_revoked or not a.revoked]
 
@@ -118,42 +147,70 @@ class AgentRegistry:
             key_id=key_id,
             key_hash=key_hash,
         )
-        await self._store.insert(agent)
+        await self._store.insert(agent, applied=lambda: self._remember(agent))
         log.info("agent %s created (%s)", agent.name, agent.role.name.lower())
-        return self._remember(agent), key
+        return agent, key
 
     async def update(
         self, name: str, *, labels: Sequence[str] | None, role: Role | None
     ) -> AgentRecord:
-        agent = self._live(name, "updated")
-        changed = replace(
-            agent,
-            labels=agent.labels
-            if labels is None
-            else limits.check_labels("labels", labels, required=False),
-            role=agent.role if role is None else role,
+        checked = None if labels is None else limits.check_labels("labels", labels, required=False)
+        updated = await self._change(
+            name,
+            "updated",
+            lambda applied: self._store.set_labels_role(
+                name, labels=checked, role=role, applied=applied
+            ),
+            lambda agent: replace(
+                agent,
+                labels=agent.labels if checked is None else checked,
+                role=agent.role if role is None else role,
+            ),
         )
-        await self._store.save(changed)
-        return self._remember(changed)
+        self.on_access_changed(name)
+        return updated
 
     async def revoke(self, name: str) -> AgentRecord:
-        agent = self._live(name, "revoked")
-        revoked = replace(agent, revoked=True)
-        await self._store.save(revoked)
-        self._remember(revoked)
+        revoked = await self._change(
+            name,
+            "revoked",
+            lambda applied: self._store.revoke(name, applied=applied),
+            lambda agent: replace(agent, revoked=True),
+        )
         log.info("agent %s revoked", name)
         self.on_key_invalidated(name)
         return revoked
 
     async def rotate(self, name: str) -> tuple[AgentRecord, str]:
-        agent = self._live(name, "given a new key")
         key, key_id, key_hash = keys.issue()
-        rotated = replace(agent, key_id=key_id, key_hash=key_hash)
-        await self._store.save(rotated)
-        self._remember(rotated)
+        rotated = await self._change(
+            name,
+            "given a new key",
+            lambda applied: self._store.set_key(name, key_id, key_hash, applied=applied),
+            lambda agent: replace(agent, key_id=key_id, key_hash=key_hash),
+        )
         log.info("agent %s has a new key", name)
         self.on_key_invalidated(name)
         return rotated, key
+
+    async def _change(
+        self,
+        name: str,
+        action: str,
+        write: Callable[[Callable[[], None]], Awaitable[bool]],
+        change: Callable[[AgentRecord], AgentRecord],
+    ) -> AgentRecord:
+        """Writes a change of a live agent, then applies `change` to it in memory."""
+        self._live(name, action)
+        changed: list[AgentRecord] = []
+
+        def applied() -> None:
+            changed.append(self._remember(change(self._by_name[name])))
+
+        if not await write(applied):
+            # Revoked by a change written between the check above and this one.
+            raise FailedPrecondition(f"agent {name!r} is revoked and cannot be {action}")
+        return changed[0]
 
     def _live(self, name: str, action: str) -> AgentRecord:
         agent = self.get(name)
@@ -165,8 +222,11 @@ class AgentRegistry:
         now = self._clock()
         if agent.last_seen_at is not None and now - agent.last_seen_at < SEEN_RESOLUTION_US:
             return
-        seen = self._remember(replace(agent, last_seen_at=now))
-        task = asyncio.create_task(self._store.save(seen))
+        self._remember(replace(agent, last_seen_at=now))
+        # Only the one column: a whole record written here, after a change the
+        # same call makes (its first of the minute may be a rotation), would
+        # undo that change on disk.
+        task = asyncio.create_task(self._store.touch_last_seen(agent.name, now))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -183,9 +243,12 @@ class AgentRegistry:
         if ADMIN_NAME in self._by_name:
             admin = self._by_name[ADMIN_NAME]
             if admin.revoked or not admin.admin:
-                admin = replace(admin, revoked=False, role=Role.ADMIN)
-                await self._store.save(admin)
-                self._remember(admin)
+                await self._store.reinstate_admin(
+                    ADMIN_NAME,
+                    applied=lambda: self._remember(
+                        replace(self._by_name[ADMIN_NAME], revoked=False, role=Role.ADMIN)
+                    ),
+                )
             _, key = await self.rotate(ADMIN_NAME)
         else:
             _, key = await self.create(ADMIN_NAME, (), Role.ADMIN)

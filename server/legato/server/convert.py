@@ -65,6 +65,7 @@ def task_proto(task: TaskRecord) -> tasks_pb2.Task:
         output_size=task.output_size,
         question=task.question,
         answer=task.answer,
+        released=task.released,
     )
     if task.context:
         message.context.MergeFromString(task.context)
@@ -80,6 +81,7 @@ def task_proto(task: TaskRecord) -> tasks_pb2.Task:
 
 
 def event_proto(event: Event) -> tasks_pb2.TaskEvent:
+    """An event on the wire; its task is already slim (`model.slim`): what changed."""
     message = tasks_pb2.TaskEvent(
         seq=event.seq,
         type=int(event.type),  # type: ignore[arg-type]
@@ -90,6 +92,7 @@ def event_proto(event: Event) -> tasks_pb2.TaskEvent:
     if event.chunk is not None:
         message.output.offset = event.chunk.offset
         message.output.text = event.chunk.text
+        message.output.attempt = event.chunk.attempt
     return message
 
 

@@ -1,12 +1,15 @@
-"""The daemon process: lock the data dir, open the store, serve, shut down cleanly."""
+"""The daemon process: lock the data dir and socket, open the store, serve, shut down cleanly."""
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import ipaddress
+import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,8 @@ from legato.server.paths import (
     default_data_dir,
     default_runtime_dir,
     private_dir,
+    socket_lock_path,
+    unix_socket_path,
 )
 from legato.server.rpc import WireFormat
 from legato.server.service import TaskService
@@ -49,11 +54,14 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # gRPC sets SO_REUSEPORT by default: a second daemon on the same HOST:PORT
+    # would start and take half of the first one's connections.
+    ("grpc.so_reuseport", 0),
 ]
 
 
 class AlreadyRunning(RuntimeError):
-    """Another daemon holds the data dir."""
+    """Another daemon holds the data dir or the socket."""
 
 
 @dataclass(frozen=True)
@@ -75,31 +83,123 @@ class Config:
         return self.listen or f"unix:{default_runtime_dir() / SOCKET_NAME}"
 
 
-class DataDirLock:
-    """An exclusive lock on the data dir, held for the daemon's life.
+def listen_warning(address: str) -> str | None:
+    """What to tell the user about listening on `address`: None for a unix
+    socket or a loopback HOST:PORT, else the warning that keys travel in clear."""
+    if unix_socket_path(address) is not None:
+        return None
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    host = host.removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None  # a host name: it may resolve anywhere
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip is not None and ip.is_loopback:
+        return None
+    return (
+        f"WARNING: listening on {address}, beyond loopback, without TLS. API keys travel "
+        "in clear in each call's metadata: anyone who can see this traffic can take them and "
+        "act as your agents, and anyone who can reach the port can try keys. Keep --listen on "
+        "loopback (127.0.0.1:PORT, [::1]:PORT or localhost:PORT) or use the default unix "
+        "socket; legato has no TLS yet."
+    )
 
-    gRPC silently unlinks and takes over a unix socket another server is bound
-    to, so a second daemon must be stopped before it binds: this lock does it.
+
+class _HolderLock:
+    """An exclusive flock on a file that names its holder, as JSON.
+
+    The lock, not the file, is what counts: the kernel drops it when its holder
+    dies, even by `kill -9`, so a file left behind never blocks the next daemon.
     """
 
-    def __init__(self, data_dir: Path):
-        self.path = data_dir / LOCK_NAME
+    def __init__(self, path: Path):
+        self.path = path
         self._fd: int | None = None
 
-    def __enter__(self) -> DataDirLock:
+    def acquire(self, holder: dict[str, Any]) -> dict[str, Any] | None:
+        """Takes the lock and writes `holder` into the file; if another process
+        holds it, returns what that one wrote instead."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            other = _read_holder(fd)
             os.close(fd)
-            raise AlreadyRunning(
-                f"another legato daemon (pid {holder}) is already serving {self.path.parent}; "
-                "stop it first, or start this one with a different --data-dir"
-            ) from None
+            return other
+        os.fchmod(fd, 0o600)  # os.open's mode applies to a new file only
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
         self._fd = fd
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        holder = None
+    if isinstance(holder, dict):
+        return holder
+    # Written by an older daemon (its pid alone), or not written yet.
+    return {"pid": text or "unknown"}
+
+
+class DaemonLock:
+    """The daemon's claim on its data dir and, for a unix socket, on the socket,
+    held for the daemon's life.
+
+    Both are needed. gRPC silently unlinks and takes over a unix socket another
+    server is bound to, and two daemons with different data dirs meet on the
+    same default socket: without a lock on the socket itself, the second one
+    would take it and leave the first running, unreachable. The socket's lock is
+    a file beside it (`legato.sock.lock`) in the same 0700 dir.
+    """
+
+    def __init__(self, data_dir: Path, address: str):
+        self._data_dir = data_dir
+        self._address = address
+        self._socket = unix_socket_path(address)
+        self._held: list[_HolderLock] = []
+
+    def __enter__(self) -> DaemonLock:
+        holder = {
+            "pid": os.getpid(),
+            "data_dir": str(self._data_dir.absolute()),
+            "listen": self._address,
+        }
+        data_lock = _HolderLock(self._data_dir / LOCK_NAME)
+        other = data_lock.acquire(holder)
+        if other is not None:
+            listening = f", listening on {other['listen']}" if other.get("listen") else ""
+            raise AlreadyRunning(
+                f"another legato daemon (pid {other['pid']}{listening}) is already serving "
+                f"{self._data_dir.absolute()}; stop it first, or give this one another data dir "
+                "and a socket of its own: --data-dir DIR --listen unix:PATH"
+            )
+        self._held.append(data_lock)
+        if self._socket is not None:
+            private_dir(self._socket.parent)
+            socket_lock = _HolderLock(socket_lock_path(self._socket))
+            other = socket_lock.acquire(holder)
+            if other is not None:
+                self.__exit__(None, None, None)
+                data_dir = f", data dir {other['data_dir']}" if other.get("data_dir") else ""
+                raise AlreadyRunning(
+                    f"another legato daemon (pid {other['pid']}{data_dir}) is already listening "
+                    f"on unix:{self._socket}; stop it first, or choose another socket for this "
+                    "one with --listen unix:PATH (its clients then need LEGATO_ADDRESS=unix:PATH)"
+                )
+            self._held.append(socket_lock)
         return self
 
     def __exit__(
@@ -108,18 +208,8 @@ class DataDirLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def _prepare_socket(address: str) -> None:
-    if not address.startswith("unix:"):
-        return
-    if address.startswith("unix-abstract:"):
-        raise ValueError("abstract unix sockets have no permissions; use a unix:PATH socket")
-    path = Path(address.removeprefix("unix:").removeprefix("//"))
-    private_dir(path.parent)
+        while self._held:
+            self._held.pop().release()
 
 
 class Daemon:
@@ -130,8 +220,9 @@ class Daemon:
         self.tasks: TaskManager | None = None
         self.admin_key_path = config.data_dir / ADMIN_KEY_FILE
         self._server: grpc.aio.Server | None = None
+        self._bound_port = 0
         self._health = health.aio.HealthServicer()
-        self._lock = DataDirLock(private_dir(config.data_dir))
+        self._lock = DaemonLock(private_dir(config.data_dir), config.address)
 
     async def start(self) -> None:
         self._lock.__enter__()
@@ -165,17 +256,33 @@ class Daemon:
             ],
             server,
         )
-        _prepare_socket(self.config.address)
         old_umask = os.umask(0o077)  # the socket file: owner only
         try:
-            if server.add_insecure_port(self.config.address) == 0:
-                raise OSError(f"cannot listen on {self.config.address}")
+            try:
+                bound = server.add_insecure_port(self.config.address)
+            except RuntimeError:  # grpc's way of saying the bind failed
+                bound = 0
+            if bound == 0:
+                raise OSError(
+                    f"cannot listen on {self.config.address}; if another process (another "
+                    "legato daemon?) listens there, stop it or choose another with --listen"
+                )
         finally:
             os.umask(old_umask)
+        self._bound_port = bound
         await server.start()
         self._server = server
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    @property
+    def address(self) -> str:
+        """Where the daemon listens: the configured address, with the port it was
+        given for a HOST:0."""
+        address = self.config.address
+        if unix_socket_path(address) is not None or not self._bound_port:
+            return address
+        return f"{address.rsplit(':', 1)[0]}:{self._bound_port}"
 
     async def stop(self) -> None:
         """Graceful stop: NOT_SERVING, end watch streams, drain calls, close the database.
@@ -226,9 +333,13 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Daemon(config):
+    warning = listen_warning(config.address)
+    if warning is not None:
+        # Printed, not logged: --log-level must not be able to hide it.
+        print(f"legato: {warning}", file=sys.stderr, flush=True)
+    async with Daemon(config) as daemon:
         print(
-            f"legato serving on {config.address} (data: {config.data_dir}, "
+            f"legato serving on {daemon.address} (data: {config.data_dir}, "
             f"durability: {config.durability.value})",
             flush=True,
         )

@@ -1,8 +1,8 @@
 """Live fan-out of committed events to watch streams.
 
-Each subscription has a bounded buffer. A subscriber that falls further behind
-than that is cut off (it resumes from its last seq, losing nothing) instead of
-letting the daemon's memory grow without bound.
+Each subscription has a buffer bounded in events and in bytes. A subscriber
+that falls further behind than that is cut off (it resumes from its last seq,
+losing nothing) instead of letting the daemon's memory grow without bound.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from collections.abc import Callable, Iterable
 
 from legato.server.model import Event
 
-# Events a watcher may have undelivered before it is cut off.
+# Events a watcher may have undelivered before it is cut off...
 DEFAULT_BUFFER = 10_000
+# ...and what they may add up to (`Event.size`): events are deltas of tens of
+# bytes, but a CREATED event carries its task's context (up to 1 MiB).
+DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
 
 
 class SubscriptionOverflow(Exception):
@@ -39,12 +42,15 @@ class Subscription:
         buffer: int,
         owner: str,
         accepts: Callable[[Event], bool],
+        max_bytes: int = DEFAULT_BUFFER_BYTES,
     ):
         self.labels = frozenset(labels)
         self.task_ids = frozenset(task_ids)
         self.owner = owner
         self.accepts = accepts
         self._buffer = buffer
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._events: deque[Event] = deque()
         self._wakeup = asyncio.Event()
         self._ended: type[Exception] | None = None
@@ -52,16 +58,21 @@ class Subscription:
     def _offer(self, event: Event) -> None:
         if self._ended is not None:
             return
-        if len(self._events) >= self._buffer:
+        size = event.size
+        if len(self._events) >= self._buffer or (
+            self._events and self._bytes + size > self._max_bytes
+        ):
             self._end(SubscriptionOverflow)
         else:
             self._events.append(event)
+            self._bytes += size
             self._wakeup.set()
 
     def _end(self, reason: type[Exception]) -> None:
         if self._ended is None:
             self._ended = reason
         self._events.clear()  # free the memory now; the stream is ending
+        self._bytes = 0
         self._wakeup.set()
 
     async def get(self) -> Event:
@@ -71,14 +82,17 @@ class Subscription:
                 raise self._ended
             self._wakeup.clear()
             await self._wakeup.wait()
-        return self._events.popleft()
+        event = self._events.popleft()
+        self._bytes -= event.size
+        return event
 
 
 class EventBus:
     """Routes each committed event to the subscriptions that match it."""
 
-    def __init__(self, buffer: int = DEFAULT_BUFFER):
+    def __init__(self, buffer: int = DEFAULT_BUFFER, max_bytes: int = DEFAULT_BUFFER_BYTES):
         self._buffer = buffer
+        self._max_bytes = max_bytes
         self._by_label: defaultdict[str, set[Subscription]] = defaultdict(set)
         self._by_task: defaultdict[str, set[Subscription]] = defaultdict(set)
         self._closed = False
@@ -92,7 +106,7 @@ class EventBus:
         accepts: Callable[[Event], bool] = lambda event: True,
     ) -> Subscription:
         """Subscribes `owner` to events matching the labels or ids that `accepts` lets through."""
-        sub = Subscription(labels, task_ids, self._buffer, owner, accepts)
+        sub = Subscription(labels, task_ids, self._buffer, owner, accepts, self._max_bytes)
         if self._closed:
             sub._end(SubscriptionClosed)
         for label in sub.labels:

@@ -5,6 +5,7 @@
        |     ask back   v  | answer                     and the failure is retryable)
        |           INPUT_REQUIRED             (lease paused while the creator answers)
        |                |---lease ends-----> PENDING   (attempt + 1; FAILED after max_attempts)
+       |                |---release--------> PENDING   (attempt + 1, not counted)
        +---cancel-------+---cancel---------> CANCELED
     any unfinished state --deadline passes--> FAILED
 
@@ -47,9 +48,13 @@ def _require_lease(
             f"task {task.id} is {task.status.name}; only {states} tasks can be {action}"
         )
     if not _holds(task, lease_token):
+        # A wrong token and one of an ended claim look the same here (only the
+        # current token is stored), so say what is known and both next steps.
         raise FailedPrecondition(
-            f"lease_token does not hold task {task.id}: the claim it came from has ended "
-            "(lease expired or task reclaimed); stop working on this task"
+            f"lease_token is not the current lease token of task {task.id} (attempt "
+            f"{task.attempt}, claimed by {task.claimed_by or 'nobody'}): pass the token "
+            "ClaimTask returned; if it came from an earlier claim of yours, that claim has "
+            "ended and the task is another attempt's now"
         )
     if task.lease_expires_at is not None and task.lease_expires_at <= now:
         raise FailedPrecondition(
@@ -90,8 +95,10 @@ def heartbeat(
     if task.status is Status.INPUT_REQUIRED:
         return None
     length = lease_us if lease_us is not None else task.lease_us
-    extended = _changed(task, now, lease_expires_at=now + length, lease_us=length)
-    return Change(extended, EventType.HEARTBEAT)
+    # Lease bookkeeping, not a change anyone watches: no event, no new version,
+    # so a long task's history and its watchers' streams do not fill with heartbeats.
+    extended = replace(task, lease_expires_at=now + length, lease_us=length)
+    return Change(extended, None)
 
 
 def ended_under(task: TaskRecord, lease_token: str) -> bool:
@@ -112,18 +119,23 @@ def complete(task: TaskRecord, *, lease_token: str, result: bytes, now: int) -> 
     return Change(done, EventType.COMPLETED)
 
 
+def _back_to_pending(task: TaskRecord, now: int, **fields: object) -> TaskRecord:
+    # A new attempt number, so each attempt's output stands on its own.
+    return _changed(
+        task,
+        now,
+        status=Status.PENDING,
+        attempt=task.attempt + 1,
+        lease_token="",
+        lease_expires_at=None,
+        output_size=0,
+        **fields,
+    )
+
+
 def _requeue_or_fail(task: TaskRecord, error: str, now: int) -> Change:
-    if task.attempt < task.max_attempts:
-        requeued = _changed(
-            task,
-            now,
-            status=Status.PENDING,
-            error=error,
-            attempt=task.attempt + 1,
-            lease_token="",
-            lease_expires_at=None,
-        )
-        return Change(requeued, EventType.REQUEUED)
+    if task.counted_attempts < task.max_attempts:
+        return Change(_back_to_pending(task, now, error=error), EventType.REQUEUED)
     failed = _changed(
         task, now, status=Status.FAILED, error=error, lease_token="", lease_expires_at=None
     )
@@ -141,6 +153,18 @@ def fail(task: TaskRecord, *, lease_token: str, error: str, retryable: bool, now
     return Change(failed, EventType.FAILED)
 
 
+def release(task: TaskRecord, *, lease_token: str, reason: str, now: int) -> Change:
+    """CLAIMED (or INPUT_REQUIRED) → PENDING, handed back by its claimant.
+
+    The attempt does not count against `max_attempts`: a worker stopping or a
+    bridge restarting is no failure of the task.
+    """
+    _require_lease(task, lease_token, now, "released")
+    why = reason or f"released by {task.claimed_by}"
+    released = _back_to_pending(task, now, error=why, released=task.released + 1)
+    return Change(released, EventType.RELEASED)
+
+
 def append_output(task: TaskRecord, *, lease_token: str, text: str, now: int) -> Change:
     """Adds a chunk to the claimant's output."""
     _require_lease(task, lease_token, now, "given output")
@@ -151,7 +175,7 @@ def append_output(task: TaskRecord, *, lease_token: str, text: str, now: int) ->
             f"the limit of {MAX_OUTPUT_BYTES} bytes: put the rest in the result"
         )
     grown = _changed(task, now, output_size=task.output_size + size)
-    return Change(grown, EventType.OUTPUT, OutputChunk(task.output_size, text))
+    return Change(grown, EventType.OUTPUT, OutputChunk(task.output_size, text, task.attempt))
 
 
 def request_input(task: TaskRecord, *, lease_token: str, question: str, now: int) -> Change:

@@ -25,6 +25,13 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_LEASE_US = 5 * 60 * 1_000_000
 MAX_LEASE_US = 24 * 3600 * 1_000_000
 
+# The largest request or response gRPC carries (both ways, set on the server
+# and the client).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# What a page of a listing may add up to: a page stops before it would pass
+# it (always holding at least one item), so no listing outgrows a message.
+PAGE_BUDGET_BYTES = 3 * 1024 * 1024
+
 LABEL_RE = re.compile(r"@[a-z0-9][a-z0-9._-]{0,62}")
 
 

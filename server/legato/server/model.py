@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -41,7 +41,7 @@ class EventType(IntEnum):
 
     CREATED = 1
     CLAIMED = 2
-    HEARTBEAT = 3
+    # 3 was HEARTBEAT: heartbeats extend the lease in place and record no event.
     COMPLETED = 4
     FAILED = 5
     CANCELED = 6
@@ -49,6 +49,7 @@ class EventType(IntEnum):
     OUTPUT = 8
     INPUT_REQUESTED = 9
     INPUT_PROVIDED = 10
+    RELEASED = 11
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,27 +81,46 @@ class TaskRecord:
     output_size: int = 0
     question: str = ""
     answer: str = ""
+    # Attempts handed back with ReleaseTask: they do not count against max_attempts.
+    released: int = 0
+    # The seq of the CLAIMED event of the current attempt: its output is the
+    # OUTPUT events after it (daemon-private).
+    claim_seq: int = 0
+
+    @property
+    def counted_attempts(self) -> int:
+        """Attempts that count against `max_attempts`: all but the released ones."""
+        return self.attempt - self.released
 
 
 @dataclass(frozen=True, slots=True)
 class OutputChunk:
-    """A piece of a task's output; `offset` counts UTF-8 bytes."""
+    """A piece of an attempt's output; `offset` counts UTF-8 bytes from the attempt's start."""
 
     offset: int
     text: str
+    attempt: int
 
 
 class Change(NamedTuple):
-    """What a state-machine step decided: the task after it, and what to record."""
+    """What a state-machine step decided: the task after it, and what to record.
+
+    `type` None stores the task without recording an event (a heartbeat only
+    moves the lease).
+    """
 
     task: TaskRecord
-    type: EventType
+    type: EventType | None
     chunk: OutputChunk | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One committed change: the task as it is after it."""
+    """One committed change: the task as it is after it.
+
+    `task` is slim (see `slim`): the blobs an event does not carry are left out,
+    so buffered events cost what changed, not a copy of the task's context.
+    """
 
     seq: int
     type: EventType
@@ -108,6 +128,52 @@ class Event:
     actor: str
     at: int
     chunk: OutputChunk | None = None
+
+    @property
+    def size(self) -> int:
+        """An upper bound of the event's bytes on the wire, for byte-bounded buffers."""
+        task = self.task
+        text = len(task.content) * 4 + len(task.error) * 4 + len(task.question) * 4
+        text += len(task.answer) * 4 + (len(self.chunk.text) * 4 if self.chunk else 0)
+        return EVENT_OVERHEAD + text + len(task.context) + len(task.result)
+
+
+# Ids, labels, numbers and times of an event on the wire, bounded above.
+EVENT_OVERHEAD = 2048
+
+
+# The texts and blobs each kind of event carries: exactly those its change may
+# alter (see `lifecycle`), so folding events onto the CREATED task rebuilds the
+# stored one. Ids, labels, status, attempt, claimant, sizes and times ride on
+# every event: they are small.
+CARRIES: dict[EventType, frozenset[str]] = {
+    EventType.CLAIMED: frozenset({"question", "answer"}),
+    EventType.COMPLETED: frozenset({"result", "error"}),
+    EventType.FAILED: frozenset({"error"}),
+    EventType.CANCELED: frozenset({"error"}),
+    EventType.REQUEUED: frozenset({"error"}),
+    EventType.RELEASED: frozenset({"error"}),
+    EventType.OUTPUT: frozenset(),
+    EventType.INPUT_REQUESTED: frozenset({"question", "answer"}),
+    EventType.INPUT_PROVIDED: frozenset({"question", "answer"}),
+}
+
+
+def slim(task: TaskRecord, event_type: EventType) -> TaskRecord:
+    """The task as an event of `event_type` carries it: whole on CREATED,
+    otherwise without the texts and blobs that event did not change (`CARRIES`)."""
+    if event_type is EventType.CREATED:
+        return task
+    carries = CARRIES[event_type]
+    return replace(
+        task,
+        content="",
+        context=b"",
+        result=task.result if "result" in carries else b"",
+        error=task.error if "error" in carries else "",
+        question=task.question if "question" in carries else "",
+        answer=task.answer if "answer" in carries else "",
+    )
 
 
 # The actor recorded for changes the daemon makes on its own (lease expiry).

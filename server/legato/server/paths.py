@@ -17,6 +17,8 @@ APP = "legato"
 SOCKET_NAME = "legato.sock"
 DB_NAME = "legato.db"
 LOCK_NAME = "legato.lock"
+# Beside a unix socket, the lock of the daemon serving it: `legato.sock.lock`.
+SOCKET_LOCK_SUFFIX = ".lock"
 
 
 def default_data_dir() -> Path:
@@ -73,3 +75,24 @@ def private_dir(path: Path) -> Path:
     check_owned(path)
     path.chmod(0o700)
     return path
+
+
+class UnsafeAddress(ValueError):
+    """An address the daemon will not listen on."""
+
+
+def unix_socket_path(address: str) -> Path | None:
+    """The socket file of a `unix:PATH` (or `unix://PATH`) address; None for `HOST:PORT`."""
+    if address.startswith("unix-abstract:"):
+        raise UnsafeAddress(
+            f"{address}: abstract unix sockets have no permissions (any local process can "
+            "connect); use a unix:PATH socket"
+        )
+    if not address.startswith("unix:"):
+        return None
+    return Path(address.removeprefix("unix:").removeprefix("//"))
+
+
+def socket_lock_path(socket: Path) -> Path:
+    """The lock file of the daemon serving `socket`, beside it in the same 0700 dir."""
+    return socket.with_name(socket.name + SOCKET_LOCK_SUFFIX)

@@ -26,10 +26,16 @@ from legato.v1 import tasks_pb2, tasks_pb2_grpc
 
 
 class EncodedEvents:
-    """Each event's wire form, made once for all the watchers it goes to."""
+    """Each event's wire form, made once for all the watchers it goes to.
 
-    def __init__(self, capacity: int = 4096):
+    Bounded in bytes as well as in count: a burst of creates with large
+    contexts must not pin their encodings.
+    """
+
+    def __init__(self, capacity: int = 4096, max_bytes: int = 16 * 1024 * 1024):
         self._capacity = capacity
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._by_seq: OrderedDict[int, bytes] = OrderedDict()
 
     def __call__(self, event: Event) -> bytes:
@@ -37,8 +43,9 @@ class EncodedEvents:
         if encoded is None:
             encoded = event_proto(event).SerializeToString()
             self._by_seq[event.seq] = encoded
-            if len(self._by_seq) > self._capacity:
-                self._by_seq.popitem(last=False)
+            self._bytes += len(encoded)
+            while len(self._by_seq) > self._capacity or self._bytes > self._max_bytes:
+                self._bytes -= len(self._by_seq.popitem(last=False)[1])
         return encoded
 
 
@@ -196,6 +203,24 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             caller=current_agent.get(),
         )
         return task_proto(task)
+
+    @unary
+    async def ReleaseTask(
+        self, request: tasks_pb2.ReleaseTaskRequest, context: Context
+    ) -> tasks_pb2.Task:
+        task = await self._tasks.release(
+            task_id=request.id,
+            lease_token=request.lease_token,
+            reason=request.reason,
+            caller=current_agent.get(),
+        )
+        return task_proto(task)
+
+    @unary
+    async def GetCursor(
+        self, request: tasks_pb2.GetCursorRequest, context: Context
+    ) -> tasks_pb2.GetCursorResponse:
+        return tasks_pb2.GetCursorResponse(cursor=await self._tasks.cursor())
 
     @unary
     async def CancelTask(

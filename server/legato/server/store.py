@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from legato.server import access
 from legato.server.db import Database, Durability
 from legato.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from legato.server.model import (
@@ -34,6 +35,7 @@ from legato.server.model import (
     Role,
     Status,
     TaskRecord,
+    slim,
 )
 
 T = TypeVar("T")
@@ -42,7 +44,7 @@ Decide = Callable[[TaskRecord], Change | None]
 # How deep delegation chains may go: a root task is depth 0.
 MAX_DEPTH = 8
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -71,7 +73,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     deadline         INTEGER,
     output_size      INTEGER NOT NULL,
     question         TEXT    NOT NULL,
-    answer           TEXT    NOT NULL
+    answer           TEXT    NOT NULL,
+    released         INTEGER NOT NULL DEFAULT 0,
+    claim_seq        INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency
     ON tasks (created_by, idempotency_key) WHERE idempotency_key != '';
@@ -131,7 +135,8 @@ CREATE TABLE IF NOT EXISTS agents (
 _TASK_COLUMNS = (
     "id, content, labels, context, created_by, created_at, max_attempts, parent_id, root_id, "
     "idempotency_key, status, result, error, claimed_by, attempt, version, updated_at, "
-    "lease_token, lease_expires_at, lease_us, depth, deadline, output_size, question, answer"
+    "lease_token, lease_expires_at, lease_us, depth, deadline, output_size, question, answer, "
+    "released, claim_seq"
 )
 _SELECT_TASK = f"SELECT rowid, {_TASK_COLUMNS} FROM tasks"
 
@@ -163,36 +168,49 @@ def _task_from_row(row: Sequence[Any]) -> TaskRecord:
         output_size=row[22],
         question=row[23],
         answer=row[24],
+        released=row[25],
+        claim_seq=row[26],
     )
 
 
 def _state_json(task: TaskRecord, chunk: OutputChunk | None) -> str:
+    """What an event row keeps of the (slim) task: the fields a change can alter.
+
+    Texts only when the event carries them (see `model.slim`): a long question
+    is stored with the events that ask and answer it, not with every chunk after.
+    """
     state: dict[str, Any] = {
         "status": int(task.status),
-        "error": task.error,
         "claimed_by": task.claimed_by,
         "attempt": task.attempt,
         "version": task.version,
         "updated_at": task.updated_at,
         "lease_expires_at": task.lease_expires_at,
         "output_size": task.output_size,
-        "question": task.question,
-        "answer": task.answer,
+        "released": task.released,
     }
+    for name in ("error", "question", "answer"):
+        if value := getattr(task, name):
+            state[name] = value
     if chunk is not None:
         state["chunk"] = [chunk.offset, chunk.text]
     return json.dumps(state, separators=(",", ":"))
 
 
 def _task_at_event(current: TaskRecord, state: str) -> tuple[TaskRecord, OutputChunk | None]:
-    fields = json.loads(state)
+    # `current` holds the blobs the event carries (see `_EVENT_SELECT`): the
+    # result is written once, with the terminal DONE, so the stored one is the
+    # one its COMPLETED event carried.
+    fields = {**_STATE_DEFAULTS, **json.loads(state)}
     status = Status(fields.pop("status"))
     chunk = fields.pop("chunk", None)
-    # The result is written once, with the terminal DONE: the stored one is the
-    # one this event carried if (and only if) the event left the task DONE.
-    result = current.result if status is Status.DONE else b""
-    task = replace(current, status=status, result=result, lease_token="", lease_us=0, **fields)
-    return task, None if chunk is None else OutputChunk(chunk[0], chunk[1])
+    task = replace(current, status=status, lease_token="", lease_us=0, claim_seq=0, **fields)
+    return task, None if chunk is None else OutputChunk(chunk[0], chunk[1], task.attempt)
+
+
+# Fields an event row may leave out (and `released`, which rows written
+# before schema 2 do not have).
+_STATE_DEFAULTS = {"error": "", "question": "", "answer": "", "released": 0}
 
 
 def _in(values: Sequence[object]) -> str:
@@ -306,7 +324,7 @@ class Store:
             if task.parent_id:
                 loaded = _load(conn, "id = ?", (task.parent_id,))
                 if loaded is None:
-                    raise NotFound(f"parent_id {task.parent_id!r}: no such task")
+                    raise NotFound(access.parent_not_found(task.parent_id))
                 parent = loaded[1]
                 if parent_check is not None:
                     parent_check(parent)
@@ -464,11 +482,22 @@ class Store:
         return await self._db.read(list_page)
 
     async def events_after(
-        self, after_seq: int, *, labels: Sequence[str], task_ids: Sequence[str], limit: int
-    ) -> list[Event]:
-        """Stored events with seq > `after_seq` of tasks matching the filter, in seq order."""
+        self,
+        after_seq: int,
+        *,
+        labels: Sequence[str],
+        task_ids: Sequence[str],
+        limit: int,
+        max_bytes: int,
+    ) -> tuple[list[Event], bool]:
+        """Stored events with seq > `after_seq` of tasks matching the filter, in seq
+        order, and whether more follow.
 
-        def read(conn: sqlite3.Connection) -> list[Event]:
+        At most `limit` events, and fewer once their sizes pass `max_bytes` (at
+        least one, whatever its size).
+        """
+
+        def read(conn: sqlite3.Connection) -> tuple[list[Event], bool]:
             of_ids = f"e.task_rowid IN (SELECT rowid FROM tasks WHERE id IN ({_in(task_ids)}))"
             of_labels = (
                 "EXISTS (SELECT 1 FROM task_labels l WHERE l.task_rowid = e.task_rowid "
@@ -481,26 +510,33 @@ class Store:
             else:
                 match, params = of_ids, list(task_ids)
             rows = conn.execute(
-                f"SELECT e.seq, e.type, e.actor, e.at, e.state, t.rowid, {_prefixed('t')} "
-                f"FROM events e JOIN tasks t ON t.rowid = e.task_rowid "
-                f"WHERE e.seq > ? AND {match} ORDER BY e.seq LIMIT ?",
-                [after_seq, *params, limit],
-            ).fetchall()
-            return [_event_from_row(r) for r in rows]
+                f"{_SELECT_EVENT} WHERE e.seq > ? AND {match} ORDER BY e.seq LIMIT ?",
+                [after_seq, *params, limit + 1],
+            )
+            return _events_within(rows, limit, max_bytes)
 
         return await self._db.read(read)
 
-    async def task_events(self, task_id: str, *, after_seq: int, limit: int) -> list[Event]:
-        """The stored events of one task with seq > `after_seq`, oldest first."""
+    async def task_events(
+        self, task_id: str, *, after_seq: int, limit: int, max_bytes: int
+    ) -> tuple[list[Event], bool]:
+        """The stored events of one task with seq > `after_seq`, oldest first, and
+        whether more follow (bounded like `events_after`)."""
 
-        def read(conn: sqlite3.Connection) -> list[Event]:
+        def read(conn: sqlite3.Connection) -> tuple[list[Event], bool]:
             rows = conn.execute(
-                f"SELECT e.seq, e.type, e.actor, e.at, e.state, t.rowid, {_prefixed('t')} "
-                "FROM events e JOIN tasks t ON t.rowid = e.task_rowid "
-                "WHERE t.id = ? AND e.seq > ? ORDER BY e.seq LIMIT ?",
-                (task_id, after_seq, limit),
-            ).fetchall()
-            return [_event_from_row(r) for r in rows]
+                f"{_SELECT_EVENT} WHERE t.id = ? AND e.seq > ? ORDER BY e.seq LIMIT ?",
+                (task_id, after_seq, limit + 1),
+            )
+            return _events_within(rows, limit, max_bytes)
+
+        return await self._db.read(read)
+
+    async def cursor(self) -> int:
+        """The seq of the latest event (0 before the first): one index lookup."""
+
+        def read(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
 
         return await self._db.read(read)
 
@@ -518,14 +554,17 @@ class Store:
 
         return await self._db.read(read)
 
-    async def task_output(self, task_id: str) -> str:
-        """A task's output: its OUTPUT chunks in order."""
+    async def task_output(self, task: TaskRecord) -> str:
+        """The output of the task's current attempt: its OUTPUT chunks since its claim."""
 
         def read(conn: sqlite3.Connection) -> str:
+            # From the attempt's CLAIMED event on, by the (task_rowid, seq)
+            # index: earlier attempts' output is never read.
             rows = conn.execute(
-                "SELECT e.state FROM events e JOIN tasks t ON t.rowid = e.task_rowid "
-                "WHERE t.id = ? AND e.type = ? ORDER BY e.seq",
-                (task_id, int(EventType.OUTPUT)),
+                "SELECT e.state FROM events e WHERE e.task_rowid = "
+                "(SELECT rowid FROM tasks WHERE id = ?) AND e.seq > ? AND e.type = ? "
+                "ORDER BY e.seq",
+                (task.id, task.claim_seq, int(EventType.OUTPUT)),
             )
             return "".join(json.loads(state)["chunk"][1] for (state,) in rows)
 
@@ -547,7 +586,18 @@ class Store:
 
 
 class AgentStore:
-    """The `agents` table, on the same database as the tasks."""
+    """The `agents` table, on the same database as the tasks.
+
+    Each change is an UPDATE of the columns it changes, never a write of a whole
+    record held in memory: a record read before another change was written
+    would undo that change on disk (a key rotation, a revocation). Changes of a
+    live agent match only while it is not revoked, so one racing a revocation
+    cannot bring the agent back; they return whether they matched.
+
+    `applied` runs on the event loop once the change is committed, in commit
+    order across all writes (see `Database.write`): the place to update what
+    the caller holds in memory, so that it follows the same order as the disk.
+    """
 
     def __init__(self, store: Store):
         self._db = store._db
@@ -559,7 +609,7 @@ class AgentStore:
 
         return await self._db.read(read)
 
-    async def insert(self, agent: AgentRecord) -> None:
+    async def insert(self, agent: AgentRecord, *, applied: Callable[[], object]) -> None:
         def insert(conn: sqlite3.Connection) -> None:
             if conn.execute("SELECT 1 FROM agents WHERE name = ?", (agent.name,)).fetchone():
                 raise AlreadyExists(
@@ -571,19 +621,82 @@ class AgentStore:
                 _agent_row(agent),
             )
 
-        await self._db.write(insert)
+        await self._db.write(insert, after_commit=_calling(applied))
 
-    async def save(self, agent: AgentRecord) -> None:
-        """Writes every field of an existing agent."""
+    async def set_key(
+        self, name: str, key_id: str, key_hash: str, *, applied: Callable[[], object]
+    ) -> bool:
+        """Replaces a live agent's key."""
+        return await self._update_live(
+            name, "key_id = ?, key_hash = ?", (key_id, key_hash), applied
+        )
 
-        def save(conn: sqlite3.Connection) -> None:
+    async def set_labels_role(
+        self,
+        name: str,
+        *,
+        labels: Sequence[str] | None,
+        role: Role | None,
+        applied: Callable[[], object],
+    ) -> bool:
+        """Replaces a live agent's labels, role, or both (None: left as it is)."""
+        return await self._update_live(
+            name,
+            "labels = COALESCE(?, labels), role = COALESCE(?, role)",
+            (
+                None if labels is None else json.dumps(list(labels)),
+                None if role is None else int(role),
+            ),
+            applied,
+        )
+
+    async def revoke(self, name: str, *, applied: Callable[[], object]) -> bool:
+        """Revokes a live agent, for good."""
+        return await self._update_live(name, "revoked = 1", (), applied)
+
+    async def reinstate_admin(self, name: str, *, applied: Callable[[], object]) -> None:
+        """Makes `name` a live admin again, revoked or not (the admin bootstrap only)."""
+
+        def reinstate(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE agents SET labels = ?, role = ?, created_at = ?, key_id = ?, "
-                "key_hash = ?, last_seen_at = ?, revoked = ? WHERE name = ?",
-                (*_agent_row(agent)[1:], agent.name),
+                "UPDATE agents SET revoked = 0, role = ? WHERE name = ?", (int(Role.ADMIN), name)
             )
 
-        await self._db.write(save)
+        await self._db.write(reinstate, after_commit=_calling(applied))
+
+    async def touch_last_seen(self, name: str, at: int) -> None:
+        """Records that the agent made a call at `at`; never moves last_seen_at back."""
+
+        def touch(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE agents SET last_seen_at = ? "
+                "WHERE name = ? AND (last_seen_at IS NULL OR last_seen_at < ?)",
+                (at, name, at),
+            )
+
+        await self._db.write(touch)
+
+    async def _update_live(
+        self, name: str, assignments: str, params: tuple[Any, ...], applied: Callable[[], object]
+    ) -> bool:
+        def update(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                f"UPDATE agents SET {assignments} WHERE name = ? AND revoked = 0", (*params, name)
+            )
+            return cursor.rowcount == 1
+
+        def after_commit(matched: bool) -> None:
+            if matched:
+                applied()
+
+        return await self._db.write(update, after_commit=after_commit)
+
+
+def _calling(applied: Callable[[], object]) -> Callable[[object], None]:
+    def after_commit(_: object) -> None:
+        applied()
+
+    return after_commit
 
 
 _AGENT_COLUMNS = "name, labels, role, created_at, key_id, key_hash, last_seen_at, revoked"
@@ -609,11 +722,47 @@ def _agent_from_row(row: Sequence[Any]) -> AgentRecord:
     )
 
 
+def _event_columns() -> str:
+    # The blobs only for the events that carry them (see `model.slim`), so a
+    # replay of many events of a task with a large context reads it once.
+    carried = {
+        "content": f"CASE WHEN e.type = {int(EventType.CREATED)} THEN t.content ELSE '' END",
+        "context": f"CASE WHEN e.type = {int(EventType.CREATED)} THEN t.context ELSE x'' END",
+        "result": f"CASE WHEN e.type = {int(EventType.COMPLETED)} THEN t.result ELSE x'' END",
+    }
+    names = [c.strip() for c in _TASK_COLUMNS.split(",")]
+    return ", ".join(carried.get(name, f"t.{name}") for name in names)
+
+
+_SELECT_EVENT = (
+    f"SELECT e.seq, e.type, e.actor, e.at, e.state, t.rowid, {_event_columns()} "
+    "FROM events e JOIN tasks t ON t.rowid = e.task_rowid"
+)
+
+
 def _event_from_row(row: Sequence[Any]) -> Event:
     task, chunk = _task_at_event(_task_from_row(row[6:]), row[4])
     return Event(
         seq=row[0], type=EventType(row[1]), actor=row[2], at=row[3], task=task, chunk=chunk
     )
+
+
+def _events_within(
+    rows: Iterable[Sequence[Any]], limit: int, max_bytes: int
+) -> tuple[list[Event], bool]:
+    """At most `limit` events of `rows` (queried with LIMIT limit + 1) whose sizes
+    add up to at most `max_bytes` (at least one), and whether more follow."""
+    events: list[Event] = []
+    total = 0
+    for row in rows:
+        if len(events) == limit:
+            return events, True
+        event = _event_from_row(row)
+        total += event.size
+        if events and total > max_bytes:
+            return events, True
+        events.append(event)
+    return events, False
 
 
 def _prefixed(alias: str) -> str:
@@ -627,9 +776,22 @@ def _migrate(conn: sqlite3.Connection) -> None:
             f"the database was written by a newer legato (schema {version}, this one reads "
             f"up to {SCHEMA_VERSION}); upgrade legato"
         )
+    if version == 1:
+        _migrate_from_1(conn)
     for statement in _statements(SCHEMA):
         conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _migrate_from_1(conn: sqlite3.Connection) -> None:
+    """Schema 2: released attempts, each attempt's own output, no heartbeat events."""
+    conn.execute("ALTER TABLE tasks ADD COLUMN released INTEGER NOT NULL DEFAULT 0")
+    conn.execute("ALTER TABLE tasks ADD COLUMN claim_seq INTEGER NOT NULL DEFAULT 0")
+    conn.execute(
+        "UPDATE tasks SET claim_seq = COALESCE((SELECT MAX(seq) FROM events "
+        f"WHERE task_rowid = tasks.rowid AND type = {int(EventType.CLAIMED)}), 0)"
+    )
+    conn.execute("DELETE FROM events WHERE type = 3")  # HEARTBEAT, no longer an event
 
 
 def _statements(script: str) -> list[str]:
@@ -667,13 +829,14 @@ def _load(
 
 def _insert_task(conn: sqlite3.Connection, task: TaskRecord) -> int:
     cursor = conn.execute(
-        f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_in(range(25))})",
+        f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_in(range(27))})",
         (
             task.id, task.content, json.dumps(list(task.labels)), task.context, task.created_by,
             task.created_at, task.max_attempts, task.parent_id, task.root_id,
             task.idempotency_key, int(task.status), task.result, task.error, task.claimed_by,
             task.attempt, task.version, task.updated_at, task.lease_token, task.lease_expires_at,
             task.lease_us, task.depth, task.deadline, task.output_size, task.question, task.answer,
+            task.released, task.claim_seq,
         ),
     )  # fmt: skip
     rowid = cursor.lastrowid
@@ -693,14 +856,24 @@ def _apply(
     if change is None:
         return task, []
     new = change.task
+    if change.type is None:  # a heartbeat: only the lease moves
+        conn.execute(
+            "UPDATE tasks SET lease_expires_at = ?, lease_us = ? WHERE rowid = ?",
+            (new.lease_expires_at, new.lease_us, rowid),
+        )
+        return new, []
+    # The event first: a claim's own seq is where its attempt's output begins.
+    event = _append_event(conn, rowid, new, change.type, actor, change.chunk)
+    if change.type is EventType.CLAIMED:
+        new = replace(new, claim_seq=event.seq)
     conn.execute(
         "UPDATE tasks SET status = ?, result = ?, error = ?, claimed_by = ?, attempt = ?, "
         "version = ?, updated_at = ?, lease_token = ?, lease_expires_at = ?, lease_us = ?, "
-        "output_size = ?, question = ?, answer = ? WHERE rowid = ?",
+        "output_size = ?, question = ?, answer = ?, released = ?, claim_seq = ? WHERE rowid = ?",
         (
             int(new.status), new.result, new.error, new.claimed_by, new.attempt, new.version,
             new.updated_at, new.lease_token, new.lease_expires_at, new.lease_us,
-            new.output_size, new.question, new.answer, rowid,
+            new.output_size, new.question, new.answer, new.released, new.claim_seq, rowid,
         ),
     )  # fmt: skip
     was_pending, is_pending = task.status is Status.PENDING, new.status is Status.PENDING
@@ -711,7 +884,7 @@ def _apply(
             "UPDATE task_labels SET pending = ? WHERE label = ? AND task_rowid = ?",
             [(int(is_pending), label, rowid) for label in new.labels],
         )
-    return new, [_append_event(conn, rowid, new, change.type, actor, change.chunk)]
+    return new, [event]
 
 
 def _append_event(
@@ -722,10 +895,13 @@ def _append_event(
     actor: str,
     chunk: OutputChunk | None = None,
 ) -> Event:
+    carried = slim(task, event_type)
     cursor = conn.execute(
         "INSERT INTO events (task_rowid, type, actor, at, state) VALUES (?, ?, ?, ?, ?)",
-        (rowid, int(event_type), actor, task.updated_at, _state_json(task, chunk)),
+        (rowid, int(event_type), actor, task.updated_at, _state_json(carried, chunk)),
     )
     seq = cursor.lastrowid
     assert seq is not None
-    return Event(seq=seq, type=event_type, task=task, actor=actor, at=task.updated_at, chunk=chunk)
+    return Event(
+        seq=seq, type=event_type, task=carried, actor=actor, at=task.updated_at, chunk=chunk
+    )

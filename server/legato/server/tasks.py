@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import secrets
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from legato.server import access, lifecycle, limits
 from legato.server.agents import AgentRegistry
@@ -35,10 +37,18 @@ from legato.server.model import (
 from legato.server.store import AgentStore, Store, TaskQuery
 from legato.server.waiters import ClaimWaiters
 
+log = logging.getLogger(__name__)
+
 BACKLOG_BATCH = 500
+# A replay batch is held in memory while it is sent: bound it in bytes too.
+BACKLOG_BATCH_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_OPEN_TASKS = 1000
 MAX_CLAIM_WAIT_US = 60 * 1_000_000
 MAX_CHUNK_BYTES = 64 * 1024
+
+
+# Events after which a task is PENDING and may wake a waiting claim.
+CLAIMABLE_AGAIN = frozenset({EventType.CREATED, EventType.REQUEUED, EventType.RELEASED})
 
 
 def new_task_id() -> str:
@@ -85,11 +95,19 @@ class TaskManager:
         self.agents = agents
         self._clock = clock
         self._max_open_tasks = max_open_tasks
-        agents.on_key_invalidated = bus.end_owner
         self._reaper = LeaseReaper(expire=self._expire_due, next_expiry=store.next_due, clock=clock)
         self._waiters = ClaimWaiters()
+
+        def key_invalidated(name: str) -> None:
+            bus.end_owner(name)
+            self._waiters.nudge_owner(name)
+
+        agents.on_key_invalidated = key_invalidated
+        agents.on_access_changed = self._waiters.nudge_owner
         # How often a claim looked for a task: long-polling workers must not drive it up.
         self.claim_attempts = 0
+        # Releases of claims whose callers went away; awaited on close.
+        self._background: set[asyncio.Future[None]] = set()
         store.on_commit = self._committed
 
     @classmethod
@@ -117,6 +135,8 @@ class TaskManager:
         """Ends watch streams and claim waits, stops the reaper, closes the database."""
         self.bus.close()
         self._waiters.close()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await self._reaper.stop()
         await self.agents.flush()
         await self._store.close()
@@ -133,10 +153,7 @@ class TaskManager:
                 self._reaper.due_at(task.lease_expires_at)
             if event.type is EventType.CREATED and task.deadline is not None:
                 self._reaper.due_at(task.deadline)
-            if task.status is Status.PENDING and event.type in (
-                EventType.CREATED,
-                EventType.REQUEUED,
-            ):
+            if task.status is Status.PENDING and event.type in CLAIMABLE_AGAIN:
                 self._waiters.wake_one(task.labels)
 
     async def _expire_due(self, now: int) -> int:
@@ -204,7 +221,7 @@ class TaskManager:
     async def get(self, task_id: str, *, caller: AgentRecord) -> tuple[TaskRecord, str]:
         """A task in the caller's view, and its output so far."""
         task = await self._visible_task(task_id, caller)
-        output = await self._store.task_output(task.id) if task.output_size else ""
+        output = await self._store.task_output(task) if task.output_size else ""
         return task, output
 
     async def tree(self, task_id: str, *, caller: AgentRecord) -> list[TaskRecord]:
@@ -219,10 +236,12 @@ class TaskManager:
         await self._visible_task(task_id, caller)
         if after_seq < 0:
             raise InvalidArgument(f"after_seq must be 0 or more; got {after_seq}")
-        limit = limits.check_page_size(page_size)
-        events = await self._store.task_events(task_id, after_seq=after_seq, limit=limit + 1)
-        more = len(events) > limit
-        events = events[:limit]
+        events, more = await self._store.task_events(
+            task_id,
+            after_seq=after_seq,
+            limit=limits.check_page_size(page_size),
+            max_bytes=limits.PAGE_BUDGET_BYTES,
+        )
         return events, events[-1].seq if more else 0
 
     async def list(
@@ -259,18 +278,29 @@ class TaskManager:
         wait_us: int | None = None,
     ) -> TaskRecord | None:
         """Claims the task `task_id`, or the oldest pending one with any of `labels`
-        (default: any of the caller's labels), waiting up to `wait_us` for one."""
+        (default: any of the caller's labels), waiting up to `wait_us` for one.
+
+        The claim acts for the caller as it is when it takes a task, not as it
+        was when the call began: UNAUTHENTICATED once the caller is revoked or
+        its key rotated; a wait for given labels ends PERMISSION_DENIED once the
+        caller no longer holds them all, and a wait for all of its labels waits
+        on the labels it holds now.
+        """
         lease = limits.check_lease("lease", lease_us) or limits.DEFAULT_LEASE_US
         checked_labels = limits.check_labels("labels", labels, required=False)
         name = caller.name
         if wait_us is not None and not 0 <= wait_us <= MAX_CLAIM_WAIT_US:
             raise InvalidArgument(f"wait must be 0 to 60 s; got {wait_us / 1e6:g} s")
+        current = self.agents.live(caller)
         if task_id:
             if wait_us:
                 raise InvalidArgument("wait applies to claims by labels, not by id")
 
             def decide_by_id(task: TaskRecord) -> Change:
-                access.require_claimable(caller, task)
+                # Inside the transaction, with the caller as it is at this moment.
+                now_caller = self.agents.current(caller)
+                access.require_claimable(now_caller, task)
+                self.agents.live(caller)
                 return lifecycle.claim(
                     task,
                     actor=name,
@@ -279,29 +309,77 @@ class TaskManager:
                     now=self._clock(),
                 )
 
-            return await self._store.update(
-                limits.check_id("id", task_id), decide_by_id, actor=name
+            return await self._claim_or_release(
+                self._store.update(limits.check_id("id", task_id), decide_by_id, actor=name), name
             )
-        from_labels = access.claim_labels(caller, checked_labels)
+
+        from_labels = access.claim_labels(current, checked_labels)
 
         def decide(task: TaskRecord) -> Change:
+            # Inside the transaction, with the caller as it is at this moment: its
+            # labels may have changed since it chose the labels to look under.
+            access.require_holds_label(self.agents.live(caller), task, from_labels)
             return lifecycle.claim(
                 task, actor=name, lease_token=new_lease_token(), lease_us=lease, now=self._clock()
             )
 
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + (wait_us or 0) / 1e6
-        # Registered before the first look, so a task created in between wakes it.
-        with self._waiters.register(from_labels) as waiter:
-            while True:
-                waiter.rearm()
-                self.claim_attempts += 1
-                task = await self._store.claim_next(from_labels, decide, actor=name)
-                if task is not None or self._waiters.closed:
-                    return task
-                left = give_up_at - loop.time()
-                if left <= 0 or not await waiter.wait(left):
-                    return None
+        while True:
+            # Registered before the first look, so a task created in between wakes it.
+            with self._waiters.register(name, from_labels) as waiter:
+                while True:
+                    # Also after each wake-up or nudge: the caller may have changed.
+                    now_labels = access.claim_labels(self.agents.live(caller), checked_labels)
+                    if now_labels != from_labels:
+                        break  # to wait under the labels it holds now
+                    waiter.rearm()
+                    self.claim_attempts += 1
+                    task = await self._claim_or_release(
+                        self._store.claim_next(from_labels, decide, actor=name), name
+                    )
+                    if task is not None or self._waiters.closed:
+                        return task
+                    left = give_up_at - loop.time()
+                    if left <= 0 or not await waiter.wait(left):
+                        return None
+            from_labels = now_labels
+
+    async def _claim_or_release(
+        self, write: Coroutine[Any, Any, TaskRecord | None], actor: str
+    ) -> TaskRecord | None:
+        """Runs a claim's write; a claim that commits after its caller went away
+        (deadline, disconnect) is released, not left to burn an attempt."""
+        claiming = asyncio.ensure_future(write)
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            claiming.add_done_callback(lambda done: self._release_abandoned(done, actor))
+            raise
+
+    def _release_abandoned(self, done: asyncio.Future[TaskRecord | None], actor: str) -> None:
+        if done.cancelled() or done.exception() is not None or done.result() is None:
+            return
+        claimed = done.result()
+        assert claimed is not None
+        reason = f"the claim by {actor} committed after its caller had gone away"
+
+        def decide(task: TaskRecord) -> Change | None:
+            if task.lease_token != claimed.lease_token:
+                return None  # ended meanwhile (expired, canceled): nothing to hand back
+            return lifecycle.release(
+                task, lease_token=claimed.lease_token, reason=reason, now=self._clock()
+            )
+
+        async def release() -> None:
+            try:
+                await self._store.update(claimed.id, decide, actor=actor)
+            except Exception:
+                log.exception("could not release abandoned claim of %s", claimed.id)
+
+        background = asyncio.ensure_future(release())
+        self._background.add(background)
+        background.add_done_callback(self._background.discard)
 
     async def heartbeat(
         self, *, task_id: str, lease_token: str, lease_us: int | None, caller: AgentRecord
@@ -351,6 +429,25 @@ class TaskManager:
             return change
 
         return await self._store.update(limits.check_id("id", task_id), decide, actor=caller.name)
+
+    async def release(
+        self, *, task_id: str, lease_token: str, reason: str, caller: AgentRecord
+    ) -> TaskRecord:
+        """Hands a claimed task back to PENDING; the attempt does not count."""
+        limits.check_text("reason", reason, limits.MAX_TEXT_BYTES)
+        now = self._clock()
+
+        def decide(task: TaskRecord) -> Change:
+            access.require_visible(caller, task)
+            change = lifecycle.release(task, lease_token=lease_token, reason=reason, now=now)
+            access.require_claimant(caller, task, "release")
+            return change
+
+        return await self._store.update(limits.check_id("id", task_id), decide, actor=caller.name)
+
+    async def cursor(self) -> int:
+        """The seq of the latest event: watching from it misses nothing from now on."""
+        return await self._store.cursor()
 
     async def cancel(
         self, *, task_id: str, reason: str, caller: AgentRecord, keep_children: bool = False
@@ -462,16 +559,19 @@ class TaskManager:
         sub = self.bus.subscribe(checked_labels, ids, owner=caller.name, accepts=visible)
         try:
             last = after_seq
-            while last is not None:
-                batch = await self._store.events_after(
-                    last, labels=checked_labels, task_ids=ids, limit=BACKLOG_BATCH
+            more = last is not None
+            while more and last is not None:
+                batch, more = await self._store.events_after(
+                    last,
+                    labels=checked_labels,
+                    task_ids=ids,
+                    limit=BACKLOG_BATCH,
+                    max_bytes=BACKLOG_BATCH_BYTES,
                 )
                 for event in batch:
                     if visible(event):
                         yield event
                     last = event.seq
-                if len(batch) < BACKLOG_BATCH:
-                    break
             while True:
                 event = await sub.get()
                 if last is not None and event.seq <= last:

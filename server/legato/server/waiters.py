@@ -6,6 +6,10 @@ holding one of its labels, the longest waiting; that one claims again. A
 waiter that was woken but will not claim (it got another task meanwhile, timed
 out, or its caller went away) passes the wake-up on, so no task is left
 waiting next to idle workers.
+
+When an agent changes (revoked, its key rotated, its labels or role changed),
+its waiters are nudged: they look at the agent as it is now before they claim
+again. A nudge is not a wake-up; it announces no task and is never passed on.
 """
 
 from __future__ import annotations
@@ -18,25 +22,34 @@ from contextlib import contextmanager
 
 
 class Waiter:
-    """One claimant waiting on `labels`."""
+    """One claimant, agent `owner`, waiting on `labels`."""
 
-    def __init__(self, labels: tuple[str, ...], order: int):
+    def __init__(self, owner: str, labels: tuple[str, ...], order: int):
+        self.owner = owner
         self.labels = labels
         self.order = order
         self._event = asyncio.Event()
+        self._woken = False
 
     @property
     def woken(self) -> bool:
-        return self._event.is_set()
+        """Whether it holds a wake-up: a task became claimable since it last looked."""
+        return self._woken
 
     def wake(self) -> None:
+        self._woken = True
+        self._event.set()
+
+    def nudge(self) -> None:
+        """Ends the wait without a wake-up: the agent changed; look at it again."""
         self._event.set()
 
     def rearm(self) -> None:
+        self._woken = False
         self._event.clear()
 
     async def wait(self, timeout: float) -> bool:
-        """True when woken, False when `timeout` seconds passed first."""
+        """True when woken or nudged, False when `timeout` seconds passed first."""
         try:
             await asyncio.wait_for(self._event.wait(), timeout)
         except TimeoutError:
@@ -57,8 +70,8 @@ class ClaimWaiters:
         return self._closed
 
     @contextmanager
-    def register(self, labels: Iterable[str]) -> Iterator[Waiter]:
-        waiter = Waiter(tuple(labels), next(self._order))
+    def register(self, owner: str, labels: Iterable[str]) -> Iterator[Waiter]:
+        waiter = Waiter(owner, tuple(labels), next(self._order))
         for label in waiter.labels:
             self._by_label[label][waiter.order] = waiter
         if self._closed:
@@ -86,6 +99,13 @@ class ClaimWaiters:
         first = min(candidates, key=lambda w: w.order, default=None)
         if first is not None:
             first.wake()
+
+    def nudge_owner(self, owner: str) -> None:
+        """Nudges every waiter of agent `owner` (see `Waiter.nudge`)."""
+        for queue in self._by_label.values():
+            for waiter in queue.values():
+                if waiter.owner == owner:
+                    waiter.nudge()
 
     def close(self) -> None:
         """Wakes everyone: the daemon is stopping and waits end empty."""
