@@ -35,6 +35,7 @@ from legato.client import (
     EventType,
     Job,
     JobInterruptedError,
+    Task,
     TaskFailedError,
     TaskStatus,
 )
@@ -470,6 +471,32 @@ async def test_revoking_the_agent_ends_its_worker(
     await client_log.wait_for(held.id, "lost", "UNAUTHENTICATED")
 
 
+async def test_a_task_handed_back_three_times_is_pending_with_its_attempts_unused(
+    coder: AsyncClient, researcher: AsyncClient
+) -> None:
+    handle = await coder.create_task("hand me back", labels=["@researcher"], max_attempts=2)
+    async with aclosing(watch_task(coder, handle.id)) as events:
+        for round_number in range(1, 4):
+            jobs = researcher.work(["@researcher"], lease=LONG_LEASE, wait=GUARD)
+            async with aclosing(jobs):
+                async for job in jobs:
+                    assert job.id == handle.id
+                    break  # the loop moves on with the job unfinished: it is handed back
+            released = await next_event(events, EventType.RELEASED)
+            assert released.actor == "researcher"
+            assert (released.task.status, released.task.released) == (
+                TaskStatus.PENDING,
+                round_number,
+            )
+
+    task = await coder.get_task(handle.id)
+    assert (task.status, task.attempt, task.released) == (TaskStatus.PENDING, 4, 3)
+    assert "stopped before finishing" in task.error
+    fourth = await researcher.claim(task_id=handle.id, lease=LONG_LEASE)
+    assert fourth is not None
+    assert (await fourth.complete({"done": True})).status is TaskStatus.DONE
+
+
 # -- the blocking face -----------------------------------------------------------------
 
 
@@ -577,6 +604,30 @@ async def test_blocking_worker_rides_out_a_daemon_restart_under_its_handler(
         task = await handle_.result(timeout=GUARD)
 
     assert (task.status, task.result, task.attempt) == (TaskStatus.DONE, {"attempt": 1}, 1)
+
+
+async def test_a_blocking_job_released_three_times_is_pending_with_its_attempts_unused(
+    coder: AsyncClient, blocking_helper: Client
+) -> None:
+    handle = await coder.create_task("hand me back", labels=["@helper"], max_attempts=2)
+
+    def hand_back_three_times() -> list[Task]:
+        with blocking_helper:
+            released = []
+            for _ in range(3):
+                job = blocking_helper.claim(["@helper"], lease=LONG_LEASE, wait=GUARD)
+                assert job is not None and job.id == handle.id
+                released.append(job.release("not this time"))
+            return released
+
+    released = await asyncio.to_thread(hand_back_three_times)
+    assert [(t.status, t.released) for t in released] == [
+        (TaskStatus.PENDING, 1),
+        (TaskStatus.PENDING, 2),
+        (TaskStatus.PENDING, 3),
+    ]
+    task = await coder.get_task(handle.id)
+    assert (task.status, task.attempt, task.error) == (TaskStatus.PENDING, 4, "not this time")
 
 
 async def test_closing_a_blocking_client_stops_the_heartbeats_of_its_jobs(

@@ -226,6 +226,11 @@ class AsyncClient(ClientCore):
         )
         return Task.from_proto(await self._call(self._stub.FailTask, request))
 
+    async def release_task(self, task_id: str, lease_token: str, reason: str = "") -> Task:
+        """Hands a claimed task back, PENDING for another worker; the attempt does not count."""
+        request = tasks_pb2.ReleaseTaskRequest(id=task_id, lease_token=lease_token, reason=reason)
+        return Task.from_proto(await self._call(self._stub.ReleaseTask, request))
+
     async def cancel_task(
         self, task_id: str, reason: str = "", *, keep_children: bool = False
     ) -> Task:
@@ -669,10 +674,13 @@ class AsyncJob:
         """Hands the task back unfinished, PENDING for another worker; `reason` is for its history.
 
         Every hand-back of a work loop goes through here: the loop moving on
-        or stopping, the worker being cancelled.
+        or stopping, the worker being cancelled. The attempt does not count
+        against the task's `max_attempts`.
         """
-        # A retryable failure, which counts an attempt.
-        return await self.fail(reason, retryable=True)
+        async with self._finishing_call():
+            self.task = await self._client.release_task(self.id, self.lease_token, reason)
+        await self._finished()
+        return self.task
 
     # -- running a handler ---------------------------------------------------------
 

@@ -215,6 +215,11 @@ class Client(ClientCore):
         )
         return Task.from_proto(self._call(self._stub.FailTask, request))
 
+    def release_task(self, task_id: str, lease_token: str, reason: str = "") -> Task:
+        """Hands a claimed task back, PENDING for another worker; the attempt does not count."""
+        request = tasks_pb2.ReleaseTaskRequest(id=task_id, lease_token=lease_token, reason=reason)
+        return Task.from_proto(self._call(self._stub.ReleaseTask, request))
+
     def cancel_task(self, task_id: str, reason: str = "", *, keep_children: bool = False) -> Task:
         """Cancels a task and, unless `keep_children`, its unfinished descendants."""
         request = tasks_pb2.CancelTaskRequest(
@@ -660,10 +665,13 @@ class Job:
         """Hands the task back unfinished, PENDING for another worker; `reason` is for its history.
 
         Every hand-back of a work loop goes through here: the loop moving on
-        or stopping, the worker being interrupted.
+        or stopping, the worker being interrupted. The attempt does not count
+        against the task's `max_attempts`.
         """
-        # A retryable failure, which counts an attempt.
-        return self.fail(reason, retryable=True)
+        with self._finishing_call():
+            self.task = self._client.release_task(self.id, self.lease_token, reason)
+        self._finished()
+        return self.task
 
     # -- running a handler ---------------------------------------------------------
 

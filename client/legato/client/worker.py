@@ -39,7 +39,7 @@ from legato.client.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from legato.client.models import Task, TaskStatus
+from legato.client.models import Task
 
 # How often the loop that follows a running command looks at the stop flag and
 # at cancellation; output itself is forwarded as soon as it arrives.
@@ -529,14 +529,12 @@ class Worker:
     def _release(self, job: Job) -> bool:
         name = signal.Signals(self._signal).name if self._signal else "a signal"
         try:
-            task = job.release(f"the worker was stopped ({name}) before the command finished")
+            job.release(f"the worker was stopped ({name}) before the command finished")
         except LegatoError as exc:
             self._status(f"could not release {job.id}: {exc}")
             return False
-        if task.status is TaskStatus.PENDING:
-            self._status(f"released {job.id} ({name}): it waits for another worker")
-        else:
-            self._status(f"released {job.id} ({name}): no attempts left, so it is {task.status}")
+        # A hand-back uses up no attempt: the task is always PENDING again.
+        self._status(f"released {job.id} ({name}): it waits for another worker")
         return False
 
     def _finish(
