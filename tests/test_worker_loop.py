@@ -497,6 +497,27 @@ async def test_a_task_handed_back_three_times_is_pending_with_its_attempts_unuse
     assert (await fourth.complete({"done": True})).status is TaskStatus.DONE
 
 
+async def test_a_handler_that_asks_the_creator_still_has_its_whole_task(
+    coder: AsyncClient, researcher: AsyncClient
+) -> None:
+    """Watched events carry only what changed; the job folds the answer into
+    the task it has, so the content and context are still there after `ask`."""
+
+    async def handle(job: AsyncJob) -> dict[str, Any]:
+        answer = await job.ask("which tier?", timeout=GUARD)
+        return {"content": job.task.content, "context": job.task.context, "answer": answer}
+
+    run = researcher.run_worker(handle, ["@researcher"], lease=LONG_LEASE, wait=GUARD)
+    async with async_worker(run):
+        handle_ = await coder.delegate("@researcher", "current RPM?", context={"api": "x"})
+        async with aclosing(watch_task(coder, handle_.id)) as events:
+            await next_event(events, EventType.INPUT_REQUESTED)
+        await handle_.answer("tier 1")
+        task = await handle_.result(timeout=GUARD)
+
+    assert task.result == {"content": "current RPM?", "context": {"api": "x"}, "answer": "tier 1"}
+
+
 # -- the blocking face -----------------------------------------------------------------
 
 
@@ -604,6 +625,23 @@ async def test_blocking_worker_rides_out_a_daemon_restart_under_its_handler(
         task = await handle_.result(timeout=GUARD)
 
     assert (task.status, task.result, task.attempt) == (TaskStatus.DONE, {"attempt": 1}, 1)
+
+
+async def test_a_blocking_handler_that_asks_the_creator_still_has_its_whole_task(
+    coder: AsyncClient, blocking_helper: Client
+) -> None:
+    def handle(job: Job) -> dict[str, Any]:
+        answer = job.ask("which tier?", timeout=GUARD)
+        return {"content": job.task.content, "context": job.task.context, "answer": answer}
+
+    async with sync_worker(blocking_helper, handle, "@helper", LONG_LEASE):
+        handle_ = await coder.delegate("@helper", "current RPM?", context={"api": "x"})
+        async with aclosing(watch_task(coder, handle_.id)) as events:
+            await next_event(events, EventType.INPUT_REQUESTED)
+        await handle_.answer("tier 1")
+        task = await handle_.result(timeout=GUARD)
+
+    assert task.result == {"content": "current RPM?", "context": {"api": "x"}, "answer": "tier 1"}
 
 
 async def test_a_blocking_job_released_three_times_is_pending_with_its_attempts_unused(

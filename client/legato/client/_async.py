@@ -650,7 +650,7 @@ class AsyncJob:
             async for event in events:
                 answer = answer_after(event, asked.version)
                 if answer is not None:
-                    self.task = event.task
+                    self.task = event.onto(self.task).task  # events are deltas
                     return answer
         raise AssertionError("the watch stream ended without an error")  # it resumes instead
 
@@ -804,7 +804,7 @@ class AsyncJob:
         while True:
             try:
                 if after_seq is None:
-                    after_seq = (await self._client.list_tasks(page_size=1)).cursor
+                    after_seq = await self._client.get_cursor()
                     # An ending between the claim and this cursor is not in the
                     # watch: one heartbeat now tells.
                     self._wake.set()

@@ -641,7 +641,7 @@ class Job:
             for event in events:
                 answer = answer_after(event, asked.version)
                 if answer is not None:
-                    self.task = event.task
+                    self.task = event.onto(self.task).task  # events are deltas
                     return answer
         raise AssertionError("the watch stream ended without an error")  # it resumes instead
 
@@ -792,7 +792,7 @@ class Job:
         while not self._stop.is_set():
             try:
                 if after_seq is None:
-                    after_seq = self._client.list_tasks(page_size=1).cursor
+                    after_seq = self._client.get_cursor()
                     # An ending between the claim and this cursor is not in the
                     # watch: one heartbeat now tells.
                     self._wake.set()
