@@ -18,6 +18,11 @@ LABEL = "@bench"
 LISTED_LABEL = "@listed"
 CREATOR = "creator"
 WORKER = "worker"
+# An agent that sees only the few tasks it created, none of the history: its
+# listing must cost what it sees, not what is stored.
+OBSERVER = "observer"
+OBSERVER_LABEL = "@observer"
+OBSERVER_TASKS = 5
 CONTENT_CHARS = 256
 CONTEXT: dict[str, Any] = {
     "api": "anthropic",

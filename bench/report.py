@@ -17,6 +17,7 @@ from typing import Any
 import google.protobuf
 import grpc
 
+from bench.payloads import OBSERVER_TASKS
 from bench.procs import REPO
 from bench.profiles import Profile
 from bench.stats import Results, Summary
@@ -178,6 +179,7 @@ SCALE_OPS = [
     ("claim", "ClaimTask"),
     ("list_first", "ListTasks first page (100)"),
     ("list_pending", "ListTasks page of PENDING @listed"),
+    ("list_few", f"ListTasks first page, agent seeing {OBSERVER_TASKS}"),
 ]
 
 
@@ -349,8 +351,9 @@ def tables(results: Results, profile: Profile) -> list[Table]:
             "GetTask on random ids of the history; ClaimTask of fresh pending tasks "
             f"({profile.scale_claims} per round); ListTasks as the creator agent: the first "
             "page of everything, and a page filtered to PENDING tasks of @listed (100 fresh "
-            f"ones, after the history). {profile.scale_rounds} rounds alternating the two "
-            "databases."
+            "ones, after the history); and the first page of an agent that sees only the "
+            f"{OBSERVER_TASKS} tasks it created after the history, none of it. "
+            f"{profile.scale_rounds} rounds alternating the two databases."
         ),
     )
 
@@ -653,7 +656,7 @@ def _draw(results: Results, profile: Profile, path: Path) -> None:
     small, large = (f"{n:,}" for n in profile.scale_sizes)
     bars(
         ax_scale,
-        ["GetTask", "ClaimTask", "List first", "List pending"],
+        ["GetTask", "ClaimTask", "List first", "List pending", f"List, sees {OBSERVER_TASKS}"],
         [
             (f"{small} tasks", lambda g: f"scale.{SCALE_OPS[g][0]}.small", "tab:green"),
             (f"{large} tasks", lambda g: f"scale.{SCALE_OPS[g][0]}.large", "tab:red"),

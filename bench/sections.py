@@ -27,7 +27,15 @@ from legato.v1 import tasks_pb2
 from bench import ceilings, payloads
 from bench.dbgen import history_db
 from bench.loadgen import Worker, bearer
-from bench.payloads import CREATOR, LABEL, LISTED_LABEL, WORKER
+from bench.payloads import (
+    CREATOR,
+    LABEL,
+    LISTED_LABEL,
+    OBSERVER,
+    OBSERVER_LABEL,
+    OBSERVER_TASKS,
+    WORKER,
+)
 from bench.procs import LEGATO, REPO, Daemon, Proc, Processes, start_daemon
 from bench.profiles import Profile
 from bench.stats import Results, percentile
@@ -505,7 +513,8 @@ async def delivery_section(run: Run) -> None:
 
 
 async def scale_section(run: Run) -> None:
-    """GetTask, ClaimTask and ListTasks pages on a small and a large history."""
+    """GetTask, ClaimTask and ListTasks pages on a small and a large history; the
+    first page of an agent that sees few of the tasks, too."""
     profile = run.profile
     dbs = []
     for size in profile.scale_sizes:
@@ -523,6 +532,7 @@ async def scale_section(run: Run) -> None:
         (db_sizes[1] - db_sizes[0]) / (large.tasks - small.tasks),
     )
     daemons: list[Daemon] = []
+    observer_keys: list[str] = []
     for db in dbs:
         name = f"scale-{db.tasks}"
         data_dir = db.copy_to(run.data_dir(name))
@@ -532,6 +542,15 @@ async def scale_section(run: Run) -> None:
             run.results.add("startup.serve_large", daemon.start_seconds)
         await create_tasks(
             daemon.address, db.creator_key, payloads.create_request(label=LISTED_LABEL), 100
+        )
+        async with AsyncClient(daemon.address, api_key=daemon.admin_key()) as admin:
+            _, observer_key = await admin.create_agent(OBSERVER, labels=[OBSERVER_LABEL])
+        observer_keys.append(observer_key)
+        await create_tasks(
+            daemon.address,
+            observer_key,
+            payloads.create_request(label=OBSERVER_LABEL),
+            OBSERVER_TASKS,
         )
     supply = [0, 0]
     ops: list[tuple[str, list[bytes], str, bool]] = [
@@ -544,6 +563,7 @@ async def scale_section(run: Run) -> None:
             False,
         ),
         ("claim", [payloads.claim_request()], "ClaimTaskResponse", True),
+        ("list_few", [payloads.list_request(page_size=100)], "ListTasksResponse", False),
     ]
     for round_index in range(profile.scale_rounds):
         for op, requests, response, claims in ops:
@@ -560,13 +580,16 @@ async def scale_section(run: Run) -> None:
                         profile.scale_claims - supply[index],
                     )
                     supply[index] = profile.scale_claims
+                key = db.worker_key if claims else db.creator_key
+                if op == "list_few":
+                    key = observer_keys[index]
                 outcome = await run.workers[0].call(
                     "unary",
                     address=daemon.address,
                     method=TASK_SERVICE + method,
                     requests=requests,
                     response=response,
-                    metadata=bearer(db.worker_key if claims else db.creator_key),
+                    metadata=bearer(key),
                     concurrency=1,
                     seconds=profile.scale_seconds if not claims else 600.0,
                     warmup_seconds=0.1 if not claims else 0.0,

@@ -199,3 +199,33 @@ async def test_a_claim_that_commits_after_its_caller_went_away_is_handed_back(
     ]
     task_now = await coder.GetTask(tasks_pb2.GetTaskRequest(id=task.id))
     assert task_now.released == 1 and TaskStatus.PENDING.proto == task_now.status
+
+
+async def test_revoking_an_agent_hands_back_the_tasks_it_held(
+    stubs: tuple[Stub, Stub], admin: AsyncClient, agent_key: AgentKey, daemon: Daemon
+) -> None:
+    """A revoked agent can never finish what it holds: waiting out its lease
+    (up to 24 h) would stall those tasks for nothing."""
+    coder, researcher = stubs
+    working = await coder.CreateTask(tasks_pb2.CreateTaskRequest(content="one", labels=[LABEL]))
+    asking = await coder.CreateTask(tasks_pb2.CreateTaskRequest(content="two", labels=[LABEL]))
+    first, second = await claim(researcher), await claim(researcher)
+    await researcher.RequestInput(
+        tasks_pb2.RequestInputRequest(id=asking.id, lease_token=second.lease_token, question="?")
+    )
+    assert {first.task.id, second.task.id} == {working.id, asking.id}
+
+    await admin.revoke_agent("researcher")
+
+    for task_id in (working.id, asking.id):
+        task = await coder.GetTask(tasks_pb2.GetTaskRequest(id=task_id))
+        assert task.status == tasks_pb2.TASK_STATUS_PENDING
+        assert (task.attempt, task.released) == (2, 1)
+        assert "researcher was revoked" in task.error
+        history = await coder.ListTaskEvents(tasks_pb2.ListTaskEventsRequest(id=task_id))
+        assert history.events[-1].type == tasks_pb2.TASK_EVENT_TYPE_RELEASED
+        assert history.events[-1].actor == "legato"
+    successor_key = await agent_key("successor", [LABEL])
+    async with keyed_channel(daemon.config.address, successor_key) as channel:
+        taken = await claim(tasks_pb2_grpc.TaskServiceStub(channel))
+    assert taken.task.id == working.id

@@ -85,12 +85,12 @@ class AsyncClient(ClientCore):
         timeout: float | None = 30.0,
         connect_timeout: float = 5.0,
     ) -> AsyncClient:
-        """Creates a client and waits until the daemon answers; UnavailableError if it does not."""
+        """Creates a client and waits until the daemon answers; UnavailableError if it does
+        not, UnauthenticatedError if it does not know the key."""
         client = cls(address, api_key=api_key, timeout=timeout)
         try:
-            await client._call(
-                client._stub.ListTasks, tasks_pb2.ListTasksRequest(page_size=1), connect_timeout
-            )
+            # WhoAmI: it checks the key and costs the same however long the history is.
+            await client._call(client._agents.WhoAmI, agents_pb2.WhoAmIRequest(), connect_timeout)
         except BaseException:
             await client.aclose()
             raise
@@ -258,10 +258,20 @@ class AsyncClient(ClientCore):
         return Task.from_proto(await self._call(self._stub.ProvideInput, request))
 
     async def get_task_tree(self, task_id: str) -> list[Task]:
-        """The task and the descendants this agent sees, each after its parent."""
-        request = tasks_pb2.GetTaskTreeRequest(id=task_id)
-        response = await self._call(self._stub.GetTaskTree, request)
-        return [Task.from_proto(t) for t in response.tasks]
+        """The task and the descendants this agent sees, each after its parent
+        (every page of them)."""
+        tasks: list[Task] = []
+        page_token = ""
+        while True:
+            # The most a page holds; the daemon cuts pages of large tasks shorter.
+            request = tasks_pb2.GetTaskTreeRequest(
+                id=task_id, page_size=1000, page_token=page_token
+            )
+            response = await self._call(self._stub.GetTaskTree, request)
+            tasks.extend(Task.from_proto(t) for t in response.tasks)
+            page_token = response.next_page_token
+            if not page_token:
+                return tasks
 
     async def work(
         self,
@@ -427,7 +437,8 @@ class AsyncClient(ClientCore):
         deadline: Deadline,
     ) -> AsyncGenerator[TaskEvent, None]:
         if after_seq is None:
-            after_seq = (await self.list_tasks(page_size=1)).cursor
+            cursor = await self._call(self._stub.GetCursor, tasks_pb2.GetCursorRequest())
+            after_seq = cursor.cursor
         resume = Resume()
         while True:
             self._check_open()

@@ -83,12 +83,12 @@ class Client(ClientCore):
         timeout: float | None = 30.0,
         connect_timeout: float = 5.0,
     ) -> Client:
-        """Creates a client and waits until the daemon answers; UnavailableError if it does not."""
+        """Creates a client and waits until the daemon answers; UnavailableError if it does
+        not, UnauthenticatedError if it does not know the key."""
         client = cls(address, api_key=api_key, timeout=timeout)
         try:
-            client._call(
-                client._stub.ListTasks, tasks_pb2.ListTasksRequest(page_size=1), connect_timeout
-            )
+            # WhoAmI: it checks the key and costs the same however long the history is.
+            client._call(client._agents.WhoAmI, agents_pb2.WhoAmIRequest(), connect_timeout)
         except BaseException:
             client.close()
             raise
@@ -245,9 +245,20 @@ class Client(ClientCore):
         return Task.from_proto(self._call(self._stub.ProvideInput, request))
 
     def get_task_tree(self, task_id: str) -> list[Task]:
-        """The task and the descendants this agent sees, each after its parent."""
-        response = self._call(self._stub.GetTaskTree, tasks_pb2.GetTaskTreeRequest(id=task_id))
-        return [Task.from_proto(t) for t in response.tasks]
+        """The task and the descendants this agent sees, each after its parent
+        (every page of them)."""
+        tasks: list[Task] = []
+        page_token = ""
+        while True:
+            # The most a page holds; the daemon cuts pages of large tasks shorter.
+            request = tasks_pb2.GetTaskTreeRequest(
+                id=task_id, page_size=1000, page_token=page_token
+            )
+            response = self._call(self._stub.GetTaskTree, request)
+            tasks.extend(Task.from_proto(t) for t in response.tasks)
+            page_token = response.next_page_token
+            if not page_token:
+                return tasks
 
     def work(
         self,
@@ -421,7 +432,7 @@ class Client(ClientCore):
         """`watch`, ending by `deadline`; `on_call` gets each stream's call, so
         that another thread can cancel it."""
         if after_seq is None:
-            after_seq = self.list_tasks(page_size=1).cursor
+            after_seq = self._call(self._stub.GetCursor, tasks_pb2.GetCursorRequest()).cursor
         resume = Resume()
         while True:
             self._check_open()

@@ -55,6 +55,8 @@ class AgentRegistry:
         self._background: set[asyncio.Task[None]] = set()
         # Called with an agent's name when its key stops working (revoke, rotate).
         self.on_key_invalidated: Callable[[str], None] = lambda name: None
+        # Awaited with an agent's name once it is revoked: what it held goes back.
+        self.on_revoked: Callable[[str], Awaitable[None]] = _nothing_held
         # Called with an agent's name when its labels or role changed.
         self.on_access_changed: Callable[[str], None] = lambda name: None
 
@@ -179,6 +181,7 @@ class AgentRegistry:
         )
         log.info("agent %s revoked", name)
         self.on_key_invalidated(name)
+        await self.on_revoked(name)
         return revoked
 
     async def rotate(self, name: str) -> tuple[AgentRecord, str]:
@@ -270,3 +273,7 @@ def _write_private(path: Path, text: str) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, path)
+
+
+async def _nothing_held(name: str) -> None:
+    return None

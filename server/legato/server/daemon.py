@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from legato.server import limits
 from legato.server.agent_service import AgentService
 from legato.server.agents import ADMIN_KEY_FILE
 from legato.server.auth import AuthInterceptor
@@ -41,14 +42,12 @@ from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# The largest request or response: a task carries up to 64 KiB of content and
-# 1 MiB each of context and result; the rest is headroom.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SERVICE_NAME = "legato.v1.TaskService"
 
 GRPC_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # The largest request or response; `limits` shows that every task fits one.
+    ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
     # Watch streams may sit idle for hours: ping them so dead peers are noticed.
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),

@@ -10,11 +10,19 @@ import re
 from collections.abc import Sequence
 
 from legato.server.errors import InvalidArgument
+from legato.server.model import FIELD_OVERHEAD, TASK_OVERHEAD
 
 MAX_CONTENT_BYTES = 64 * 1024
 MAX_BLOB_BYTES = 1024 * 1024  # context and result, serialized
 MAX_LABELS = 16
-MAX_TEXT_BYTES = 8 * 1024  # error, cancel reason
+MAX_LABEL_BYTES = 64  # see LABEL_RE
+MAX_NAME_BYTES = 63  # an agent's name (see agents.NAME_RE)
+MAX_TEXT_BYTES = 8 * 1024  # error, cancel reason, question, answer
+# The daemon may prefix a reason it passes on ("canceled with its ancestor
+# task t_...: <reason>"), so a stored error can pass MAX_TEXT_BYTES by that much.
+MAX_ERROR_BYTES = MAX_TEXT_BYTES + 256
+# An attempt's output (UTF-8), which GetTask returns; `lifecycle` enforces it.
+MAX_OUTPUT_BYTES = 1024 * 1024
 MAX_IDEMPOTENCY_KEY = 128
 MAX_WATCH_TASK_IDS = 1000
 MAX_ID_LENGTH = 64
@@ -31,6 +39,32 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # What a page of a listing may add up to: a page stops before it would pass
 # it (always holding at least one item), so no listing outgrows a message.
 PAGE_BUDGET_BYTES = 3 * 1024 * 1024
+
+# The largest task any message carries, every field at its limit, framing
+# included (`model.task_size` of such a task is at most this): GetTask adds the
+# output to content, context and result; a CreateTask request also has the
+# idempotency key. Its warnings (a line per label) ride on a task without a
+# result or an output, a megabyte or more below this.
+MAX_TASK_BYTES = (
+    MAX_CONTENT_BYTES
+    + 2 * MAX_BLOB_BYTES  # context, result
+    + MAX_OUTPUT_BYTES
+    + MAX_ERROR_BYTES
+    + 2 * MAX_TEXT_BYTES  # question, answer
+    + MAX_LABELS * MAX_LABEL_BYTES
+    + 3 * MAX_ID_LENGTH  # id, parent_id, root_id
+    + 2 * MAX_NAME_BYTES  # created_by, claimed_by
+    + MAX_IDEMPOTENCY_KEY
+    + (14 + MAX_LABELS) * FIELD_OVERHEAD
+    + TASK_OVERHEAD
+)
+
+# So no single task, however large, can outgrow a message: a page holds at
+# least one item even when that item alone passes PAGE_BUDGET_BYTES.
+assert MAX_TASK_BYTES < MAX_MESSAGE_BYTES, (MAX_TASK_BYTES, MAX_MESSAGE_BYTES)
+# A page of several items stays under the budget, plus the response's own
+# fields (a page token, a cursor).
+assert PAGE_BUDGET_BYTES + 1024 < MAX_MESSAGE_BYTES
 
 LABEL_RE = re.compile(r"@[a-z0-9][a-z0-9._-]{0,62}")
 

@@ -141,6 +141,34 @@ class Event:
 # Ids, labels, numbers and times of an event on the wire, bounded above.
 EVENT_OVERHEAD = 2048
 
+# A task's numbers and times on the wire (7 integers of at most 12 bytes with
+# their tags, 4 timestamps of at most 24) and its own frame in a response,
+# bounded above.
+TASK_OVERHEAD = 256
+# What each string or blob field adds to its bytes: a tag (at most 2 bytes)
+# and a length (at most 5).
+FIELD_OVERHEAD = 8
+
+
+def utf8_size(text: str) -> int:
+    """The UTF-8 bytes of `text`; without encoding it when it is ASCII."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def task_size(task: TaskRecord, output: str = "") -> int:
+    """An upper bound of the task's bytes on the wire as a response carries it
+    (with `output`, as GetTask does), for pages bounded in bytes.
+
+    Blobs count as stored: they are deterministic serializations, which the
+    wire form repeats byte for byte.
+    """
+    texts = (
+        task.id, task.content, task.error, task.created_by, task.claimed_by, task.parent_id,
+        task.root_id, task.question, task.answer, output, *task.labels,
+    )  # fmt: skip
+    size = TASK_OVERHEAD + sum(utf8_size(text) + FIELD_OVERHEAD for text in texts)
+    return size + len(task.context) + len(task.result) + 2 * FIELD_OVERHEAD
+
 
 # The texts and blobs each kind of event carries: exactly those its change may
 # alter (see `lifecycle`), so folding events onto the CREATED task rebuilds the

@@ -85,8 +85,15 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def GetTaskTree(
         self, request: tasks_pb2.GetTaskTreeRequest, context: Context
     ) -> tasks_pb2.GetTaskTreeResponse:
-        tasks = await self._tasks.tree(request.id, caller=current_agent.get())
-        return tasks_pb2.GetTaskTreeResponse(tasks=[task_proto(t) for t in tasks])
+        tasks, next_token = await self._tasks.tree(
+            request.id,
+            caller=current_agent.get(),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return tasks_pb2.GetTaskTreeResponse(
+            tasks=[task_proto(t) for t in tasks], next_page_token=next_token
+        )
 
     @unary
     async def AppendOutput(

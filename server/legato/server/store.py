@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from legato.server import access
+from legato.server import access, limits
 from legato.server.db import Database, Durability
 from legato.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from legato.server.model import (
@@ -36,6 +36,7 @@ from legato.server.model import (
     Status,
     TaskRecord,
     slim,
+    task_size,
 )
 
 T = TypeVar("T")
@@ -81,6 +82,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency
     ON tasks (created_by, idempotency_key) WHERE idempotency_key != '';
 CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (lease_expires_at) WHERE status = 2;
 CREATE INDEX IF NOT EXISTS tasks_parent ON tasks (parent_id) WHERE parent_id != '';
+-- What an agent sees, besides its labels' tasks (task_labels): the tasks it
+-- created and those it claimed, each in rowid order within a name, so its
+-- listing is a merge of index ranges, not a walk of the whole history.
+CREATE INDEX IF NOT EXISTS tasks_created_by ON tasks (created_by);
+CREATE INDEX IF NOT EXISTS tasks_claimed_by ON tasks (claimed_by) WHERE claimed_by != '';
 CREATE INDEX IF NOT EXISTS tasks_deadline
     ON tasks (deadline) WHERE deadline IS NOT NULL AND status IN (1, 2, 6);
 
@@ -229,6 +235,9 @@ class TaskQuery:
     # Only tasks this agent sees (created, claimed, or carrying one of its
     # labels); None for no such restriction (admins).
     visible_to: AgentRecord | None = None
+    # A page ends before its tasks' sizes (`model.task_size`) would pass this,
+    # holding at least one task whatever its size.
+    max_bytes: int = limits.PAGE_BUDGET_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,57 +436,14 @@ class Store:
 
     async def list_tasks(self, query: TaskQuery) -> TaskPage:
         """One page of tasks, oldest first, with the event cursor of the same snapshot."""
+        sql, params = list_sql(query)
 
         def list_page(conn: sqlite3.Connection) -> TaskPage:
-            if query.labels:
-                # Walk the labels' own index ranges in task order, so a page costs
-                # what the label holds, not the whole history; the pending index
-                # when only PENDING tasks are asked for.
-                only_pending = set(query.statuses) == {Status.PENDING}
-                source = (
-                    "FROM task_labels l "
-                    + ("INDEXED BY task_labels_pending " if only_pending else "")
-                    + "JOIN tasks ON tasks.rowid = l.task_rowid"
-                )
-                where = [f"l.label IN ({_in(query.labels)})", "l.task_rowid > ?"]
-                params: list[Any] = [*query.labels, query.after_position]
-                if only_pending:
-                    where.append("l.pending = 1")
-                distinct = "DISTINCT " if len(query.labels) > 1 else ""
-                order = "l.task_rowid" if not distinct else "tasks.rowid"
-            else:
-                source, distinct, order = "FROM tasks", "", "tasks.rowid"
-                where, params = ["tasks.rowid > ?"], [query.after_position]
-            if query.statuses:
-                where.append(f"tasks.status IN ({_in(query.statuses)})")
-                params.extend(int(s) for s in query.statuses)
-            if query.parent_id:
-                where.append("tasks.parent_id = ?")
-                params.append(query.parent_id)
-            if query.visible_to is not None:
-                agent = query.visible_to
-                where.append(
-                    "(tasks.created_by = ? OR tasks.claimed_by = ? OR EXISTS (SELECT 1 FROM "
-                    f"task_labels v WHERE v.task_rowid = tasks.rowid AND v.label IN "
-                    f"({_in(agent.labels)})))"
-                )
-                params.extend([agent.name, agent.name, *agent.labels])
-            params.append(query.limit + 1)
             conn.execute("BEGIN")
             cursor = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-            rows = conn.execute(
-                f"SELECT {distinct}tasks.rowid, {_prefixed('tasks')} {source} "
-                f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?",
-                params,
-            ).fetchall()
+            tasks, next_position = _page_within(conn, sql, params, query.limit, query.max_bytes)
             conn.execute("COMMIT")
-            more = len(rows) > query.limit
-            rows = rows[: query.limit]
-            return TaskPage(
-                tasks=[_task_from_row(r[1:]) for r in rows],
-                next_position=rows[-1][0] if more else None,
-                cursor=cursor,
-            )
+            return TaskPage(tasks=tasks, next_position=next_position, cursor=cursor)
 
         return await self._db.read(list_page)
 
@@ -532,6 +498,21 @@ class Store:
 
         return await self._db.read(read)
 
+    async def held_by(self, agent: str) -> list[str]:
+        """The ids of the tasks `agent` holds now (CLAIMED or INPUT_REQUIRED)."""
+
+        def read(conn: sqlite3.Connection) -> list[str]:
+            # `claimed_by != ''` repeats the partial index's condition, so the
+            # planner may use it for a bound parameter.
+            rows = conn.execute(
+                "SELECT id FROM tasks INDEXED BY tasks_claimed_by "
+                "WHERE claimed_by = ? AND claimed_by != '' AND status IN (2, 6)",
+                (agent,),
+            )
+            return [task_id for (task_id,) in rows]
+
+        return await self._db.read(read)
+
     async def cursor(self) -> int:
         """The seq of the latest event (0 before the first): one index lookup."""
 
@@ -570,19 +551,200 @@ class Store:
 
         return await self._db.read(read)
 
-    async def subtree(self, task_id: str) -> list[TaskRecord]:
-        """The task and its descendants, each after its parent (creation order)."""
+    async def subtree(
+        self,
+        task_id: str,
+        *,
+        visible_to: AgentRecord | None = None,
+        after_position: int = 0,
+        limit: int = limits.DEFAULT_PAGE_SIZE,
+        max_bytes: int = limits.PAGE_BUDGET_BYTES,
+    ) -> tuple[list[TaskRecord], int | None]:
+        """A page of the task and its descendants, each after its parent (rowid
+        order: a child is created after its parent), and the position of the
+        page's last task when more may follow (else None).
 
-        def read(conn: sqlite3.Connection) -> list[TaskRecord]:
-            rows = conn.execute(
-                f"WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
-                "SELECT t.id FROM tasks t JOIN tree ON t.parent_id = tree.id) "
-                f"{_SELECT_TASK} WHERE id IN (SELECT id FROM tree) ORDER BY rowid",
-                (task_id,),
-            ).fetchall()
-            return [_task_from_row(r[1:]) for r in rows]
+        Only the tasks `visible_to` sees, filtered before the page is cut, so
+        every page but the last is full and no position is a hidden task's.
+        Bounded like `list_tasks`.
+        """
+        sql, params = subtree_sql(task_id, visible_to, after_position, limit)
+
+        def read(conn: sqlite3.Connection) -> tuple[list[TaskRecord], int | None]:
+            return _page_within(conn, sql, params, limit, max_bytes)
 
         return await self._db.read(read)
+
+
+def _sees(agent: AgentRecord) -> tuple[str, list[Any]]:
+    """`access.sees` for a row of `tasks`, as SQL: for filtering rows an index chose."""
+    sql = (
+        "(tasks.created_by = ? OR tasks.claimed_by = ? OR EXISTS (SELECT 1 FROM "
+        "task_labels v WHERE v.task_rowid = tasks.rowid AND v.label IN "
+        f"({_in(agent.labels)})))"
+    )
+    return sql, [agent.name, agent.name, *agent.labels]
+
+
+def _visible_rowids(agent: AgentRecord, query: TaskQuery) -> tuple[str, list[Any]]:
+    """The rowids of the first tasks after `query.after_position` that `agent`
+    sees, in rowid order, as one compound SELECT.
+
+    One index range per reason to see a task (created it, claimed it, carries
+    one of its labels), each already in rowid order, merged by UNION with the
+    LIMIT on top: SQLite stops reading every range once the page is full. So
+    the cost follows what the agent sees, not the history. INDEXED BY, because
+    without statistics the planner may prefer walking the rowids of every task.
+    """
+    statuses = [int(s) for s in query.statuses]
+    on_status = f" AND tasks.status IN ({_in(statuses)})" if statuses else ""
+    after = query.after_position
+    arms = [
+        (
+            "SELECT tasks.rowid FROM tasks INDEXED BY tasks_created_by "
+            f"WHERE tasks.created_by = ? AND tasks.rowid > ?{on_status}",
+            [agent.name, after, *statuses],
+        ),
+        (
+            "SELECT tasks.rowid FROM tasks INDEXED BY tasks_claimed_by WHERE tasks.claimed_by = ? "
+            f"AND tasks.claimed_by != '' AND tasks.rowid > ?{on_status}",
+            [agent.name, after, *statuses],
+        ),
+    ]
+    only_pending = set(query.statuses) == {Status.PENDING}
+    for label in agent.labels:
+        if only_pending:  # the pending index alone answers: no task row to read
+            arms.append(
+                (
+                    "SELECT l.task_rowid FROM task_labels l INDEXED BY task_labels_pending "
+                    "WHERE l.label = ? AND l.pending = 1 AND l.task_rowid > ?",
+                    [label, after],
+                )
+            )
+        elif statuses:  # CROSS JOIN: the label's range stays the outer loop, in rowid order
+            arms.append(
+                (
+                    "SELECT l.task_rowid FROM task_labels l CROSS JOIN tasks ON tasks.rowid = "
+                    f"l.task_rowid WHERE l.label = ? AND l.task_rowid > ?{on_status}",
+                    [label, after, *statuses],
+                )
+            )
+        else:
+            arms.append(
+                (
+                    "SELECT l.task_rowid FROM task_labels l WHERE l.label = ? AND l.task_rowid > ?",
+                    [label, after],
+                )
+            )
+    sql = " UNION ".join(arm for arm, _ in arms) + " ORDER BY 1 LIMIT ?"
+    return sql, [*(p for _, arm_params in arms for p in arm_params), query.limit + 1]
+
+
+def list_sql(query: TaskQuery) -> tuple[str, list[Any]]:
+    """The SELECT of a listing page: (rowid, task columns) in rowid order, at
+    most `query.limit + 1` rows."""
+    where: list[str]
+    params: list[Any]
+    if not query.labels and not query.parent_id and query.visible_to is not None:
+        visible, params = _visible_rowids(query.visible_to, query)
+        return (
+            f"SELECT tasks.rowid, {_prefixed('tasks')} FROM tasks "
+            f"WHERE tasks.rowid IN ({visible}) ORDER BY tasks.rowid",
+            params,
+        )
+    if query.labels:
+        # Walk the labels' own index ranges in task order, so a page costs
+        # what the label holds, not the whole history; the pending index
+        # when only PENDING tasks are asked for.
+        only_pending = set(query.statuses) == {Status.PENDING}
+        source = (
+            "FROM task_labels l "
+            + ("INDEXED BY task_labels_pending " if only_pending else "")
+            + "JOIN tasks ON tasks.rowid = l.task_rowid"
+        )
+        where = [f"l.label IN ({_in(query.labels)})", "l.task_rowid > ?"]
+        params = [*query.labels, query.after_position]
+        if only_pending:
+            where.append("l.pending = 1")
+        distinct = "DISTINCT " if len(query.labels) > 1 else ""
+        order = "l.task_rowid" if not distinct else "tasks.rowid"
+    elif query.parent_id:
+        # The children of one task, by the parent index (partial: it needs
+        # the `!= ''` to apply), in rowid order.
+        source, distinct, order = "FROM tasks INDEXED BY tasks_parent", "", "tasks.rowid"
+        where = ["tasks.parent_id != ''", "tasks.rowid > ?"]
+        params = [query.after_position]
+    else:
+        source, distinct, order = "FROM tasks", "", "tasks.rowid"
+        where, params = ["tasks.rowid > ?"], [query.after_position]
+    if query.statuses:
+        where.append(f"tasks.status IN ({_in(query.statuses)})")
+        params.extend(int(s) for s in query.statuses)
+    if query.parent_id:
+        where.append("tasks.parent_id = ?")
+        params.append(query.parent_id)
+    if query.visible_to is not None:
+        sees, sees_params = _sees(query.visible_to)
+        where.append(sees)
+        params.extend(sees_params)
+    params.append(query.limit + 1)
+    return (
+        f"SELECT {distinct}tasks.rowid, {_prefixed('tasks')} {source} "
+        f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?",
+        params,
+    )
+
+
+def subtree_sql(
+    task_id: str, visible_to: AgentRecord | None, after_position: int, limit: int
+) -> tuple[str, list[Any]]:
+    """The SELECT of a page of a subtree: (rowid, task columns) in rowid order,
+    at most `limit + 1` rows."""
+    # The recursive step by the parent index (partial: it needs the `!= ''`
+    # to apply; without, SQLite builds an automatic index of every task each time).
+    where, params = ["tasks.rowid > ?"], [task_id, after_position]
+    if visible_to is not None:
+        sees, sees_params = _sees(visible_to)
+        where.append(sees)
+        params.extend(sees_params)
+    return (
+        "WITH RECURSIVE tree(rowid, id) AS (SELECT rowid, id FROM tasks WHERE id = ? "
+        "UNION ALL SELECT t.rowid, t.id FROM tree JOIN tasks t INDEXED BY tasks_parent "
+        "ON t.parent_id = tree.id AND t.parent_id != '') "
+        f"SELECT tasks.rowid, {_prefixed('tasks')} FROM tasks "
+        f"WHERE tasks.rowid IN (SELECT rowid FROM tree) AND {' AND '.join(where)} "
+        "ORDER BY tasks.rowid LIMIT ?",
+        [*params, limit + 1],
+    )
+
+
+def _page_within(
+    conn: sqlite3.Connection, sql: str, params: list[Any], limit: int, max_bytes: int
+) -> tuple[list[TaskRecord], int | None]:
+    """At most `limit` tasks of a query (of at most `limit + 1` rows) whose sizes
+    add up to at most `max_bytes` (at least one), and the rowid of the last when
+    more follow.
+
+    Row by row, so a page of large tasks reads one task past its end, not `limit`.
+    """
+    rows = conn.execute(sql, params)
+    tasks: list[TaskRecord] = []
+    total, last, more = 0, 0, False
+    try:
+        for row in rows:
+            if len(tasks) == limit:
+                more = True
+                break
+            task = _task_from_row(row[1:])
+            total += task_size(task)
+            if tasks and total > max_bytes:
+                more = True
+                break
+            tasks.append(task)
+            last = row[0]
+    finally:
+        rows.close()
+    return tasks, last if more else None
 
 
 class AgentStore:

@@ -103,6 +103,7 @@ class TaskManager:
             self._waiters.nudge_owner(name)
 
         agents.on_key_invalidated = key_invalidated
+        agents.on_revoked = self._release_held_by
         agents.on_access_changed = self._waiters.nudge_owner
         # How often a claim looked for a task: long-polling workers must not drive it up.
         self.claim_attempts = 0
@@ -224,10 +225,22 @@ class TaskManager:
         output = await self._store.task_output(task) if task.output_size else ""
         return task, output
 
-    async def tree(self, task_id: str, *, caller: AgentRecord) -> list[TaskRecord]:
-        """The task and the descendants the caller sees, each after its parent."""
+    async def tree(
+        self, task_id: str, *, caller: AgentRecord, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[TaskRecord], str]:
+        """A page of the task and the descendants the caller sees, each after its
+        parent, and the token of the next page ("" if none)."""
+        limit = limits.check_page_size(page_size)
+        after_position = _decode_page_token(page_token)
         await self._visible_task(task_id, caller)
-        return [t for t in await self._store.subtree(task_id) if access.sees(caller, t)]
+        tasks, next_position = await self._store.subtree(
+            task_id,
+            visible_to=None if caller.admin else caller,
+            after_position=after_position,
+            limit=limit,
+            max_bytes=limits.PAGE_BUDGET_BYTES,
+        )
+        return tasks, "" if next_position is None else _encode_page_token(next_position)
 
     async def history(
         self, task_id: str, *, caller: AgentRecord, after_seq: int, page_size: int
@@ -263,6 +276,7 @@ class TaskManager:
                 limit=limits.check_page_size(page_size),
                 after_position=_decode_page_token(page_token),
                 visible_to=None if caller.admin else caller,
+                max_bytes=limits.PAGE_BUDGET_BYTES,
             )
         )
         next_token = "" if page.next_position is None else _encode_page_token(page.next_position)
@@ -380,6 +394,21 @@ class TaskManager:
         background = asyncio.ensure_future(release())
         self._background.add(background)
         background.add_done_callback(self._background.discard)
+
+    async def _release_held_by(self, name: str) -> None:
+        """Hands back what a revoked agent held: it can never finish it, and
+        waiting out a lease (up to 24 h) would stall the task for nothing."""
+        reason = f"agent {name} was revoked while it held the task"
+
+        def decide(task: TaskRecord) -> Change | None:
+            if task.claimed_by != name or task.status not in lifecycle.WORKING:
+                return None  # finished or moved on meanwhile
+            return lifecycle.release(
+                task, lease_token=task.lease_token, reason=reason, now=self._clock()
+            )
+
+        for task_id in await self._store.held_by(name):
+            await self._store.update(task_id, decide, actor=DAEMON_ACTOR)
 
     async def heartbeat(
         self, *, task_id: str, lease_token: str, lease_us: int | None, caller: AgentRecord
