@@ -12,6 +12,7 @@
 from legato.client._async import AsyncClient, AsyncJob, AsyncTaskHandle
 from legato.client._sync import Client, Job, TaskHandle
 from legato.client.errors import (
+    JobInterruptedError,
     LegatoError,
     RPCError,
     TaskCanceledError,
@@ -37,6 +38,7 @@ __all__ = [
     "Client",
     "EventType",
     "Job",
+    "JobInterruptedError",
     "LegatoError",
     "OutputChunk",
     "RPCError",

@@ -29,10 +29,17 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
+    # Reconnect soon after the daemon restarts: grpc's default backoff grows to
+    # 2 min, long enough for a worker's leases to run out after it is back.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 # A watch resumes by itself after these; anything else is the caller's to see.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# A call a worker makes again after these (the daemon restarts, or is slow to
+# answer), as long as its lease lasts; anything else is an answer.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 RESUME_FIRST_DELAY = 0.05
 RESUME_MAX_DELAY = 2.0
 # Seconds a long-poll claim's call may run past its wait.
@@ -95,14 +102,27 @@ class Deadline:
         return left
 
 
-class Resume:
-    """When a dropped watch stream reconnects: resumable codes only, with backoff."""
+class Backoff:
+    """Delays between tries of a call: doubling from 50 ms up to 2 s."""
 
     def __init__(self) -> None:
         self._delay = RESUME_FIRST_DELAY
 
-    def progressed(self) -> None:
+    def reset(self) -> None:
         self._delay = RESUME_FIRST_DELAY
+
+    def next(self) -> float:
+        """The delay before the next try; the one after it is longer."""
+        delay = self._delay
+        self._delay = min(self._delay * 2, RESUME_MAX_DELAY)
+        return delay
+
+
+class Resume(Backoff):
+    """When a dropped watch stream reconnects: resumable codes only, with backoff."""
+
+    def progressed(self) -> None:
+        self.reset()
 
     def delay_after(self, error: RPCError, deadline: Deadline) -> float:
         """Seconds to wait before reconnecting; re-raises what cannot be resumed."""
@@ -110,10 +130,56 @@ class Resume:
             raise TimeoutError("timed out waiting for the task") from error
         if error.code not in RESUMABLE:
             raise error
-        delay = self._delay
-        self._delay = min(self._delay * 2, RESUME_MAX_DELAY)
+        delay = self.next()
         left = deadline.remaining()
         return delay if left is None else min(delay, left)
+
+
+class LeaseClock:
+    """When a job's lease ends, as far as the worker can tell without the daemon.
+
+    Counted from when each heartbeat was sent, so it ends no later than the
+    daemon's own (which counts from when the call arrived); after the claim,
+    from when the claim returned.
+    """
+
+    def __init__(self, lease: float):
+        self.lease = lease
+        self._ends_at = time.monotonic() + lease
+
+    def renewed(self, sent_at: float, lease: float | None = None) -> None:
+        """A heartbeat sent at `sent_at` (time.monotonic) extended the lease."""
+        if lease is not None:
+            self.lease = lease
+        self._ends_at = sent_at + self.lease
+
+    def remaining(self) -> float:
+        """Seconds until the lease ends; 0 or less once it has."""
+        return self._ends_at - time.monotonic()
+
+    def every(self) -> float:
+        """Seconds between heartbeats."""
+        return self.lease / HEARTBEATS_PER_LEASE
+
+
+def claim_may_have_ended(event: TaskEvent) -> bool:
+    """Whether a watched event of a claimed task may mean the claim ended under
+    the worker (canceled, failed at its deadline, requeued after its lease).
+
+    The watch only says when to look: a heartbeat then tells for sure.
+    """
+    return event.task.status not in (TaskStatus.CLAIMED, TaskStatus.INPUT_REQUIRED)
+
+
+def ended_under(task: Task) -> str:
+    """Why a heartbeat said to stop (`cancel_requested`): the task's ending, in a sentence."""
+    verb = "was canceled" if task.status is TaskStatus.CANCELED else task.status.value
+    return f"task {task.id} {verb}: {task.error or 'no reason given'}"
+
+
+def lost_claim(task_id: str, why: str) -> str:
+    """Why a claim ended under its worker, in a sentence."""
+    return f"lost the claim on task {task_id}: {why}"
 
 
 class ClientCore:
@@ -224,6 +290,18 @@ class ClientCore:
         if role is not None:
             request.role = Role(role).proto
         return request
+
+    @staticmethod
+    def _heartbeat_request(
+        task_id: str, lease_token: str, lease: float | None
+    ) -> tasks_pb2.HeartbeatRequest:
+        return tasks_pb2.HeartbeatRequest(
+            id=task_id, lease_token=lease_token, lease=duration(lease)
+        )
+
+    def _heartbeat_timeout(self, lease_left: float) -> float:
+        # A heartbeat that cannot answer before the lease ends is no use.
+        return lease_left if self.timeout is None else min(self.timeout, lease_left)
 
     @staticmethod
     def _complete_request(
