@@ -229,3 +229,26 @@ async def test_revoking_an_agent_hands_back_the_tasks_it_held(
     async with keyed_channel(daemon.config.address, successor_key) as channel:
         taken = await claim(tasks_pb2_grpc.TaskServiceStub(channel))
     assert taken.task.id == working.id
+
+
+async def test_a_heartbeat_that_shortens_the_lease_ends_it_on_time(
+    stubs: tuple[Stub, Stub],
+) -> None:
+    """Heartbeats record no event, so nothing else tells the lease timer."""
+    coder, researcher = stubs
+    task = await coder.CreateTask(tasks_pb2.CreateTaskRequest(content="short", labels=[LABEL]))
+    watch = coder.WatchTasks(tasks_pb2.WatchTasksRequest(task_ids=[task.id], after_seq=0))
+    job = await claim(researcher)  # a 60 s lease...
+    await researcher.Heartbeat(  # ...cut to 0.2 s
+        tasks_pb2.HeartbeatRequest(
+            id=task.id, lease_token=job.lease_token, lease=duration_pb2.Duration(nanos=200_000_000)
+        )
+    )
+    try:
+        async with asyncio.timeout(10):  # far below the first lease's 60 s
+            async for event in watch:
+                if event.type == tasks_pb2.TASK_EVENT_TYPE_REQUEUED:
+                    assert event.actor == "legato" and "expired" in event.task.error
+                    break
+    finally:
+        watch.cancel()

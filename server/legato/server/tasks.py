@@ -436,6 +436,10 @@ class TaskManager:
             return change
 
         task = await self._store.update(limits.check_id("id", task_id), decide, actor=caller.name)
+        if task.status is Status.CLAIMED and task.lease_expires_at is not None:
+            # A heartbeat records no event, so the commit does not tell the
+            # reaper; a shortened lease must still end on time.
+            self._reaper.due_at(task.lease_expires_at)
         return task, task.status.terminal
 
     async def complete(
