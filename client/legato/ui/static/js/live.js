@@ -22,7 +22,8 @@ export function useIndicator(node) {
 function show(state, detail = "") {
   if (!indicator) return;
   indicator.dataset.state = state;
-  indicator.textContent = { live: "live", connecting: "reconnecting…", error: detail }[state] ?? state;
+  const texts = { live: "live", connecting: "connecting…", reconnecting: "reconnecting…", error: detail };
+  indicator.textContent = texts[state] ?? state;
   indicator.title = detail;
 }
 
@@ -38,6 +39,7 @@ export function follow(params, onEvent) {
 
   const open = () => {
     const query = new URLSearchParams({ ...params, after: String(resumeAt) });
+    show("connecting");
     source = new EventSource(`/api/events?${query}`);
     source.addEventListener("hello", () => show("live"));
     source.addEventListener("task", (message) => {
@@ -51,7 +53,7 @@ export function follow(params, onEvent) {
     });
     source.onerror = () => {
       if (closed) return;
-      show("connecting");
+      show("reconnecting");
       // The browser reconnects by itself after a network error (with
       // Last-Event-ID). After an HTTP error it gives up: look why, then
       // reopen from the last seq seen.
@@ -65,7 +67,7 @@ export function follow(params, onEvent) {
     try {
       await getJSON("/api/session");
     } catch (error) {
-      if (error.status === 401) {
+      if (error?.status === 401) {
         show("error", "signed out: open the link `legato ui` printed");
         return;
       }
