@@ -9,11 +9,21 @@ typo) is found by a doorbell: while pages are open, the daemon's cursor
 moved past every event the watches delivered, the newest tasks are listed and
 any new labels join the watch.
 
-Replaying a new label's events: a task that a scan did not list was created
-after that scan began, so all its events come after the cursor read before the
-scan. When scan k finds new labels, `since` is that cursor of scan k-1, and
-every open stream replays from it (`feed.Follower`); the page drops what it
-already has by version.
+Three scans, each with the cursor read before it (`before`):
+
+- at start, the agents and the *open* tasks (those that can still change);
+- then, in the background, every task, so that a page resuming from long ago
+  also watches labels of tasks that finished since; this one can take a
+  while on a large daemon, and it merges its labels page by page;
+- on the doorbell, the agents and the newest tasks (from the last page on).
+
+Replaying a new label's events: all events of a task a scan did not list come
+after the `before` of that scan. Labels the full scan finds come from tasks
+that were finished at the start (their events are not a live page's concern)
+or created after it, so their `since` is the start's `before`; labels a
+doorbell scan finds, the `before` of the scan before it. Every open stream
+replays from `since` (`feed.Follower`); the page drops what it already has
+by version.
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
+from typing import Any
 
 from legato.client import AsyncClient, LegatoError, Task, TaskStatus
 
@@ -45,33 +56,48 @@ class Coverage:
         self._admin = admin
         self._doorbell_seconds = doorbell_seconds
         self.labels: frozenset[str] = frozenset()
-        # Events of the tasks whose labels were added last all have a larger seq.
-        self.since = 0
         # Grows each time `labels` does.
         self.generation = 0
+        # For each generation: every event of a task with the labels it added
+        # has a larger seq.
+        self._sinces: list[int] = []
         self._grown = asyncio.Event()
-        self._scan_lock = asyncio.Lock()
-        self._previous_scan_cursor = 0
+        # The `before` of the start's scan, and of the last doorbell scan.
+        self._started_at = 0
+        self._last_look = 0
         # Every event up to here is accounted for: delivered, or seen by a scan.
         self._accounted = 0
-        self._tail_token = ""
-        self._tail_ready = False
+        # Where the newest tasks start; set once the full scan has been through.
+        self._tail_token: str | None = None
+        self._look_lock = asyncio.Lock()
         self._listeners = 0
         self._wanted = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Scans the agents and the open tasks; the full scan and the doorbell run on."""
-        await self._scan(self._open_task_labels)
-        self._tasks = [
-            asyncio.create_task(self._full_scan()),
-            asyncio.create_task(self._doorbell()),
-        ]
+        before = await self._client.get_cursor()
+        labels = await self._agent_labels()
+        async for tasks, _, _ in self._pages(SCAN_PAGE, "", OPEN):
+            labels.update(label for task in tasks for label in task.labels)
+        self._started_at = self._last_look = before
+        self._merge(labels, since=0, before=before)
+        self._spawn(self._full_scan())
+        self._spawn(self._doorbell())
 
     async def aclose(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def since(self, generation: int) -> int:
+        """A seq after which come all events of the tasks whose labels joined after `generation`."""
+        return min(self._sinces[generation:], default=0)
 
     def saw(self, seq: int) -> None:
         """A watch over all of `labels` delivered the event `seq`."""
@@ -85,18 +111,28 @@ class Coverage:
 
     @contextlib.asynccontextmanager
     async def listening(self) -> AsyncIterator[None]:
-        """While a page is open: the doorbell rings, starting with a look now."""
+        """While a page is open the doorbell rings, and a first look is taken now
+        (labels may have come while no page was open)."""
         self._listeners += 1
         if self._listeners == 1:
             self._wanted.set()
-            with contextlib.suppress(LegatoError):
-                await self._scan(self._tail_labels)
+            self._spawn(self._quiet_look())
         try:
             yield
         finally:
             self._listeners -= 1
             if not self._listeners:
                 self._wanted.clear()
+
+    def _merge(self, labels: set[str], *, since: int, before: int) -> None:
+        new = labels - self.labels
+        if new:
+            self.labels = self.labels | new
+            self._sinces.append(since)
+            self.generation += 1
+            self._grown.set()
+            log.info("watching %d labels (new: %s)", len(self.labels), " ".join(sorted(new)))
+        self._accounted = max(self._accounted, before)
 
     # -- scans --------------------------------------------------------------------
 
@@ -119,54 +155,46 @@ class Coverage:
                 return
             token = page.next_page_token
 
-    async def _open_task_labels(self) -> set[str]:
-        labels: set[str] = set()
-        async for tasks, _, _ in self._pages(SCAN_PAGE, "", OPEN):
-            labels.update(label for task in tasks for label in task.labels)
-        return labels
-
-    async def _all_task_labels(self) -> set[str]:
-        labels: set[str] = set()
-        async for tasks, token, _ in self._pages(SCAN_PAGE, ""):
-            labels.update(label for task in tasks for label in task.labels)
-            self._tail_token = token
-        self._tail_ready = True
-        return labels
-
-    async def _tail_labels(self) -> set[str]:
-        """Labels of the tasks created since the last scan (and of a few before)."""
-        if not self._tail_ready:
-            return set()
-        labels: set[str] = set()
-        async for tasks, token, _ in self._pages(TAIL_PAGE, self._tail_token):
-            labels.update(label for task in tasks for label in task.labels)
-            self._tail_token = token
-        return labels
-
-    async def _scan(self, task_labels: Callable[[], Awaitable[set[str]]]) -> None:
-        async with self._scan_lock:
-            before = await self._client.get_cursor()
-            labels = await self._agent_labels() | await task_labels()
-            new = labels - self.labels
-            if new:
-                self.labels = self.labels | new
-                self.since = self._previous_scan_cursor
-                self.generation += 1
-                self._grown.set()
-                log.info("watching %d labels (new: %s)", len(self.labels), " ".join(sorted(new)))
-            self._previous_scan_cursor = before
-            self._accounted = max(self._accounted, before)
-
     async def _full_scan(self) -> None:
-        # Labels of finished tasks matter only to a page resuming from before
-        # they finished; reading them all may take a while on a large daemon.
         while True:
             try:
-                await self._scan(self._all_task_labels)
+                before = await self._client.get_cursor()
+                token = ""
+                async for tasks, read_with, _ in self._pages(SCAN_PAGE, ""):
+                    token = read_with
+                    labels = {label for task in tasks for label in task.labels}
+                    self._merge(labels, since=self._started_at, before=0)
+                async with self._look_lock:
+                    self._tail_token = token
+                    self._last_look = max(self._last_look, before)
+                    self._merge(set(), since=0, before=before)
                 return
             except LegatoError as exc:
-                log.warning("listing all tasks failed, trying again: %s", exc)
+                log.warning("listing every task failed, trying again: %s", exc)
                 await asyncio.sleep(self._doorbell_seconds)  # backoff while the daemon is away
+
+    async def _look(self) -> None:
+        """The agents and the newest tasks: their labels join, replayed from the last look."""
+        async with self._look_lock:
+            before = await self._client.get_cursor()
+            labels = await self._agent_labels()
+            tail = self._tail_token
+            if tail is not None:
+                async for tasks, token, _ in self._pages(TAIL_PAGE, tail):
+                    labels.update(label for task in tasks for label in task.labels)
+                    tail = token
+                self._tail_token = tail
+                since = self._last_look
+                self._last_look = before
+            else:
+                since = self._started_at  # the full scan is still on its way
+            self._merge(labels, since=since, before=before)
+
+    async def _quiet_look(self) -> None:
+        try:
+            await self._look()
+        except LegatoError as exc:
+            log.debug("look: %s", exc)
 
     async def _doorbell(self) -> None:
         rung: int | None = None
@@ -177,7 +205,7 @@ class Coverage:
                 # A cursor read a period ago that the watches still have not
                 # reached: its event belongs to a task outside them.
                 if rung is not None and rung > self._accounted:
-                    await self._scan(self._tail_labels)
+                    await self._look()
                 rung = await self._client.get_cursor()
             except LegatoError as exc:
                 log.debug("doorbell: %s", exc)

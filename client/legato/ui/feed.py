@@ -105,6 +105,8 @@ class Follower:
         self._pumps: list[asyncio.Task[None]] = []
         self._ending: set[asyncio.Task[None]] = set()
         self._stopping = False
+        # The coverage's generation the watches were opened with.
+        self._generation = 0
 
     @property
     def following_coverage(self) -> bool:
@@ -146,8 +148,8 @@ class Follower:
             for n, chunk in enumerate(self._chunks)
         ]
         if self._labels is None:
-            generation = self._coverage.generation
-            self._pumps.append(asyncio.create_task(self._on_growth(generation, self._queue)))
+            self._generation = self._coverage.generation
+            self._pumps.append(asyncio.create_task(self._on_growth(self._generation, self._queue)))
 
     def _close_pumps(self) -> None:
         for pump in self._pumps:
@@ -175,7 +177,8 @@ class Follower:
         # The new labels' events all come after `since`; what the old watches
         # delivered up to their last seq is not sent again.
         self._sent.append(_Sent(self._chunks, tuple(self._last)))
-        restart_at = min(self._watermark, max(self._start, self._coverage.since))
+        since = self._coverage.since(self._generation)
+        restart_at = min(self._watermark, max(self._start, since))
         self._close_pumps()
         self._open(restart_at)
 
