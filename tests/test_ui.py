@@ -411,7 +411,7 @@ def test_requests_without_the_token_or_a_session_are_refused(legato: UIProcess) 
     )
     assert status == 401
     status, _, body = legato.request(
-        "GET", "/api/tasks", headers={"Cookie": "legato_ui_session=a.9999999999.b"}
+        "GET", "/api/tasks", headers={"Cookie": f"legato_ui_{legato.port}=a.9999999999.b"}
     )
     assert status == 401
     # The page itself holds no data: it loads, and asks for the link's token.
@@ -492,6 +492,8 @@ def test_with_an_agent_key_the_ui_shows_that_agents_view(
     viewer.start()
     try:
         cookie, _ = viewer.sign_in()
+        # One browser may hold both UIs' sessions: they are named apart.
+        assert cookie.partition("=")[0] != legato.sign_in()[0].partition("=")[0]
         status, _, body = viewer.request("GET", "/api/tasks", headers={"Cookie": cookie})
         assert status == 200
         assert [t["title"] for t in json.loads(body)["tasks"]] == [mine]

@@ -34,7 +34,6 @@ from legato.ui import wire
 from legato.ui.coverage import Coverage
 from legato.ui.feed import Follower, Stopped, keepalive, sse
 from legato.ui.security import (
-    COOKIE,
     CSRF_HEADER,
     Guard,
     HostNames,
@@ -134,7 +133,7 @@ class UI:
     # -- sessions -------------------------------------------------------------------
 
     def _session_of(self, request: Request) -> Session | None:
-        return self.guard.session(request.cookies.get(COOKIE))
+        return self.guard.session(request.cookies.get(self.guard.cookie))
 
     def _signed_in(self, handler: Handler) -> Handler:
         async def checked(request: Request) -> Response:
@@ -183,7 +182,7 @@ class UI:
         response = _no_store(JSONResponse(self._whoami(session)))
         # No Max-Age: the cookie ends with the browser session; the signed
         # expiry inside ends it after SESSION_SECONDS anyway.
-        response.set_cookie(COOKIE, cookie, httponly=True, samesite="strict", path="/")
+        response.set_cookie(self.guard.cookie, cookie, httponly=True, samesite="strict", path="/")
         return response
 
     async def _session_show(self, request: Request) -> Response:

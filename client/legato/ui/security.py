@@ -28,7 +28,6 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-COOKIE = "legato_ui_session"
 CSRF_HEADER = "x-legato-csrf"
 SESSION_SECONDS = 24 * 3600
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -91,9 +90,12 @@ class Session:
 class Guard:
     """Issues and checks the start token, session cookies and CSRF tokens."""
 
-    def __init__(self, api_key: str, *, token: str | None = None):
+    def __init__(self, api_key: str, *, port: int, token: str | None = None):
         # Per start: the link printed this time, and only it, opens a session.
         self.token = token or secrets.token_urlsafe(32)
+        # Browsers keep cookies per host, not per port: two UIs on one host
+        # (an admin's, an agent's) must not overwrite each other's session.
+        self.cookie = f"legato_ui_{port}"
         # The key never leaves the process; only MACs made with a key derived
         # from it reach the browser.
         self._secret = hashlib.sha256(b"legato-ui-session\0" + api_key.encode()).digest()

@@ -115,7 +115,7 @@ async def serve(config: UIConfig) -> int:
                 f"reach it and has the link acts as agent {me.name}; there is no TLS",
                 file=sys.stderr,
             )
-        guard = Guard(config.api_key)
+        guard = Guard(config.api_key, port=port)
         ui = UI(client, coverage, guard, me, HostNames(host, port))
         link = _link(host, port, guard.token)
         print(f"legato ui on {link}", flush=True)
