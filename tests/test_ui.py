@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -479,6 +480,21 @@ def test_changes_need_the_csrf_token_and_a_same_origin(legato: UIProcess, admin:
     )
     assert status == 200, body
     assert handle.get().status is TaskStatus.CANCELED
+
+
+def test_legato_ui_says_so_when_the_daemon_is_not_running(tmp_dir: Path) -> None:
+    from ui_harness import LEGATO
+
+    unknown_key = "lgt_0123456789ab_" + "A" * 43
+    done = subprocess.run(
+        [str(LEGATO), "ui", "--address", f"unix:{tmp_dir}/none.sock", "--key", unknown_key],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert "legato serve" in done.stderr
+    assert done.stdout == ""  # no link printed
 
 
 def test_with_an_agent_key_the_ui_shows_that_agents_view(
