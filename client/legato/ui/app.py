@@ -22,6 +22,7 @@ import grpc
 from legato.client import (
     Agent,
     AsyncClient,
+    EventType,
     LegatoError,
     Role,
     RPCError,
@@ -419,11 +420,13 @@ class _TreeScope(_Scope):
         task = change.task
         if task.root_id != self._task.root_id:
             return None
-        if task.id not in self._members and task.parent_id not in self._members:
-            # A grandchild seen before its parent (watches of several chunks):
-            # ask the daemon for the tree as it is now.
+        member = task.id in self._members or task.parent_id in self._members
+        if not member and change.type is EventType.CREATED and task.depth >= self._task.depth + 2:
+            # Perhaps a grandchild seen before its parent (watches of several
+            # chunks deliver in seq order each, not across): ask the daemon.
             await self.load()
-        if task.id in self._members or task.parent_id in self._members:
-            self._members.add(task.id)
-            return wire.event(change, texts=True)
-        return None
+            member = task.id in self._members or task.parent_id in self._members
+        if not member:
+            return None
+        self._members.add(task.id)
+        return wire.event(change, texts=True)
