@@ -160,6 +160,20 @@ def test_the_label_filter_shows_only_that_label_live(page: Page, agents: dict[st
     expect(page.get_by_role("row").filter(has_text="Not for researchers")).to_have_count(0)
 
 
+def test_a_task_for_a_label_nobody_holds_shows_up_with_its_changes(
+    page: Page, agents: dict[str, Client]
+) -> None:
+    from playwright.sync_api import expect
+
+    request = "Ask the reseacher (a typo)"
+    handle = agents["coder"].create_task(request, labels=["@reseacher"])
+    row = row_of(page, request)
+    expect(row.get_by_role("cell", name="pending", exact=True)).to_be_visible(timeout=WAIT)
+    handle.cancel()
+    expect(row.get_by_role("cell", name="canceled", exact=True)).to_be_visible(timeout=WAIT)
+    expect(row).to_have_count(1)
+
+
 # -- the task page --------------------------------------------------------------------------
 
 
