@@ -245,6 +245,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if all(check.status == OK for check in checks) else 1
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """`legato ui`: the web UI, a client of the daemon (see `legato.ui`)."""
+    from legato.ui import DEFAULT_LISTEN, UIConfig, run
+
+    config = UIConfig(
+        api_key=resolve_key(args.key),
+        address=args.address,
+        listen=args.listen or DEFAULT_LISTEN,
+        open_browser=args.open,
+    )
+    return run(config)
+
+
 def resolve_key(explicit: str | None) -> str:
     """--key, else LEGATO_AGENT_KEY, else the admin key the daemon wrote for its user."""
     from legato.server.agents import ADMIN_KEY_FILE
@@ -653,6 +666,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.set_defaults(run=cmd_doctor)
 
+    ui = commands.add_parser(
+        "ui",
+        help="a web UI: every agent's tasks, live, and a hand to answer or cancel",
+        parents=[connection],
+    )
+    ui.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="where to serve (default 127.0.0.1:8731; port 0 picks one); keep it on loopback",
+    )
+    ui.add_argument("--open", action="store_true", help="open the link in the default browser")
+    ui.set_defaults(run=cmd_ui)
+
     work = commands.add_parser(
         "work",
         help="run a command for each task of your labels",
@@ -862,7 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     options, command = split_command(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(options)
-    if args.command in ("serve", "backup", "doctor"):  # no client, no key
+    if args.command in ("serve", "backup", "doctor", "ui"):  # no sync client
         return int(args.run(args))
     if args.command == "mcp" and args.action is None:
         from legato.client.mcp_bridge import run
