@@ -552,8 +552,6 @@ def cmd_demo(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
-    if not args.labels and not args.task:
-        raise SystemExit("legato: give labels to watch (e.g. @researcher) or --task ID")
     for event in client.watch(
         labels=args.labels, task_ids=args.task or (), after_seq=args.after_seq
     ):
@@ -847,7 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("id")
 
     watch = action("watch", cmd_watch, "print task events live")
-    watch.add_argument("labels", nargs="*", help="labels to watch, e.g. @researcher")
+    watch.add_argument(
+        "labels", nargs="*", help="labels to watch, e.g. @researcher (none: every task you see)"
+    )
     watch.add_argument("--task", action="append", help="watch this task id (repeatable)")
     watch.add_argument("--after-seq", type=int, help="replay stored events after this seq first")
 

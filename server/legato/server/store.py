@@ -482,8 +482,10 @@ class Store:
                 match, params = f"({of_labels} OR {of_ids})", [*labels, *task_ids]
             elif labels:
                 match, params = of_labels, list(labels)
-            else:
+            elif task_ids:
                 match, params = of_ids, list(task_ids)
+            else:  # every task: the caller's view is applied to what this returns
+                match, params = "1", []
             rows = conn.execute(
                 f"{_SELECT_EVENT} WHERE e.seq > ? AND {match} ORDER BY e.seq LIMIT ?",
                 [after_seq, *params, limit + 1],

@@ -584,8 +584,6 @@ class TaskManager:
                 f"task_ids has {len(task_ids)} ids; the limit is {limits.MAX_WATCH_TASK_IDS}"
             )
         ids = [limits.check_id("task_ids", task_id) for task_id in task_ids]
-        if not checked_labels and not ids:
-            raise InvalidArgument("give labels or task_ids to watch")
         if after_seq is not None and after_seq < 0:
             raise InvalidArgument(f"after_seq must be 0 or more; got {after_seq}")
         # Task ids come from the daemon: one that does not exist, or that the caller
