@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import sys
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from legato.client import AsyncClient, Client, Task, TaskStatus
 from legato.client.errors import UnavailableError
+from legato.client.mcp_bridge import build_server
 from legato.server.daemon import Config, Daemon, listen_warning
 from legato.server.tls import ServerTLS
+from mcp import Client as MCPClient
 
 LEGATO = Path(sys.executable).with_name("legato")
 START_TIMEOUT = 15.0
@@ -626,3 +629,60 @@ async def test_serve_refuses_tls_files_it_cannot_use_in_one_line(
     assert (ran.code, ran.stdout) == (1, ""), ran.stderr
     [line] = ran.stderr.splitlines()
     assert line.startswith("legato: ") and expected in line, line
+
+
+# -- MCP --------------------------------------------------------------------------------
+
+
+async def test_mcp_config_for_a_remote_daemon_carries_its_address_and_ca(
+    serve_tls: ServeTLS, pki: PKI
+) -> None:
+    daemon = await serve_tls()
+    remote = ["--address", daemon.address, "--tls-ca", pki.server_ca.cert.name]
+    # Relative to where the command runs; the snippet must work from anywhere.
+    admin = {"LEGATO_AGENT_KEY": admin_key(daemon)}
+
+    codex = await legato(
+        "mcp", "config", "--client", "codex", "--agent", "coder", *remote,
+        env=admin, cwd=pki.directory,
+    )  # fmt: skip
+    claude = await legato(
+        "mcp", "config", "--client", "claude", "--agent", "researcher", *remote,
+        env=admin, cwd=pki.directory,
+    )  # fmt: skip
+
+    assert codex.code == 0, codex.stderr
+    assert claude.code == 0, claude.stderr
+    codex_env = tomllib.loads(codex.stdout)["mcp_servers"]["legato"]["env"]
+    claude_env = json.loads(claude.stdout)["mcpServers"]["legato"]["env"]
+    for env, name in ((codex_env, "coder"), (claude_env, "researcher")):
+        assert env["LEGATO_ADDRESS"] == daemon.address
+        assert env["LEGATO_TLS_CA"] == str(pki.server_ca.cert)
+        assert set(env) == {"LEGATO_ADDRESS", "LEGATO_TLS_CA", "LEGATO_AGENT_KEY"}
+        # The bridge builds its client from this env alone.
+        async with AsyncClient(
+            env["LEGATO_ADDRESS"], api_key=env["LEGATO_AGENT_KEY"], tls_ca=env["LEGATO_TLS_CA"]
+        ) as agent:
+            assert (await agent.whoami()).name == name
+    for ran in (codex, claude):
+        assert "BEGIN" not in ran.stdout  # paths to the files, never their contents
+
+
+async def test_the_mcp_bridge_reaches_a_tls_daemon_through_legato_tls_ca(
+    serve_tls: ServeTLS, pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = await serve_tls()
+    async with AsyncClient(
+        daemon.address, api_key=admin_key(daemon), tls_ca=pki.server_ca.cert
+    ) as admin:
+        _, key = await admin.create_agent("coder", labels=["@coder"])
+    monkeypatch.setenv("LEGATO_TLS_CA", str(pki.server_ca.cert))
+
+    async with MCPClient(build_server(address=daemon.address, api_key=key)) as coder:
+        result = await asyncio.wait_for(
+            coder.call_tool("delegate_task", {"label": "@coder", "request": "RPM?"}), GUARD
+        )
+
+    assert not result.is_error, result.content
+    assert isinstance(result.structured_content, dict)
+    assert result.structured_content["created_by"] == "coder"

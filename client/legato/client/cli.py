@@ -308,7 +308,7 @@ def cmd_agent_add(client: Client, args: argparse.Namespace, out: Output) -> int:
     _print_new_key(agent, key, out, "created")
     if args.mcp and not out.as_json:
         print(f"For {args.mcp}, add this to its MCP configuration ({_MCP_FILES[args.mcp]}):\n")
-        print(_mcp_snippet(args.mcp, key, client.address))
+        print(_mcp_snippet(args.mcp, key, client))
     return 0
 
 
@@ -329,12 +329,21 @@ def _legato_executable() -> str:
     return str(Path(found).resolve()) if found else str(Path(sys.argv[0]).resolve())
 
 
-def _mcp_snippet(kind: str, key: str, address: str) -> str:
+def _mcp_snippet(kind: str, key: str, client: Client) -> str:
+    """The snippet that makes an MCP client start `legato mcp` as the agent of `key`,
+    reaching the daemon the way `client` does (its address and TLS files)."""
     from legato.client.mcp_bridge import config_snippet
 
+    address = client.address
     if address.startswith("unix:") and not address.startswith("unix:/"):
         address = f"unix:{Path(address.removeprefix('unix:')).resolve()}"
-    return config_snippet(kind, command=_legato_executable(), api_key=key, address=address)
+    return config_snippet(
+        kind,
+        command=_legato_executable(),
+        api_key=key,
+        address=address,
+        tls=client.tls.environment() if client.tls is not None else None,
+    )
 
 
 def cmd_mcp_config(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -358,7 +367,7 @@ def cmd_mcp_config(client: Client, args: argparse.Namespace, out: Output) -> int
             "or --key / LEGATO_AGENT_KEY with that agent's key"
         )
     print(f"# {args.client}: {_MCP_FILES[args.client]}", file=sys.stderr)
-    print(_mcp_snippet(args.client, key, client.address), end="")
+    print(_mcp_snippet(args.client, key, client), end="")
     return 0
 
 
