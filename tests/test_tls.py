@@ -26,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from legato.client import AsyncClient, Client, Task, TaskStatus
 from legato.client.errors import UnavailableError
 from legato.client.mcp_bridge import build_server
+from legato.client.ops import OK, doctor
 from legato.server.daemon import Config, Daemon, listen_warning
 from legato.server.tls import ServerTLS
 from mcp import Client as MCPClient
@@ -686,3 +687,30 @@ async def test_the_mcp_bridge_reaches_a_tls_daemon_through_legato_tls_ca(
     assert not result.is_error, result.content
     assert isinstance(result.structured_content, dict)
     assert result.structured_content["created_by"] == "coder"
+
+
+# -- doctor -----------------------------------------------------------------------------
+
+
+async def test_doctor_checks_the_tls_files_and_asks_the_daemon_over_tls(
+    serve_tls: ServeTLS, pki: PKI
+) -> None:
+    daemon = await serve_tls(mutual=True)
+    data_dir, address = daemon.config.data_dir, daemon.address
+    mine = {"tls_ca": pki.server_ca.cert, "tls_cert": pki.client.cert, "tls_key": pki.client.key}
+
+    good = await asyncio.to_thread(doctor, data_dir=data_dir, address=address, **mine)
+    pki.client.key.chmod(0o640)
+    loose = await asyncio.to_thread(doctor, data_dir=data_dir, address=address, **mine)
+    plaintext = await asyncio.to_thread(doctor, data_dir=data_dir, address=address, tls_ca="")
+
+    assert all(check.status == OK for check in good), [c.line() for c in good]
+    checks = {check.name: check for check in good}
+    assert "client certificate" in checks["tls"].detail and "SERVING" in checks["health"].detail
+    assert "admin" in checks["admin.key"].detail
+    checks = {check.name: check for check in loose}
+    assert checks["tls"].status == "FAIL" and "chmod 600" in checks["tls"].detail
+    assert checks["health"].status == "FAIL"
+    checks = {check.name: check for check in plaintext}
+    assert "tls" not in checks
+    assert checks["health"].status == "FAIL" and "--tls-ca" in checks["health"].fix

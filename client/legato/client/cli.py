@@ -268,7 +268,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """`legato doctor`: one line per check; exit 0 only if every check is ok."""
     from legato.client.ops import OK, doctor
 
-    checks = doctor(data_dir=Path(args.data_dir) if args.data_dir else None, address=args.address)
+    checks = doctor(
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        address=args.address,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
     for check in checks:
         print(check.line())
     return 0 if all(check.status == OK for check in checks) else 1
@@ -723,6 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--address", help="daemon address (default: LEGATO_ADDRESS or the default socket)"
     )
+    _add_client_tls(doctor)
     doctor.set_defaults(run=cmd_doctor)
 
     work = commands.add_parser(
