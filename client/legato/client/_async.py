@@ -22,6 +22,7 @@ from legato.client._core import (
     ClientCore,
     Deadline,
     LeaseClock,
+    PathLike,
     Resume,
     answer_after,
     claim_may_have_ended,
@@ -33,7 +34,6 @@ from legato.client.errors import (
     JobInterruptedError,
     LegatoError,
     RPCError,
-    from_rpc_error,
 )
 from legato.client.models import (
     Agent,
@@ -60,6 +60,14 @@ class AsyncClient(ClientCore):
             default daemon socket.
         api_key: this agent's key (default `LEGATO_AGENT_KEY`).
         timeout: seconds each unary call may take (None: no limit).
+        tls_ca: for a daemon serving TLS: the CA certificate that signed its
+            certificate (default `LEGATO_TLS_CA`). Setting any `tls_` argument
+            makes the connection TLS; without `tls_ca` the system's CAs are trusted.
+        tls_cert: this client's certificate, for a daemon that requires client
+            certificates (mutual TLS; default `LEGATO_TLS_CERT`).
+        tls_key: that certificate's private key, mode 0600 (default `LEGATO_TLS_KEY`).
+
+    The API key travels as call metadata in either case; with TLS it is encrypted.
     """
 
     def __init__(
@@ -68,9 +76,19 @@ class AsyncClient(ClientCore):
         *,
         api_key: str | None = None,
         timeout: float | None = 30.0,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
     ):
-        super().__init__(address, api_key, timeout)
-        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        super().__init__(
+            address, api_key, timeout, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+        )
+        if self._credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                self.address, self._credentials, options=CHANNEL_OPTIONS
+            )
         self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
         self._agents = agents_pb2_grpc.AgentServiceStub(self._channel)
         # Jobs whose background heartbeats run; closing the client stops them.
@@ -84,10 +102,20 @@ class AsyncClient(ClientCore):
         api_key: str | None = None,
         timeout: float | None = 30.0,
         connect_timeout: float = 5.0,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
     ) -> AsyncClient:
         """Creates a client and waits until the daemon answers; UnavailableError if it does
         not, UnauthenticatedError if it does not know the key."""
-        client = cls(address, api_key=api_key, timeout=timeout)
+        client = cls(
+            address,
+            api_key=api_key,
+            timeout=timeout,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+        )
         try:
             # WhoAmI: it checks the key and costs the same however long the history is.
             await client._call(client._agents.WhoAmI, agents_pb2.WhoAmIRequest(), connect_timeout)
@@ -106,7 +134,7 @@ class AsyncClient(ClientCore):
         try:
             return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, address=self.address) from None
+            raise self._rpc_error(exc) from None
 
     async def create_task(
         self,
@@ -454,7 +482,7 @@ class AsyncClient(ClientCore):
                     resume.progressed()
                     yield event
             except grpc.aio.AioRpcError as exc:
-                delay = resume.delay_after(from_rpc_error(exc, address=self.address), deadline)
+                delay = resume.delay_after(self._rpc_error(exc), deadline)
                 await asyncio.sleep(delay)  # backoff before reconnecting
             finally:
                 call.cancel()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,9 +20,11 @@ from legato.client.errors import (
     RPCError,
     TaskCanceledError,
     TaskFailedError,
+    from_rpc_error,
 )
 from legato.client.models import EventType, Role, Task, TaskEvent, TaskStatus, dict_to_struct
 from legato.server.paths import default_address
+from legato.server.tls import TLSError, read_certificates, read_key_pair
 from legato.v1 import agents_pb2, tasks_pb2
 
 # Message limits match the daemon's.
@@ -182,10 +186,116 @@ def lost_claim(task_id: str, why: str) -> str:
     return f"lost the claim on task {task_id}: {why}"
 
 
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """How a client checks the daemon's certificate, and for mutual TLS proves itself.
+
+    Attributes:
+        ca: the CA certificate (PEM) that signed the daemon's certificate; None
+            trusts the system's CAs instead.
+        cert: this client's certificate (PEM), for a daemon that requires one.
+        key: its private key (PEM, unencrypted, mode 0600).
+    """
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @classmethod
+    def resolve(
+        cls, ca: PathLike | None, cert: PathLike | None, key: PathLike | None
+    ) -> ClientTLS | None:
+        """From the arguments, each defaulting to `LEGATO_TLS_CA`, `LEGATO_TLS_CERT` and
+        `LEGATO_TLS_KEY`; None (plaintext) when none of them is set."""
+        paths = [
+            Path(value) if value else None
+            for value in (
+                ca if ca is not None else os.environ.get("LEGATO_TLS_CA"),
+                cert if cert is not None else os.environ.get("LEGATO_TLS_CERT"),
+                key if key is not None else os.environ.get("LEGATO_TLS_KEY"),
+            )
+        ]
+        if paths == [None, None, None]:
+            return None
+        tls = cls(*paths)
+        if (tls.cert is None) != (tls.key is None):
+            raise TLSError(
+                "a client certificate needs its key and a key its certificate: give both "
+                "tls_cert= and tls_key= (--tls-cert and --tls-key, or LEGATO_TLS_CERT and "
+                "LEGATO_TLS_KEY)"
+            )
+        return tls
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Reads and checks the files; raises `TLSError` with what to fix."""
+        roots = None if self.ca is None else read_certificates(self.ca, "CA certificate")
+        key = chain = None
+        if self.cert is not None and self.key is not None:
+            key, chain = read_key_pair(self.cert, self.key)
+        return grpc.ssl_channel_credentials(roots, key, chain)
+
+    def environment(self) -> dict[str, str]:
+        """The variables that give another legato client (an MCP bridge, a command)
+        the same TLS settings, with absolute paths."""
+        named = {"LEGATO_TLS_CA": self.ca, "LEGATO_TLS_CERT": self.cert, "LEGATO_TLS_KEY": self.key}
+        return {name: str(path.absolute()) for name, path in named.items() if path is not None}
+
+
+# gRPC's words for a connection that failed (not for an UNAVAILABLE the daemon
+# answered with), for nobody listening, and for a certificate the client refused.
+_CONNECT_FAILED = ("failed to connect", "Socket closed")
+_REFUSED = "Connection refused"
+_CERTIFICATE_WORDS = ("CERTIFICATE_VERIFY_FAILED", "handshake", "Hostname Verification")
+
+
+def _is_unix(address: str) -> bool:
+    return address.startswith(("unix:", "unix-abstract:"))
+
+
+def unreachable_hint(address: str, tls: ClientTLS | None, details: str) -> str:
+    """What the user can change when a HOST:PORT daemon does not answer, given the TLS
+    setup; "" when TLS cannot be the reason."""
+    if _is_unix(address) or _REFUSED in details:
+        return ""
+    if not any(words in details for words in _CONNECT_FAILED):
+        return ""
+    if tls is None:
+        return (
+            "This client speaks plaintext: if the daemon serves TLS, trust its CA with "
+            "--tls-ca FILE or LEGATO_TLS_CA"
+        )
+    if any(word in details for word in _CERTIFICATE_WORDS):
+        return (
+            "The daemon's TLS certificate was not accepted: LEGATO_TLS_CA (--tls-ca) must be "
+            "the CA that signed it, and it must name the host of the address"
+        )
+    if tls.cert is None:
+        return (
+            "If the daemon requires client certificates (mutual TLS), give this client one: "
+            "--tls-cert FILE --tls-key FILE, or LEGATO_TLS_CERT and LEGATO_TLS_KEY"
+        )
+    return (
+        f"If the daemon requires client certificates, it refused {tls.cert}: it must be "
+        "signed by the CA the daemon was given as --tls-client-ca"
+    )
+
+
 class ClientCore:
     """Configuration and request building shared by `Client` and `AsyncClient`."""
 
-    def __init__(self, address: str | None, api_key: str | None, timeout: float | None):
+    def __init__(
+        self,
+        address: str | None,
+        api_key: str | None,
+        timeout: float | None,
+        *,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
+    ):
         self.address = address or default_address()
         key = api_key if api_key is not None else os.environ.get("LEGATO_AGENT_KEY", "")
         if not key:
@@ -198,7 +308,27 @@ class ClientCore:
         self.timeout = timeout
         # Sent with every call; the daemon keeps only the key's hash.
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {key}"),)
+        self.tls = ClientTLS.resolve(tls_ca, tls_cert, tls_key)
+        self._credentials: grpc.ChannelCredentials | None = None
+        if self.tls is not None:
+            if _is_unix(self.address):
+                raise TLSError(
+                    f"TLS is for HOST:PORT addresses, and {self.address} is a unix socket (the "
+                    "daemon serves it in plaintext, to your user only); connect to the daemon's "
+                    "HOST:PORT, or unset LEGATO_TLS_CA, LEGATO_TLS_CERT and LEGATO_TLS_KEY"
+                )
+            self._credentials = self.tls.credentials()
         self._closed = False
+
+    def _rpc_error(self, exc: grpc.RpcError) -> RPCError:
+        """The `RPCError` for a failed call; an unreachable daemon's says what TLS
+        setting may be wrong."""
+        error = from_rpc_error(exc, address=self.address)
+        if error.code is grpc.StatusCode.UNAVAILABLE:
+            hint = unreachable_hint(self.address, self.tls, error.message)
+            if hint:
+                return type(error)(f"{error.message}. {hint}", code=error.code)
+        return error
 
     def _check_open(self) -> None:
         if self._closed:

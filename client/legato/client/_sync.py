@@ -26,6 +26,7 @@ from legato.client._core import (
     ClientCore,
     Deadline,
     LeaseClock,
+    PathLike,
     Resume,
     answer_after,
     claim_may_have_ended,
@@ -37,7 +38,6 @@ from legato.client.errors import (
     JobInterruptedError,
     LegatoError,
     RPCError,
-    from_rpc_error,
 )
 from legato.client.models import (
     Agent,
@@ -65,9 +65,19 @@ class Client(ClientCore):
         *,
         api_key: str | None = None,
         timeout: float | None = 30.0,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
     ):
-        super().__init__(address, api_key, timeout)
-        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        super().__init__(
+            address, api_key, timeout, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+        )
+        if self._credentials is None:
+            self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(
+                self.address, self._credentials, options=CHANNEL_OPTIONS
+            )
         self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
         self._agents = agents_pb2_grpc.AgentServiceStub(self._channel)
         # Jobs whose background heartbeats run; closing the client stops them.
@@ -82,10 +92,20 @@ class Client(ClientCore):
         api_key: str | None = None,
         timeout: float | None = 30.0,
         connect_timeout: float = 5.0,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
     ) -> Client:
         """Creates a client and waits until the daemon answers; UnavailableError if it does
         not, UnauthenticatedError if it does not know the key."""
-        client = cls(address, api_key=api_key, timeout=timeout)
+        client = cls(
+            address,
+            api_key=api_key,
+            timeout=timeout,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+        )
         try:
             # WhoAmI: it checks the key and costs the same however long the history is.
             client._call(client._agents.WhoAmI, agents_pb2.WhoAmIRequest(), connect_timeout)
@@ -101,7 +121,7 @@ class Client(ClientCore):
         try:
             return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, address=self.address) from None
+            raise self._rpc_error(exc) from None
 
     def create_task(
         self,
@@ -450,7 +470,7 @@ class Client(ClientCore):
                     resume.progressed()
                     yield event
             except grpc.RpcError as exc:
-                delay = resume.delay_after(from_rpc_error(exc, address=self.address), deadline)
+                delay = resume.delay_after(self._rpc_error(exc), deadline)
                 time.sleep(delay)  # backoff before reconnecting
             finally:
                 call.cancel()
