@@ -352,6 +352,8 @@ class Worker:
             LEGATO_ADDRESS=self._client.address,
             LEGATO_AGENT_KEY=self._api_key,
         )
+        if self._client.tls is not None:  # given as flags, the command needs them too
+            env.update(self._client.tls.environment())
         env.pop("LEGATO_TASK", None)
         as_json = task_json(task)
         if len(as_json.encode("utf-8", "surrogatepass")) <= MAX_ENV_TASK_BYTES:
