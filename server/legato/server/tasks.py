@@ -588,8 +588,11 @@ class TaskManager:
             raise InvalidArgument(f"after_seq must be 0 or more; got {after_seq}")
         # Task ids come from the daemon: one that does not exist, or that the caller
         # does not see, would wait forever. Say so, as GetTask would.
-        for task_id in dict.fromkeys(ids):
-            await self._visible_task(task_id, caller)
+        # All at once, not one read after another: up to 1000 ids.
+        found = await asyncio.gather(*(self._store.get_task(i) for i in dict.fromkeys(ids)))
+        for task_id, task in zip(dict.fromkeys(ids), found, strict=True):
+            if task is None or not access.sees(caller, task):
+                raise NotFound(f"task {task_id!r} not found")
 
         def visible(event: Event) -> bool:
             # The caller's labels and role as they are now, not as they were
