@@ -9,7 +9,6 @@ other (the admin key by default), so it works whatever the daemon's backend:
     coverage   which labels to watch to see the whole view
     feed       one page's events: watches merged, resumed, restarted
     wire       tasks, events and agents as the page's JSON
-    tree       a task's subtree, every page of it
     static/    the page: plain ES modules and CSS, no build step
 """
 

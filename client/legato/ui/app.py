@@ -43,7 +43,6 @@ from legato.ui.security import (
     csrf_failed,
     unauthorized,
 )
-from legato.ui.tree import task_tree
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -234,7 +233,7 @@ class UI:
         # drops what these reads already show (by version, by seq).
         cursor = await self.client.get_cursor()
         task = await self.client.get_task(task_id)
-        tree = await task_tree(self.client, task_id)
+        tree = await self.client.get_task_tree(task_id)
         history = await self.client.task_history(task_id)
         children = await self._with_outputs([t for t in tree if t.id != task_id])
         return JSONResponse(
@@ -414,7 +413,7 @@ class _TreeScope(_Scope):
         self._members: set[str] = {task.id}
 
     async def load(self) -> None:
-        self._members = {t.id for t in await task_tree(self._client, self._task.id)}
+        self._members = {t.id for t in await self._client.get_task_tree(self._task.id)}
 
     async def shape(self, change: TaskEvent) -> dict[str, Any] | None:
         task = change.task
