@@ -1,120 +1,103 @@
-"""The UI's event feed against a real daemon: every event once, across chunks,
-label discovery and reconnects (`legato.ui.coverage`, `legato.ui.feed`)."""
+"""The UI's event feed against a real daemon: one watch of the whole view (or of
+the page's label), every event once, in seq order, resumed from the last seq
+(`legato.ui.feed`)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 
 import pytest
-from conftest import EVENT_GUARD
+from conftest import EVENT_GUARD, Connect
 from legato.client import AsyncClient, EventType, TaskEvent
-from legato.ui.coverage import Coverage
-from legato.ui.feed import LABELS_PER_WATCH, Delivery, Follower
-
-DOORBELL = 0.05
+from legato.ui.feed import Follower, Stopped
 
 
-@pytest.fixture
-async def coverage(admin: AsyncClient) -> AsyncIterator[Coverage]:
-    covering = Coverage(admin, admin=True, doorbell_seconds=DOORBELL)
-    await covering.start()
-    yield covering
-    await covering.aclose()
-
-
-async def deliveries_until(
+async def events_until(
     follower: Follower, done: Callable[[list[TaskEvent]], bool]
-) -> tuple[list[TaskEvent], list[Delivery]]:
-    """Deliveries until the events passed on satisfy `done`."""
+) -> list[TaskEvent]:
+    """Events from the follower until they satisfy `done`."""
     events: list[TaskEvent] = []
-    seen: list[Delivery] = []
 
     async def read() -> None:
         while not done(events):
-            delivery = await follower.get()
-            seen.append(delivery)
-            if delivery.event is not None:
-                events.append(delivery.event)
+            events.append(await follower.get())
 
     await asyncio.wait_for(read(), EVENT_GUARD)
-    return events, seen
+    return events
 
 
 def kinds(events: list[TaskEvent]) -> list[tuple[str, EventType]]:
     return [(event.task.id, event.type) for event in events]
 
 
-async def test_more_labels_than_one_watch_takes_deliver_each_event_once(
-    admin: AsyncClient, agent_key: Callable[..., Awaitable[str]], coverage: Coverage
+def has(task_id: str, kind: EventType) -> Callable[[list[TaskEvent]], bool]:
+    return lambda events: (task_id, kind) in kinds(events)
+
+
+async def test_tasks_on_labels_nobody_holds_arrive_on_one_watch_with_all_their_events(
+    admin: AsyncClient,
 ) -> None:
-    labels = [f"@l{n:02d}" for n in range(LABELS_PER_WATCH + 4)]
-    await agent_key("left", labels[:10])
-    await agent_key("right", labels[10:])
-    async with coverage.listening():
-        while len(coverage.labels) < len(labels):  # the doorbell's scan finds the new agents
-            await coverage.grown(coverage.generation)
+    # More labels than WatchTasks takes in one request, none of them held by anyone.
+    labels = [f"@nobody{n:02d}" for n in range(20)]
     after = await admin.get_cursor()
-    async with Follower(admin, coverage, after=after) as follower:
-        # One task per label, and one whose labels fall in the first and the last watch.
+    async with Follower(admin, after=after) as follower:
         handles = [await admin.create_task(f"on {label}", labels=[label]) for label in labels]
-        handles.append(await admin.create_task("on both", labels=[labels[0], labels[-1]]))
+        handles.append(await admin.create_task("on two", labels=[labels[0], labels[-1]]))
         for handle in handles:
             await handle.cancel()
-        expected = [(h.id, t) for h in handles for t in (EventType.CREATED, EventType.CANCELED)]
-        events, seen = await deliveries_until(follower, lambda got: len(got) >= len(expected))
-    assert sorted(kinds(events)) == sorted(expected)
-    assert len({event.seq for event in events}) == len(events)
-    watermarks = [delivery.watermark for delivery in seen]
-    assert watermarks == sorted(watermarks)
-    # Every watch is past an event before the page is told to resume after it.
-    for delivery in seen:
-        assert delivery.event is None or delivery.watermark <= delivery.event.seq
-
-
-async def test_a_task_on_a_label_nobody_had_joins_the_feed_with_all_its_events(
-    admin: AsyncClient, coverage: Coverage
-) -> None:
-    known = await admin.create_task("on a known label", labels=["@known"])
-    await asyncio.wait_for(coverage_has(coverage, "@known"), EVENT_GUARD)
-    after = await admin.get_cursor()
-    async with coverage.listening(), Follower(admin, coverage, after=after) as follower:
-        await known.cancel()
-        novel = await admin.create_task("a typo in the label", labels=["@reseacher"])
-        await novel.cancel()
-        events, _ = await deliveries_until(
-            follower, lambda got: (novel.id, EventType.CANCELED) in kinds(got)
-        )
-    assert "@reseacher" in coverage.labels
-    # The new label's events come from its first one on, and the restart sends
-    # none of the known task's again.
-    assert kinds(events) == [
-        (known.id, EventType.CANCELED),
-        (novel.id, EventType.CREATED),
-        (novel.id, EventType.CANCELED),
+        events = await events_until(follower, has(handles[-1].id, EventType.CANCELED))
+    assert kinds(events) == [(h.id, EventType.CREATED) for h in handles] + [
+        (h.id, EventType.CANCELED) for h in handles
     ]
+    seqs = [event.seq for event in events]
+    assert seqs == sorted(set(seqs)) and seqs[0] > after
 
 
-async def coverage_has(coverage: Coverage, label: str) -> None:
-    async with coverage.listening():
-        while label not in coverage.labels:
-            await coverage.grown(coverage.generation)
+async def test_an_agents_follower_sees_exactly_that_agents_view(
+    admin: AsyncClient, connect: Connect
+) -> None:
+    viewer = await connect("viewer", ["@viewer"])
+    after = await admin.get_cursor()
+    async with Follower(viewer, after=after) as follower:
+        await admin.create_task("not the viewer's", labels=["@other"])
+        for_viewer = await admin.create_task("for the viewer", labels=["@viewer"])
+        # Its own task, on a label no agent holds, is in its view too.
+        own = await viewer.create_task("the viewer's own", labels=["@nobody"])
+        events = await events_until(follower, has(own.id, EventType.CREATED))
+    assert kinds(events) == [(for_viewer.id, EventType.CREATED), (own.id, EventType.CREATED)]
 
 
-async def test_a_follower_resumed_from_the_watermark_misses_nothing_and_repeats_nothing(
-    admin: AsyncClient, coverage: Coverage
+async def test_a_label_filter_follows_only_that_label(admin: AsyncClient) -> None:
+    after = await admin.get_cursor()
+    async with Follower(admin, after=after, labels=["@wanted"]) as follower:
+        await admin.create_task("elsewhere", labels=["@elsewhere"])
+        wanted = await admin.create_task("wanted", labels=["@wanted"])
+        both = await admin.create_task("both", labels=["@elsewhere", "@wanted"])
+        events = await events_until(follower, has(both.id, EventType.CREATED))
+    assert kinds(events) == [(wanted.id, EventType.CREATED), (both.id, EventType.CREATED)]
+
+
+async def test_a_follower_resumed_from_the_last_seq_misses_nothing_and_repeats_nothing(
+    admin: AsyncClient,
 ) -> None:
     first = await admin.create_task("before", labels=["@resume"])
-    await asyncio.wait_for(coverage_has(coverage, "@resume"), EVENT_GUARD)
     after = await admin.get_cursor()
-    async with Follower(admin, coverage, after=after, labels=["@resume"]) as follower:
+    async with Follower(admin, after=after) as follower:
         await first.cancel()
-        events, seen = await deliveries_until(follower, lambda got: len(got) == 1)
-    resume_at = seen[-1].watermark
+        events = await events_until(follower, lambda got: len(got) == 1)
     # Meanwhile, with no page connected:
     later = [await admin.create_task(f"later {n}", labels=["@resume"]) for n in range(3)]
-    async with Follower(admin, coverage, after=resume_at, labels=["@resume"]) as follower:
-        resumed, _ = await deliveries_until(follower, lambda got: len(got) == 3)
+    async with Follower(admin, after=events[-1].seq) as follower:
+        resumed = await events_until(follower, lambda got: len(got) == 3)
     assert kinds(events + resumed) == [(first.id, EventType.CANCELED)] + [
         (handle.id, EventType.CREATED) for handle in later
     ]
+
+
+async def test_stop_ends_a_waiting_follower_at_once(admin: AsyncClient) -> None:
+    async with Follower(admin, after=await admin.get_cursor()) as follower:
+        waiting = asyncio.ensure_future(follower.get())
+        follower.stop()
+        with pytest.raises(Stopped):
+            await asyncio.wait_for(waiting, EVENT_GUARD)

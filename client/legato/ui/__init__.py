@@ -6,8 +6,7 @@ other (the admin key by default), so it works whatever the daemon's backend:
     server     start, the link with its token, shutdown
     app        the page, the JSON endpoints, the event stream
     security   the token, sessions, CSRF, Host and Origin checks
-    coverage   which labels to watch to see the whole view
-    feed       one page's events: watches merged, resumed, restarted
+    feed       one page's events: one daemon watch, from the page's last seq
     wire       tasks, events and agents as the page's JSON
     static/    the page: plain ES modules and CSS, no build step
 """

@@ -9,7 +9,6 @@ reaches the browser.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import time
@@ -32,7 +31,6 @@ from legato.client import (
 )
 from legato.client.errors import UnauthenticatedError
 from legato.ui import wire
-from legato.ui.coverage import Coverage
 from legato.ui.feed import Follower, Stopped, keepalive, sse
 from legato.ui.security import (
     CSRF_HEADER,
@@ -90,10 +88,9 @@ def _no_store(response: Response) -> Response:
 
 @dataclass
 class UI:
-    """What the endpoints share: the client, the coverage, the guard, who we are."""
+    """What the endpoints share: the client, the guard, who we are."""
 
     client: AsyncClient
-    coverage: Coverage
     guard: Guard
     me: Agent
     hosts: HostNames
@@ -210,14 +207,22 @@ class UI:
             token = page.next_page_token
             if not token:
                 break
+        known = await self._agent_labels()
         return JSONResponse(
             {
                 "cursor": cursor,
                 "tasks": [wire.summary(task) for task in tasks],
                 "truncated": bool(token),
-                "labels": sorted(self.coverage.labels | {lab for t in tasks for lab in t.labels}),
+                "labels": sorted(known | {label for task in tasks for label in task.labels}),
             }
         )
+
+    async def _agent_labels(self) -> set[str]:
+        """The labels agents hold: every agent's in an admin's view, else our own."""
+        if self.admin:
+            agents = await self.client.list_agents(include_revoked=True)
+            return {label for agent in agents for label in agent.labels}
+        return set((await self.client.whoami()).labels)
 
     async def _task_summary(self, request: Request) -> Response:
         task = await self.client.get_task(request.path_params["task_id"])
@@ -326,12 +331,9 @@ class UI:
             tree = _TreeScope(self.client, await self.client.get_task(task_id))
             await tree.load()
             scope = tree
+        # A task page follows the whole view: its descendants may carry any labels.
         follower = Follower(
-            self.client,
-            self.coverage,
-            after=after,
-            labels=[label] if label and not task_id else None,
-            task_ids=[task_id] if task_id else (),
+            self.client, after=after, labels=[label] if label and not task_id else ()
         )
         body = self._stream(follower, scope, after)
         return StreamingResponse(
@@ -340,35 +342,31 @@ class UI:
 
     async def _stream(self, follower: Follower, scope: _Scope, after: int) -> AsyncIterator[bytes]:
         yield sse(retry=RECONNECT_MS, event="hello", data={"after": after})
-        sent = watermark = after
+        # `last`: the seq of the last event read; `sent`: the last one the page was told.
+        sent = last = after
         moved_at = time.monotonic()
-        listening = (
-            self.coverage.listening() if follower.following_coverage else contextlib.nullcontext()
-        )
-        async with listening, follower:
+        async with follower:
             self.followers.add(follower)
             try:
                 while True:
-                    behind = watermark > sent
+                    behind = last > sent
                     try:
-                        delivery = await asyncio.wait_for(
+                        change = await asyncio.wait_for(
                             follower.get(), CURSOR_EVERY if behind else KEEPALIVE_SECONDS
                         )
                     except TimeoutError:
-                        yield sse(id=watermark) if behind else keepalive()
-                        sent = watermark
+                        yield sse(id=last) if behind else keepalive()
+                        sent = last
                         continue
-                    # The watermark goes down when new labels replay from before it.
-                    watermark = delivery.watermark
-                    change = delivery.event
-                    document = None if change is None else await scope.shape(change)
+                    last = change.seq
+                    document = await scope.shape(change)
                     now = time.monotonic()
                     if document is not None:
-                        yield sse(id=watermark, event="task", data=document)
-                        sent, moved_at = watermark, now
-                    elif watermark > sent and now - moved_at >= CURSOR_EVERY:
-                        yield sse(id=watermark)
-                        sent, moved_at = watermark, now
+                        yield sse(id=last, event="task", data=document)
+                        sent, moved_at = last, now
+                    elif now - moved_at >= CURSOR_EVERY:
+                        yield sse(id=last)
+                        sent, moved_at = last, now
             except Stopped:
                 return
             except LegatoError as exc:
@@ -421,8 +419,8 @@ class _TreeScope(_Scope):
             return None
         member = task.id in self._members or task.parent_id in self._members
         if not member and change.type is EventType.CREATED and task.depth >= self._task.depth + 2:
-            # Perhaps a grandchild seen before its parent (watches of several
-            # chunks deliver in seq order each, not across): ask the daemon.
+            # A descendant whose parent is not in this view (an agent's key sees
+            # a grandchild, not the child between): ask the daemon.
             await self.load()
             member = task.id in self._members or task.parent_id in self._members
         if not member:

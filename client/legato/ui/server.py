@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from types import FrameType
 
 import uvicorn
-from legato.client import AsyncClient, LegatoError, Role
+from legato.client import AsyncClient, LegatoError
 from legato.ui.app import UI
-from legato.ui.coverage import Coverage
 from legato.ui.security import Guard, HostNames, is_loopback
 
 # A fixed port by default: a page left open reconnects to a restarted UI at
@@ -93,11 +92,8 @@ async def serve(config: UIConfig) -> int:
     except (LegatoError, ValueError) as exc:  # the message says how to start the daemon
         print(f"legato: {exc}", file=sys.stderr)
         return 1
-    coverage: Coverage | None = None
     try:
         me = await client.whoami()
-        coverage = Coverage(client, admin=me.role is Role.ADMIN)
-        await coverage.start()
         try:
             sock = _bind(host, port)
         except OSError as exc:
@@ -111,7 +107,7 @@ async def serve(config: UIConfig) -> int:
                 file=sys.stderr,
             )
         guard = Guard(config.api_key, port=port)
-        ui = UI(client, coverage, guard, me, HostNames(host, port))
+        ui = UI(client, guard, me, HostNames(host, port))
         link = _link(host, port, guard.token)
         print(f"legato ui on {link}", flush=True)
         if config.open_browser:
@@ -134,8 +130,6 @@ async def serve(config: UIConfig) -> int:
         print(f"legato: {exc}", file=sys.stderr)
         return 1
     finally:
-        if coverage is not None:
-            await coverage.aclose()
         await client.aclose()
 
 
