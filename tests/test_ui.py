@@ -165,13 +165,17 @@ def test_a_task_for_a_label_nobody_holds_shows_up_with_its_changes(
 ) -> None:
     from playwright.sync_api import expect
 
+    # No agent holds the label and no task had it: the page's one watch of the
+    # whole view brings it as it brings any other.
     request = "Ask the reseacher (a typo)"
     handle = agents["coder"].create_task(request, labels=["@reseacher"])
     row = row_of(page, request)
-    expect(row.get_by_role("cell", name="pending", exact=True)).to_be_visible(timeout=WAIT)
+    expect(row.get_by_role("cell", name="pending", exact=True)).to_be_visible(timeout=APPEARS)
     handle.cancel()
     expect(row.get_by_role("cell", name="canceled", exact=True)).to_be_visible(timeout=WAIT)
     expect(row).to_have_count(1)
+    # And the label filter offers the new label from now on.
+    expect(page.get_by_label("Label").get_by_role("option", name="@reseacher")).to_have_count(1)
 
 
 # -- the task page --------------------------------------------------------------------------

@@ -45,6 +45,18 @@ export function mountTasks(root, session) {
   );
   const notice = h("p", { class: "note" });
 
+  // The label filter offers every label seen: the agents', the listed tasks', and
+  // those of tasks that arrive later, in order.
+  const offered = new Set();
+  const addLabels = (names) => {
+    for (const name of names) {
+      if (offered.has(name)) continue;
+      offered.add(name);
+      const next = [...labelSelect.options].find((option) => option.value > name) ?? null;
+      labelSelect.insertBefore(h("option", { value: name, selected: name === label }, name), next);
+    }
+  };
+
   const visible = (task) => !status || task.status === status;
   const showCount = () => {
     let shown = 0;
@@ -68,6 +80,7 @@ export function mountTasks(root, session) {
   const folder = new Folder({
     fetchTask: fetchSummary,
     onChange: (task) => {
+      addLabels(task.labels);
       if (label && !task.labels.includes(label)) return;
       place(task);
       showCount();
@@ -115,9 +128,7 @@ export function mountTasks(root, session) {
       return;
     }
     if (stopped) return;
-    for (const name of new Set([...data.labels, label].filter(Boolean))) {
-      labelSelect.append(h("option", { value: name, selected: name === label }, name));
-    }
+    addLabels([...data.labels, label].filter(Boolean));
     folder.load(data.tasks);
     const fragment = document.createDocumentFragment();
     for (let n = data.tasks.length - 1; n >= 0; n -= 1) {
