@@ -14,13 +14,21 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from legato.client import Client, TaskStatus
-from ui_harness import CHROMIUM, CHROMIUM_ARGS, UIProcess, legato_processes, require_chromium
+from ui_harness import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    CallCounter,
+    UIProcess,
+    legato_processes,
+    require_chromium,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -28,6 +36,8 @@ if TYPE_CHECKING:
 # "Within a second" for a new task to show; other waits allow a loaded machine.
 APPEARS = 1_000
 WAIT = 10_000
+# How long open pages are watched doing nothing: three periods of a poll once a second.
+QUIET_SECONDS = 3.0
 
 
 def screenshot(page: Page, name: str) -> None:
@@ -360,6 +370,45 @@ def test_the_list_holds_every_task_in_view_newest_first(page: Page, admin: Clien
     expect(first.get_by_role("link", name=newest)).to_be_visible(timeout=WAIT)
     expect(page.get_by_text(f"{len(tasks)} of {len(tasks)} tasks")).to_be_visible(timeout=WAIT)
     screenshot(page, "tasks")
+
+
+def test_open_pages_make_no_calls_and_still_show_a_task_on_a_new_label(
+    browser: Browser, legato: UIProcess, admin: Client, tmp_dir: Path
+) -> None:
+    """Nothing polls the daemon: the pages' watches bring everything, new labels too."""
+    from playwright.sync_api import expect
+
+    with CallCounter(legato.daemon.socket, tmp_dir / "relay.sock") as relay:
+        ui = UIProcess(legato.daemon, legato.log.with_name("ui-relayed.log"), address=relay.address)
+        ui.start()
+        try:
+            listing = open_ui(browser, ui)
+            request = "Watched on two pages"
+            handle = admin.create_task(request, labels=["@researcher"])
+            task_page = listing.context.new_page()
+            task_page.goto(f"{ui.origin}/tasks/{handle.id}")
+            heading = task_page.get_by_role("heading", name=request).locator("xpath=..")
+            expect(heading.get_by_text("pending", exact=True)).to_be_visible(timeout=WAIT)
+            expect(task_page.get_by_role("status").filter(has_text="live")).to_be_visible(
+                timeout=WAIT
+            )
+            handle.cancel()
+            # Both pages' watches are open and delivering.
+            expect(heading.get_by_text("canceled", exact=True)).to_be_visible(timeout=WAIT)
+            row = row_of(listing, request)
+            expect(row.get_by_role("cell", name="canceled", exact=True)).to_be_visible(timeout=WAIT)
+            calls = relay.calls
+            assert calls >= 2  # the relay sees the UI's calls: both pages' watches at least
+
+            time.sleep(QUIET_SECONDS)  # the window watched, not a wait for something
+            assert relay.calls == calls
+
+            novel = "For a label nobody ever had"
+            admin.create_task(novel, labels=["@brand-new"])
+            expect(row_of(listing, novel)).to_be_visible(timeout=APPEARS)
+            assert relay.calls == calls  # it came on the open watch
+        finally:
+            ui.stop()
 
 
 # -- restarts --------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Real processes for the web UI's tests: `legato serve`, `legato ui`, and Chromium."""
+"""Real processes for the web UI's tests: `legato serve`, `legato ui`, and Chromium;
+and a relay between them that counts the calls the UI makes."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,11 +99,15 @@ class DaemonProcess:
 
 @dataclass
 class UIProcess:
-    """`legato ui` on a loopback port; `link` is the line it printed, token and all."""
+    """`legato ui` on a loopback port; `link` is the line it printed, token and all.
+
+    It reaches the daemon at `address` (default: the daemon's own).
+    """
 
     daemon: DaemonProcess
     log: Path
     key: str | None = None
+    address: str = ""
     port: int = 0
     link: str = ""
     process: subprocess.Popen[str] | None = None
@@ -115,7 +122,7 @@ class UIProcess:
         return self.link.partition("#token=")[2]
 
     def start(self) -> None:
-        argv = [str(LEGATO), "ui", "--address", self.daemon.address]
+        argv = [str(LEGATO), "ui", "--address", self.address or self.daemon.address]
         argv += ["--listen", f"127.0.0.1:{self.port}"]
         if self.key:
             argv += ["--key", self.key]
@@ -188,3 +195,92 @@ def legato_processes(tmp: Path) -> Iterator[tuple[DaemonProcess, UIProcess]]:
             except subprocess.TimeoutExpired:
                 assert process.process is not None
                 process.process.kill()
+
+
+# HTTP/2, as gRPC speaks it: a client's connection opens with this preface, then
+# frames, each a 9-byte header (length, type, flags, stream) and its payload.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_H2_FRAME_HEADER = 9
+_H2_HEADERS = 0x1
+
+
+class CallCounter:
+    """A relay on a unix socket to the daemon's that counts the calls its clients start.
+
+    Every gRPC call, unary or streaming, starts with one HEADERS frame from the
+    client (a client sends no trailers), so counting those counts calls.
+    """
+
+    def __init__(self, target: Path, listen: Path):
+        self.target = target
+        self.listen = listen
+        self._calls = 0
+        self._lock = threading.Lock()
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._open: list[socket.socket] = []
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.listen}"
+
+    @property
+    def calls(self) -> int:
+        with self._lock:
+            return self._calls
+
+    def __enter__(self) -> CallCounter:
+        self._server.bind(str(self.listen))
+        self._server.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.close()
+        for conn in self._open:
+            conn.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:  # closed: the relay stops
+                return
+            daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                daemon.connect(str(self.target))
+            except OSError:  # the daemon is down: so is this connection, as it would be
+                client.close()
+                daemon.close()
+                continue
+            self._open += [client, daemon]
+            threading.Thread(target=self._relay, args=(client, daemon, True), daemon=True).start()
+            threading.Thread(target=self._relay, args=(daemon, client, False), daemon=True).start()
+
+    def _relay(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
+        pending = b""
+        skip = len(_H2_PREFACE)  # bytes still to pass before the next frame header
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+                if not count:
+                    continue
+                pending += data
+                while True:
+                    if skip:
+                        taken = min(skip, len(pending))
+                        pending, skip = pending[taken:], skip - taken
+                        if skip:
+                            break
+                    if len(pending) < _H2_FRAME_HEADER:
+                        break
+                    length = int.from_bytes(pending[:3], "big")
+                    if pending[3] == _H2_HEADERS:
+                        with self._lock:
+                            self._calls += 1
+                    pending, skip = pending[_H2_FRAME_HEADER:], length
+        except OSError:  # the other side closed, or the relay stopped
+            pass
+        finally:
+            for conn in (source, sink):
+                with suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
