@@ -9,7 +9,7 @@ TS      := clients/typescript
 TS_DEPS := $(TS)/node_modules/.package-lock.json
 
 .PHONY: install run demo test lint format proto proto-check bench bench-smoke chaos clean \
-	proto-ts proto-check-ts ts-proto ts-proto-check
+	test-ts proto-ts proto-check-ts ts-test ts-proto ts-proto-check
 
 install: $(STAMP)
 
@@ -78,6 +78,13 @@ endef
 
 $(TS_DEPS): $(TS)/package-lock.json
 	cd $(TS) && npm ci --no-audit --no-fund
+
+# Builds the client, then runs its tests against real daemons (`legato serve` from .venv).
+test-ts: install
+	$(call WITH_NODE,ts-test)
+
+ts-test: $(TS_DEPS)
+	cd $(TS) && npm test
 
 # ts-proto through the protoc that grpcio-tools ships; the output is committed.
 TS_PROTO_OPT := outputServices=grpc-js,esModuleInterop=true,env=node,importSuffix=.js,outputJsonMethods=false
