@@ -43,8 +43,7 @@ export class LegatoError extends Error {
   }
 }
 
-/** The gRPC status codes, by name (`0` is OK, never an error). */
-export type StatusCode = Status;
+/** The gRPC status codes (`@grpc/grpc-js`'s `status`); `Status.OK` is never an error. */
 export { Status };
 
 /** The name of a status code, e.g. `"NOT_FOUND"`. */

@@ -43,6 +43,8 @@ export class WorkerStoppedError extends LegatoError {}
 const DEFAULT_WORK_WAIT_SECONDS = 30;
 const DEFAULT_WORK_LEASE_SECONDS = 60;
 const DEFAULT_STOP_GRACE_MS = 5_000;
+/** Tries of a finishing call while the daemon is unreachable: about 5 s with the watch backoff. */
+const FINISH_ATTEMPTS = 8;
 /** What a finishing call answers when the claim ended meanwhile (canceled, expired, taken over). */
 const CLAIM_GONE: ReadonlySet<Status> = new Set([Status.FAILED_PRECONDITION, Status.NOT_FOUND, Status.PERMISSION_DENIED]);
 /** Besides RESUMABLE: a claim that ran out of time is just tried again. */
@@ -174,14 +176,28 @@ async function completeOrFail(job: Job, result: JsonObject | void | undefined): 
   }
 }
 
-/** Runs a step that finishes the job; when it cannot (the claim ended meanwhile), logs why. */
+/**
+ * Runs a step that finishes the job. While the daemon is unreachable (it
+ * restarts) the step is tried again for a few seconds: the lease and its token
+ * survive a restart. When it cannot finish (the claim ended meanwhile), logs why.
+ */
 async function finish(job: Job, step: () => Promise<unknown>, log: (message: string) => void): Promise<void> {
-  try {
-    await step();
-  } catch (error) {
-    job.stopHeartbeats();
-    job.finished = true;
-    log(`could not finish task ${job.id}: ${describe(error)}`);
+  const resume = new Resume();
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await step();
+      return;
+    } catch (error) {
+      if (error instanceof RpcError && error.code === Status.UNAVAILABLE && attempt < FINISH_ATTEMPTS) {
+        log(`could not finish task ${job.id} yet, trying again: ${error.message}`);
+        await sleep(resume.delayAfter(error, new Deadline()));
+        continue;
+      }
+      job.stopHeartbeats();
+      job.finished = true;
+      log(`could not finish task ${job.id}: ${describe(error)}`);
+      return;
+    }
   }
 }
 

@@ -124,3 +124,64 @@ test("a worker for a label it does not hold stops with PERMISSION_DENIED instead
     (error: unknown) => error instanceof Error && error.name === "PermissionDeniedError",
   );
 });
+
+test("heartbeats keep a job's lease while a claim without them runs out", async (t) => {
+  const legato = await startLegato(t);
+  const coder = (await legato.agent("coder")).client;
+  const researcher = (await legato.agent("researcher")).client;
+  const kept = await coder.delegate("@researcher", "kept alive by heartbeats");
+  const lapsed = await coder.delegate("@researcher", "left to lapse");
+
+  const heartbeating = await researcher.claim({ taskId: kept.id, leaseSeconds: 0.6 });
+  await researcher.claim({ taskId: lapsed.id, leaseSeconds: 0.6, heartbeats: false });
+  // The daemon's own REQUEUED of the other claim proves its lease's time has passed.
+  for await (const event of lapsed.events({ timeoutMs: GUARD_MS })) {
+    if (event.type === EventType.REQUEUED) {
+      assert.equal(event.actor, "legato");
+      break;
+    }
+  }
+
+  assert.ok(heartbeating !== null);
+  const done = await heartbeating.complete({ kept: true });
+  assert.deepEqual([done.status, done.attempt], [TaskStatus.DONE, 1]);
+});
+
+test("a worker keeps its job while the daemon restarts: heartbeats and the result retry", async (t) => {
+  const legato = await startLegato(t);
+  const coder = await legato.agent("coder");
+  const researcher = (await legato.agent("researcher")).client;
+  const holding = signalled();
+  const finishWhileDown = signalled();
+  const retrying = signalled();
+  const stop = new AbortController();
+
+  const worker = researcher.runWorker(
+    ["@researcher"],
+    async () => {
+      holding.resolve();
+      await finishWhileDown.promise;
+      return { survived: true };
+    },
+    {
+      signal: stop.signal,
+      leaseSeconds: 3,
+      waitSeconds: 5,
+      log: (message) => message.includes("trying again") && retrying.resolve(),
+    },
+  );
+  const handle = await coder.client.delegate("@researcher", "outlive a restart");
+  await withGuard(holding.promise, "the handler did not start");
+
+  await legato.daemon.restart(async () => {
+    finishWhileDown.resolve(); // the handler returns while nothing listens
+    await withGuard(retrying.promise, "the worker did not try to finish while the daemon was down");
+  });
+
+  const coderAgain = await legato.connect(coder.apiKey);
+  const task = await coderAgain.getHandle(handle.id).result({ timeoutMs: GUARD_MS });
+  assert.deepEqual(task.result, { survived: true });
+  assert.equal(task.attempt, 1); // the lease held: no requeue
+  stop.abort();
+  await withGuard(worker, "the worker did not stop");
+});

@@ -108,9 +108,10 @@ export class Daemon {
     await withGuard(exited, `legato serve did not stop on SIGTERM:\n${this.output}`);
   }
 
-  /** SIGTERM, then a new daemon on the same data dir and socket. */
-  async restart(): Promise<void> {
+  /** SIGTERM, then (after `whileDown`, if given) a new daemon on the same data dir and socket. */
+  async restart(whileDown?: () => Promise<void>): Promise<void> {
     await this.stop();
+    await whileDown?.();
     await this.serve();
   }
 
