@@ -134,6 +134,9 @@ async function work(
   const endedMeanwhile = (): boolean =>
     job.cancelRequested || (job.signal.aborted && !(job.signal.reason instanceof WorkerStoppedError));
   try {
+    if (stop.aborted) {
+      return; // claimed as the worker was stopped: straight back (below)
+    }
     const settled = await Promise.race([
       Promise.resolve()
         .then(() => handler(job, job.signal))
