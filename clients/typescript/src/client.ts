@@ -49,7 +49,7 @@ import {
   type TaskEvent as ProtoTaskEvent,
 } from "./gen/legato/v1/tasks.js";
 import { TaskHandle } from "./handle.js";
-import { Job } from "./job.js";
+import { Job, interruptJobsOf } from "./job.js";
 import {
   agentFromProto,
   eventFromProto,
@@ -282,10 +282,15 @@ export class Client {
     return this.closedFlag;
   }
 
-  /** Closes the channel; the client cannot be used afterwards. */
+  /**
+   * Closes the channel; the client cannot be used afterwards. Its jobs' background
+   * heartbeats stop and the jobs are interrupted; the daemon requeues those
+   * tasks when their leases end.
+   */
   close(): void {
     if (!this.closedFlag) {
       this.closedFlag = true;
+      interruptJobsOf(this);
       this.channel.close();
     }
   }
@@ -386,9 +391,10 @@ export class Client {
    * agent's labels), or `taskId`. With nothing pending, waits up to
    * `waitSeconds` (at most 60) for a task; `null` if none came.
    *
-   * The job heartbeats in the background (three times per lease) until it is
-   * completed, failed or released, or the task ends under it; then
-   * `job.signal` aborts.
+   * The job heartbeats in the background (three times per lease) and watches
+   * its task until it is completed, failed or released; when the task ends
+   * under the claim or the lease is lost, `job.signal` aborts. Until then the
+   * job keeps the process alive: finish it, or close the client.
    */
   async claim(options: ClaimOptions = {}): Promise<Job | null> {
     const leaseSeconds = options.leaseSeconds ?? DEFAULT_LEASE_SECONDS;

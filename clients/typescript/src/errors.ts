@@ -24,6 +24,9 @@
  * ├── TaskOutcomeError              a task ended without a result; `.task` is it
  * │   ├── TaskFailedError           FAILED
  * │   └── TaskCanceledError         CANCELED
+ * ├── JobInterruptedError           a worker must stop work on a job it claimed
+ * │                                 (canceled, deadline passed, lease lost); `.reason`
+ * ├── WorkerStoppedError            why a job's signal aborts when its worker stops
  * ├── TimeoutError                  a wait (`timeoutMs`) ran out
  * └── ConfigurationError            no API key, or a socket directory owned by another user
  * ```

@@ -59,7 +59,7 @@ export {
   type RpcErrorClass,
 } from "./errors.js";
 export { TaskHandle, type WaitOptions } from "./handle.js";
-export { ClaimEndedError, HEARTBEATS_PER_LEASE, Job } from "./job.js";
+export { HEARTBEATS_PER_LEASE, Job, JobInterruptedError } from "./job.js";
 export {
   EventType,
   Role,

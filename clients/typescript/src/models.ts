@@ -384,6 +384,7 @@ function isPlainObject(value: unknown): value is Record<string, unknown> {
 
 function describe(value: unknown): string {
   if (value === null) return "null";
+  if (Array.isArray(value)) return "an array";
   if (typeof value === "object") return `a ${(value as object).constructor?.name ?? "object"}`;
   return `a ${typeof value}`;
 }

@@ -42,13 +42,34 @@ export class Deadline {
   }
 }
 
-/** When a dropped watch stream reconnects: resumable codes only, with backoff. */
-export class Resume {
-  private delay = RESUME_FIRST_DELAY_MS;
+/**
+ * A call a worker makes again after these (the daemon restarts, or is slow to
+ * answer), as long as its lease lasts; anything else is an answer.
+ */
+export const TRANSIENT: ReadonlySet<Status> = new Set([Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED]);
 
+/** Delays between tries of a call: doubling from 50 ms up to 2 s. */
+export class Backoff {
+  protected delay = RESUME_FIRST_DELAY_MS;
+
+  /** Back to the shortest delay. */
+  reset(): void {
+    this.delay = RESUME_FIRST_DELAY_MS;
+  }
+
+  /** The delay before the next try; the one after it is longer. */
+  next(): number {
+    const delay = this.delay;
+    this.delay = Math.min(this.delay * 2, RESUME_MAX_DELAY_MS);
+    return delay;
+  }
+}
+
+/** When a dropped watch stream reconnects: resumable codes only, with backoff. */
+export class Resume extends Backoff {
   /** An event arrived: the next drop starts the backoff afresh. */
   progressed(): void {
-    this.delay = RESUME_FIRST_DELAY_MS;
+    this.reset();
   }
 
   /** Milliseconds to wait before reconnecting; throws what cannot be resumed. */
@@ -59,8 +80,7 @@ export class Resume {
     if (!RESUMABLE.has(error.code)) {
       throw error;
     }
-    const delay = this.delay;
-    this.delay = Math.min(this.delay * 2, RESUME_MAX_DELAY_MS);
+    const delay = this.next();
     const left = deadline.remaining();
     return left === null ? delay : Math.min(delay, left);
   }

@@ -9,7 +9,7 @@ import type { Client } from "./client.js";
 import { LegatoError, RpcError, Status } from "./errors.js";
 import type { Job } from "./job.js";
 import type { JsonObject } from "./models.js";
-import { Resume, Deadline, sleep, RESUMABLE } from "./timing.js";
+import { Backoff, TRANSIENT, sleep } from "./timing.js";
 
 /**
  * Works on one job. Return the result to complete the task with, or throw to
@@ -31,7 +31,7 @@ export interface WorkerOptions {
   concurrency?: number;
   /** Stops the worker: the claim in flight is cancelled, running handlers see their signal abort. */
   signal?: AbortSignal;
-  /** How long a stopping handler may take before its job is released anyway. Default 5 s. */
+  /** How long a stopping handler may take before its job is handed back anyway. Default 5 s. */
   stopGraceMs?: number;
   /** Where the worker says what it skipped or retried. Default: `console.warn`. */
   log?: (message: string) => void;
@@ -43,12 +43,6 @@ export class WorkerStoppedError extends LegatoError {}
 const DEFAULT_WORK_WAIT_SECONDS = 30;
 const DEFAULT_WORK_LEASE_SECONDS = 60;
 const DEFAULT_STOP_GRACE_MS = 5_000;
-/** Tries of a finishing call while the daemon is unreachable: about 5 s with the watch backoff. */
-const FINISH_ATTEMPTS = 8;
-/** What a finishing call answers when the claim ended meanwhile (canceled, expired, taken over). */
-const CLAIM_GONE: ReadonlySet<Status> = new Set([Status.FAILED_PRECONDITION, Status.NOT_FOUND, Status.PERMISSION_DENIED]);
-/** Besides RESUMABLE: a claim that ran out of time is just tried again. */
-const RETRY_CLAIM: ReadonlySet<Status> = new Set([...RESUMABLE, Status.DEADLINE_EXCEEDED]);
 
 /** See {@link Client.runWorker}. */
 export async function runWorker(
@@ -60,46 +54,50 @@ export async function runWorker(
   const log = options.log ?? ((message: string) => console.warn(`legato worker: ${message}`));
   const stop = new AbortController();
   const external = options.signal;
-  const onExternalStop = (): void => stop.abort(new WorkerStoppedError("the worker is stopping"));
   if (external?.aborted) {
     return;
   }
+  const onExternalStop = (): void => stop.abort(new WorkerStoppedError("the worker is stopping"));
   external?.addEventListener("abort", onExternalStop, { once: true });
-  const settings = {
-    labels,
-    leaseSeconds: options.leaseSeconds ?? DEFAULT_WORK_LEASE_SECONDS,
-    waitSeconds: options.waitSeconds ?? DEFAULT_WORK_WAIT_SECONDS,
-    stopGraceMs: options.stopGraceMs ?? DEFAULT_STOP_GRACE_MS,
-  };
+  const leaseSeconds = options.leaseSeconds ?? DEFAULT_WORK_LEASE_SECONDS;
+  const waitSeconds = options.waitSeconds ?? DEFAULT_WORK_WAIT_SECONDS;
+  const stopGraceMs = options.stopGraceMs ?? DEFAULT_STOP_GRACE_MS;
+
   const loop = async (): Promise<void> => {
-    const resume = new Resume();
+    const backoff = new Backoff();
+    let failures = 0;
     while (!stop.signal.aborted) {
       let job: Job | null;
       try {
-        job = await client.claim({
-          labels: settings.labels,
-          leaseSeconds: settings.leaseSeconds,
-          waitSeconds: settings.waitSeconds,
-          signal: stop.signal,
-        });
+        job = await client.claim({ labels, leaseSeconds, waitSeconds, signal: stop.signal });
       } catch (error) {
         if (stop.signal.aborted) {
           return;
         }
-        if (!(error instanceof RpcError) || !RETRY_CLAIM.has(error.code)) {
-          throw error; // e.g. PERMISSION_DENIED for a label this agent does not hold
+        if (!(error instanceof RpcError) || !TRANSIENT.has(error.code)) {
+          // A closed client, or a refusal no retry fixes: PERMISSION_DENIED for
+          // a label this agent does not hold, UNAUTHENTICATED for a revoked key.
+          throw error;
         }
-        log(`claim failed, trying again: ${error.message}`); // e.g. the daemon restarts
-        const retryable = new RpcError(error.details, Status.UNAVAILABLE);
-        await sleep(resume.delayAfter(retryable, new Deadline()), stop.signal).catch(() => {});
+        failures += 1;
+        const delay = backoff.next();
+        if (failures === 1) {
+          log(`claiming failed with ${error.message}; trying again`); // e.g. the daemon restarts
+        }
+        await sleep(delay, stop.signal).catch(() => {});
         continue;
       }
-      resume.progressed();
+      if (failures > 0) {
+        log(`claims go through again after ${failures} failed`);
+        failures = 0;
+      }
+      backoff.reset();
       if (job !== null) {
-        await work(job, handler, stop.signal, settings.stopGraceMs, log);
+        await work(job, handler, stop.signal, stopGraceMs, log);
       }
     }
   };
+
   const loops = Array.from({ length: Math.max(1, options.concurrency ?? 1) }, async () => {
     try {
       await loop();
@@ -119,7 +117,10 @@ export async function runWorker(
   }
 }
 
-/** Runs the handler on one job and finishes the job, whatever happens; never throws. */
+/**
+ * Runs the handler on one job and finishes the job with its outcome. Throws
+ * only what ends the worker (the agent's key no longer works).
+ */
 async function work(
   job: Job,
   handler: JobHandler,
@@ -128,11 +129,8 @@ async function work(
   log: (message: string) => void,
 ): Promise<void> {
   const grace = graceAfterStop(stop, stopGraceMs);
-  const onStop = (): void => job.abort(stop.reason);
+  const onStop = (): void => job.abortWork(stop.reason);
   stop.addEventListener("abort", onStop, { once: true });
-  // The task ended under the claim (canceled, deadline) or the claim was lost.
-  const endedMeanwhile = (): boolean =>
-    job.cancelRequested || (job.signal.aborted && !(job.signal.reason instanceof WorkerStoppedError));
   try {
     if (stop.aborted) {
       return; // claimed as the worker was stopped: straight back (below)
@@ -149,57 +147,74 @@ async function work(
     if (settled === "stopped" || job.finished) {
       return; // stopped with the handler still running, or the handler finished the job itself
     }
-    if (endedMeanwhile()) {
-      log(`task ${job.id} ended meanwhile (${describe(job.signal.reason)}); taking the next`);
+    if (job.interrupted) {
+      log(`${job.interruption}; taking the next task`);
     } else if (settled.ok) {
-      await finish(job, () => completeOrFail(job, settled.result), log);
+      await settle(job, { result: settled.result ?? {} }, log);
     } else if (!stop.aborted) {
-      await finish(job, () => job.fail(describe(settled.error)), log);
+      await settle(job, { error: describe(settled.error) }, log);
     }
   } finally {
     grace.cancel();
     stop.removeEventListener("abort", onStop);
-    if (!job.finished && !endedMeanwhile()) {
+    if (!job.finished && !job.interrupted) {
       // The worker stops before the job is done: it goes back, without using up an attempt.
-      await finish(job, () => job.release("the worker stopped before finishing the task"), log);
+      try {
+        await job.release("the worker stopped before finishing the task");
+      } catch (error) {
+        log(`could not hand task ${job.id} back (${describe(error)}); its lease will run out`);
+      }
     }
     job.stopHeartbeats();
   }
 }
 
-/** Completes with `result`; a result the daemon (or JSON) refuses fails the task, saying why. */
-async function completeOrFail(job: Job, result: JsonObject | void | undefined): Promise<void> {
-  try {
-    await job.complete(result ?? {});
-  } catch (error) {
-    if (error instanceof RpcError && CLAIM_GONE.has(error.code)) {
-      throw error;
-    }
-    await job.fail(`the handler's result was refused: ${describe(error)}`);
-  }
-}
-
 /**
- * Runs a step that finishes the job. While the daemon is unreachable (it
- * restarts) the step is tried again for a few seconds: the lease and its token
- * survive a restart. When it cannot finish (the claim ended meanwhile), logs why.
+ * Completes the task with `result` (or, with `error`, fails it), unless it
+ * ended meanwhile. A daemon that cannot be reached is tried again while the
+ * lease lasts; a result that is refused fails the task, saying why; other
+ * refusals are logged, except one that ends the worker altogether.
  */
-async function finish(job: Job, step: () => Promise<unknown>, log: (message: string) => void): Promise<void> {
-  const resume = new Resume();
-  for (let attempt = 1; ; attempt++) {
+async function settle(
+  job: Job,
+  outcome: { result: JsonObject | void; error?: undefined } | { error: string; result?: undefined },
+  log: (message: string) => void,
+): Promise<void> {
+  const backoff = new Backoff();
+  let error = outcome.error;
+  let retrying = false;
+  while (!job.finished && !job.interrupted) {
     try {
-      await step();
+      if (error === undefined) {
+        await job.complete(outcome.result ?? {});
+      } else {
+        await job.fail(error);
+      }
       return;
-    } catch (error) {
-      if (error instanceof RpcError && error.code === Status.UNAVAILABLE && attempt < FINISH_ATTEMPTS) {
-        log(`could not finish task ${job.id} yet, trying again: ${error.message}`);
-        await sleep(resume.delayAfter(error, new Deadline()));
+    } catch (failure) {
+      if (failure instanceof TypeError && error === undefined) {
+        error = `the handler's result was refused: ${failure.message}`; // not JSON
         continue;
       }
-      job.stopHeartbeats();
-      job.finished = true;
-      log(`could not finish task ${job.id}: ${describe(error)}`);
-      return;
+      if (!(failure instanceof RpcError)) {
+        log(`could not finish task ${job.id}: ${describe(failure)}`);
+        return;
+      }
+      const left = job.leaseRemainingMs() ?? 0;
+      if (TRANSIENT.has(failure.code) && left > 0) {
+        if (!retrying) {
+          log(`could not finish task ${job.id} yet (${failure.message}); trying again while the lease lasts`);
+          retrying = true;
+        }
+        await sleep(Math.min(backoff.next(), left)); // while the daemon comes back
+      } else if (failure.code === Status.INVALID_ARGUMENT && error === undefined) {
+        error = `the daemon refused the handler's result: ${failure.details}`;
+      } else if (failure.code === Status.UNAUTHENTICATED) {
+        throw failure;
+      } else {
+        log(`could not ${error === undefined ? "complete" : "fail"} task ${job.id}: ${failure.message}`);
+        return;
+      }
     }
   }
 }

@@ -8,7 +8,9 @@ import { test } from "node:test";
 
 import {
   EventType,
+  JobInterruptedError,
   TaskCanceledError,
+  TaskFailedError,
   TaskStatus,
   TimeoutError,
   type Job,
@@ -142,7 +144,7 @@ test("the worker asks the coder a question and gets the answer back", async (t) 
   assert.deepEqual((await handle.result({ timeoutMs: GUARD_MS })).result, { region: "eu" });
 });
 
-test("a child task links to its parent and the tree pages through the whole subtree", async (t) => {
+test("children link to their parent, and the tree comes whole though it spans pages", async (t) => {
   const legato = await startLegato(t);
   const coder = (await legato.agent("coder")).client;
   const researcher = (await legato.agent("researcher")).client;
@@ -150,19 +152,23 @@ test("a child task links to its parent and the tree pages through the whole subt
 
   const root = await coder.delegate("@researcher", "audit the payment service");
   const job = await claimOrFail(researcher.claim({ labels: ["@researcher"], leaseSeconds: LONG_LEASE }));
-  const child = await researcher.delegate("@specialist", "list the endpoints", { parentId: job.id });
-  assert.equal(child.task?.parentId, root.id);
-  assert.equal(child.task?.rootId, root.id);
-  assert.equal(child.task?.depth, 1);
+  // Four children of 900 KB each: more than one 3 MiB page of GetTaskTree.
+  const children = [];
+  for (const part of ["endpoints", "schemas", "retries", "alerts"]) {
+    const child = await researcher.delegate("@specialist", `review the ${part}`, {
+      parentId: job.id,
+      context: { dump: "x".repeat(900_000) },
+    });
+    assert.deepEqual([child.task?.parentId, child.task?.rootId, child.task?.depth], [root.id, root.id, 1]);
+    children.push(child);
+  }
 
   const tree = await legato.admin.getTaskTree(root.id);
   assert.deepEqual(
     tree.map((task) => [task.id, task.depth]),
-    [
-      [root.id, 0],
-      [child.id, 1],
-    ],
+    [[root.id, 0], ...children.map((child) => [child.id, 1])],
   );
+  assert.ok(tree.slice(1).every((task) => task.context.dump === "x".repeat(900_000)));
   assert.deepEqual((await root.tree()).map((task) => task.id), [root.id]); // the coder sees its own task only
 });
 
@@ -184,7 +190,8 @@ test("cancelling a task cancels its unfinished children, and result() says so", 
     return true;
   });
   await assert.rejects(child.result({ timeoutMs: GUARD_MS }), TaskCanceledError);
-  assert.equal(await job.heartbeat(), true); // the worker is told to stop
+  await interrupted(job); // the worker is told to stop
+  assert.ok(job.cancelRequested && job.interrupted);
 });
 
 test("result() gives up after timeoutMs with a TimeoutError", async (t) => {
@@ -194,6 +201,40 @@ test("result() gives up after timeoutMs with a TimeoutError", async (t) => {
   assert.ok(handle.task?.warnings.length, "a label nobody holds is warned about");
   await assert.rejects(handle.result({ timeoutMs: 300 }), TimeoutError);
 });
+
+test("a task that misses its deadline fails, and its claimant is told to stop", async (t) => {
+  const legato = await startLegato(t);
+  const coder = (await legato.agent("coder")).client;
+  const researcher = (await legato.agent("researcher")).client;
+
+  const handle = await coder.delegate("@researcher", "answer within the call", {
+    deadline: new Date(Date.now() + 300),
+  });
+  const job = await claimOrFail(researcher.claim({ taskId: handle.id, leaseSeconds: LONG_LEASE }));
+  await assert.rejects(handle.result({ timeoutMs: GUARD_MS }), (error: unknown) => {
+    assert.ok(error instanceof TaskFailedError);
+    assert.match(error.task.error, /deadline/);
+    return true;
+  });
+  await interrupted(job);
+  assert.ok(job.cancelRequested && job.signal.reason instanceof JobInterruptedError);
+  assert.match(job.interruption ?? "", /failed: .*deadline/);
+});
+
+test("the same idempotency key returns the original task instead of a second one", async (t) => {
+  const legato = await startLegato(t);
+  const coder = (await legato.agent("coder")).client;
+  const first = await coder.delegate("@researcher", "check the changelog", { idempotencyKey: "changelog-1" });
+  const retried = await coder.delegate("@researcher", "check the changelog", { idempotencyKey: "changelog-1" });
+  assert.equal(retried.id, first.id);
+  assert.equal((await coder.listTasks()).tasks.length, 1);
+});
+
+/** Resolves when the job's signal aborts. */
+function interrupted(job: Job): Promise<void> {
+  if (job.signal.aborted) return Promise.resolve();
+  return new Promise((resolve) => job.signal.addEventListener("abort", () => resolve(), { once: true }));
+}
 
 async function claimOrFail(claim: Promise<Job | null>): Promise<Job> {
   const job = await claim;
