@@ -48,6 +48,26 @@ test("delegateToAgent streams the delegate's chunks in order as they are written
   assert.deepEqual(received, chunks);
 });
 
+test("a question the delegate asks back is answered by onQuestion", async (t) => {
+  const legato = await startLegato(t);
+  const theia = (await legato.agent("theia")).client;
+  const researcher = (await legato.agent("researcher")).client;
+  const asked: string[] = [];
+
+  const delegation = delegateToAgent(theia, "researcher", "What is our rate limit?", {
+    onQuestion: (question) => {
+      asked.push(question);
+      return "Tier 1";
+    },
+  });
+  const job = await claimOrFail(researcher.claim({ labels: ["@researcher"], waitSeconds: 5 }));
+  const tier = await job.ask("Tier 1 or Tier 2?", { timeoutMs: 10_000 });
+  await job.complete({ tier, rpm: 500 });
+
+  assert.deepEqual(await delegation, { tier: "Tier 1", rpm: 500 });
+  assert.deepEqual(asked, ["Tier 1 or Tier 2?"]);
+});
+
 test("aborting the signal cancels the delegated task and rejects with a cancel error", async (t) => {
   const legato = await startLegato(t);
   const theia = (await legato.agent("theia")).client;
