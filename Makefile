@@ -9,7 +9,7 @@ TS      := clients/typescript
 TS_DEPS := $(TS)/node_modules/.package-lock.json
 
 .PHONY: install run demo test lint format proto proto-check bench bench-smoke chaos clean \
-	test-ts proto-ts proto-check-ts ts-test ts-proto ts-proto-check
+	test-ts proto-ts proto-check-ts
 
 install: $(STAMP)
 
@@ -65,26 +65,20 @@ proto-check: install
 	done && echo "proto-check: generated code matches proto/"
 
 # The TypeScript client (clients/typescript) needs Node.js 20 or newer. Under CI=true
-# a missing Node fails the run; elsewhere its targets say how to get it and skip.
-define WITH_NODE
-	@if node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' 2>/dev/null; then \
-		$(MAKE) --no-print-directory $(1); \
-	elif [ "$${CI:-}" = true ]; then \
-		echo "$@: Node.js 20 or newer is needed and was not found (CI=true)"; exit 1; \
-	else \
+# a missing Node fails the run; elsewhere its targets say how to get it and stop there.
+NEED_NODE = if ! node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' 2>/dev/null; then \
+		if [ "$${CI:-}" = true ]; then echo "$@: Node.js 20 or newer is needed and was not found (CI=true)"; exit 1; fi; \
 		echo "$@: skipped: needs Node.js 20 or newer with npm; install it (Debian: apt-get install nodejs npm; or https://nodejs.org/en/download) and run 'make $@' again"; \
+		exit 0; \
 	fi
-endef
 
 $(TS_DEPS): $(TS)/package-lock.json
 	cd $(TS) && npm ci --no-audit --no-fund
 
 # Builds the client, then runs its tests against real daemons (`legato serve` from .venv).
 test-ts: install
-	$(call WITH_NODE,ts-test)
-
-ts-test: $(TS_DEPS)
-	cd $(TS) && npm test
+	@$(NEED_NODE); \
+	$(MAKE) -s --no-print-directory $(TS_DEPS) && cd $(TS) && npm test
 
 # ts-proto through the protoc that grpcio-tools ships; the output is committed.
 TS_PROTO_OPT := outputServices=grpc-js,esModuleInterop=true,env=node,importSuffix=.js,outputJsonMethods=false
@@ -95,17 +89,15 @@ define GENERATE_TS
 endef
 
 proto-ts: install
-	$(call WITH_NODE,ts-proto)
-
-ts-proto: $(TS_DEPS)
-	rm -rf $(TS)/src/gen && mkdir -p $(TS)/src/gen
+	@$(NEED_NODE); \
+	$(MAKE) -s --no-print-directory $(TS_DEPS) && \
+	rm -rf $(TS)/src/gen && mkdir -p $(TS)/src/gen && \
 	$(call GENERATE_TS,$(TS)/src/gen)
 
 proto-check-ts: install
-	$(call WITH_NODE,ts-proto-check)
-
-ts-proto-check: $(TS_DEPS)
-	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	@$(NEED_NODE); \
+	$(MAKE) -s --no-print-directory $(TS_DEPS) && \
+	tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
 	{ $(call GENERATE_TS,$$tmp); } || exit 1; \
 	if ! diff -r $$tmp $(TS)/src/gen >/dev/null; then \
 		diff -rq $$tmp $(TS)/src/gen | sed "s|$$tmp|(generated)|"; \
