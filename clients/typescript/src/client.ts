@@ -4,6 +4,8 @@
  * @module
  */
 
+import { readFileSync } from "node:fs";
+
 import {
   Channel,
   credentials as grpcCredentials,
@@ -101,12 +103,17 @@ export interface ClientOptions {
   /** Milliseconds each unary call may take; `null` for no limit. Default 30 s. */
   timeoutMs?: number | null;
   /**
-   * PEM root certificate(s) to reach a daemon over TLS. The daemon serves
-   * plaintext today (a private unix socket, or loopback TCP); this is for a
-   * TLS-terminating proxy in front of it, or a daemon that gains TLS.
+   * The CA certificate (PEM) that signed the daemon's certificate: a file's
+   * path, or its contents. Default `LEGATO_TLS_CA`. With any of `tlsCa`,
+   * `tlsCert` and `tlsKey` the channel is TLS (without `tlsCa`, trusting the
+   * system's CAs); with none of them, plaintext, as on the daemon's own socket.
    */
-  ca?: string | Buffer;
-  /** Channel credentials from `@grpc/grpc-js` (overrides `ca`). Default: insecure. */
+  tlsCa?: string | Buffer;
+  /** This client's certificate (PEM, path or contents), for a daemon that requires one. Default `LEGATO_TLS_CERT`. */
+  tlsCert?: string | Buffer;
+  /** The private key of `tlsCert` (PEM, path or contents). Default `LEGATO_TLS_KEY`. */
+  tlsKey?: string | Buffer;
+  /** Channel credentials from `@grpc/grpc-js`, instead of the `tls*` options. */
   credentials?: ChannelCredentials;
   /** Extra `@grpc/grpc-js` channel options. */
   channelOptions?: ChannelOptions;
@@ -194,6 +201,40 @@ export interface AgentWithKey {
   readonly apiKey: string;
 }
 
+/** PEM contents: a Buffer as it is, a string as the path of a file. */
+function pem(value: string | Buffer, what: string): Buffer {
+  if (Buffer.isBuffer(value)) {
+    return value;
+  }
+  try {
+    return readFileSync(value);
+  } catch (error) {
+    throw new ConfigurationError(`cannot read the ${what} ${value}: ${(error as Error).message}`);
+  }
+}
+
+/** TLS credentials from the `tls*` options (or LEGATO_TLS_*), or plaintext without any. */
+function tlsCredentials(options: ClientOptions): ChannelCredentials {
+  const env = process.env;
+  const ca = options.tlsCa ?? (env.LEGATO_TLS_CA || undefined);
+  const cert = options.tlsCert ?? (env.LEGATO_TLS_CERT || undefined);
+  const key = options.tlsKey ?? (env.LEGATO_TLS_KEY || undefined);
+  if (ca === undefined && cert === undefined && key === undefined) {
+    return grpcCredentials.createInsecure();
+  }
+  if ((cert === undefined) !== (key === undefined)) {
+    throw new ConfigurationError(
+      "a client certificate needs its key and a key its certificate: give both tlsCert and tlsKey " +
+        "(or LEGATO_TLS_CERT and LEGATO_TLS_KEY)",
+    );
+  }
+  return grpcCredentials.createSsl(
+    ca === undefined ? null : pem(ca, "CA certificate"),
+    key === undefined ? null : pem(key, "client key"),
+    cert === undefined ? null : pem(cert, "client certificate"),
+  );
+}
+
 type UnaryMethod<Request, Response> = (
   request: Request,
   metadata: Metadata,
@@ -244,11 +285,7 @@ export class Client {
     this.timeoutMs = options.timeoutMs === undefined ? 30_000 : options.timeoutMs;
     this.metadata = new Metadata();
     this.metadata.set("authorization", `Bearer ${key}`);
-    const channelCredentials =
-      options.credentials ??
-      (options.ca !== undefined
-        ? grpcCredentials.createSsl(Buffer.from(options.ca))
-        : grpcCredentials.createInsecure());
+    const channelCredentials = options.credentials ?? tlsCredentials(options);
     this.channel = new Channel(this.address, channelCredentials, {
       ...CHANNEL_OPTIONS,
       ...options.channelOptions,
