@@ -3,7 +3,7 @@
  *
  * - cold start: a new `node` process, from its spawn to `Client.connect()`
  *   resolved (Node's start, the module load, the channel, the WhoAmI probe),
- *   median of 10; also from Node's own time origin, without its bootstrap;
+ *   median of 10; also from Node's own time origin, and when the module had loaded;
  * - create → result: `delegate()` then `handle.result()` (a watch from seq 0)
  *   with a TypeScript `runWorker` on the other side in this process, median
  *   and p99 over 200 round trips after 20 to warm up.
@@ -36,11 +36,15 @@ const round = (ms: number): number => Math.round(ms * 100) / 100;
  * "connected" line (what a user waits for), and from its own time origin
  * (Node's bootstrap done) to connected.
  */
-async function coldStart(address: string, apiKey: string): Promise<{ spawned: number; inProcess: number }> {
+async function coldStart(
+  address: string,
+  apiKey: string,
+): Promise<{ spawned: number; inProcess: number; loaded: number }> {
   const script = `
     const { Client } = await import("@legato/client");
+    const loaded = performance.now();
     const client = await Client.connect({ address: process.env.ADDRESS, apiKey: process.env.KEY });
-    console.log(performance.now());
+    console.log(performance.now(), loaded);
     client.close();`;
   const started = performance.now();
   const child = spawn(process.execPath, ["--input-type=module", "-e", script], {
@@ -51,7 +55,8 @@ async function coldStart(address: string, apiKey: string): Promise<{ spawned: nu
   const [line] = (await once(child.stdout, "data")) as [Buffer];
   const spawned = performance.now() - started;
   await once(child, "exit");
-  return { spawned, inProcess: Number(line.toString().trim()) };
+  const [connected, loaded] = line.toString().trim().split(" ").map(Number);
+  return { spawned, inProcess: connected ?? NaN, loaded: loaded ?? NaN };
 }
 
 const daemon = await Daemon.start();
@@ -60,12 +65,13 @@ try {
   const coderKey = (await admin.createAgent("coder", { labels: ["@coder"] })).apiKey;
   const researcherKey = (await admin.createAgent("researcher", { labels: ["@researcher"] })).apiKey;
 
-  const cold: Array<{ spawned: number; inProcess: number }> = [];
+  const cold: Array<{ spawned: number; inProcess: number; loaded: number }> = [];
   for (let n = 0; n < COLD_STARTS; n++) {
     cold.push(await coldStart(daemon.address, coderKey));
   }
   const spawnedMs = cold.map((run) => run.spawned).sort((a, b) => a - b);
   const inProcessMs = cold.map((run) => run.inProcess).sort((a, b) => a - b);
+  const loadedMs = cold.map((run) => run.loaded).sort((a, b) => a - b);
 
   const coder = await Client.connect({ address: daemon.address, apiKey: coderKey });
   const researcher = await Client.connect({ address: daemon.address, apiKey: researcherKey });
@@ -90,6 +96,7 @@ try {
       connect_cold_start_ms: {
         from_spawn_median: round(quantile(spawnedMs, 0.5)),
         from_node_time_origin_median: round(quantile(inProcessMs, 0.5)),
+        of_which_module_loaded_median: round(quantile(loadedMs, 0.5)),
         runs: COLD_STARTS,
       },
       create_to_result_ms: {
