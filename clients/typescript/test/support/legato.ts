@@ -43,6 +43,14 @@ const VENV_BIN = join(REPO_ROOT, ".venv", "bin");
 export const PYTHON = join(VENV_BIN, "python");
 const LEGATO = join(VENV_BIN, "legato");
 
+// Daemons still running when this test process ends (a test that timed out and
+// was cut off, say) are killed with it instead of being left behind.
+const running = new Set<ChildProcess>();
+process.once("exit", () => {
+  for (const child of running) child.kill("SIGKILL");
+});
+process.once("SIGTERM", () => process.exit(143));
+
 /** A `legato serve` process on a temp data dir and socket; restartable on both. */
 export class Daemon {
   readonly dir: string;
@@ -81,6 +89,8 @@ export class Daemon {
       stdio: ["ignore", "pipe", "pipe"],
     });
     this.process = child;
+    running.add(child);
+    child.once("exit", () => running.delete(child));
     createInterface({ input: child.stderr! }).on("line", (line) => this.log.push(line));
     const stdout = createInterface({ input: child.stdout! });
     const ready = new Promise<void>((resolve, reject) => {
