@@ -157,6 +157,7 @@ test("a worker keeps its job while the daemon restarts, and its result lands onc
   const finishWhileDown = signalled();
   const retrying = signalled();
   const stop = new AbortController();
+  const logged: string[] = [];
 
   const worker = researcher.runWorker(
     ["@researcher"],
@@ -171,7 +172,10 @@ test("a worker keeps its job while the daemon restarts, and its result lands onc
       // that fail meanwhile are tried again.
       leaseSeconds: 8,
       waitSeconds: 5,
-      log: (message) => message.includes("trying again") && retrying.resolve(),
+      log: (message) => {
+        logged.push(message);
+        if (message.includes("trying again")) retrying.resolve();
+      },
     },
   );
   const handle = await coder.client.delegate("@researcher", "outlive a restart");
@@ -179,7 +183,9 @@ test("a worker keeps its job while the daemon restarts, and its result lands onc
 
   await legato.daemon.restart(async () => {
     finishWhileDown.resolve(); // the handler returns while nothing listens
-    await withGuard(retrying.promise, "the worker did not try to finish while the daemon was down");
+    await withGuard(retrying.promise, "the worker did not try to finish while the daemon was down", GUARD_MS, () =>
+      logged.join("\n"),
+    );
   });
 
   const coderAgain = await legato.connect(coder.apiKey);

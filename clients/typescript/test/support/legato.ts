@@ -17,6 +17,8 @@ import { Client, type Role } from "@legato/client";
 
 /** The longest any single wait in a test may take before it fails instead of hanging. */
 export const GUARD_MS = 10_000;
+/** The longest a daemon may take to start or stop (a loaded machine imports Python slowly). */
+const DAEMON_GUARD_MS = 30_000;
 
 function findUp(start: string, found: (dir: string) => boolean, what: string): string {
   for (let dir = start; ; dir = dirname(dir)) {
@@ -70,7 +72,12 @@ export class Daemon {
     }
     // A short path: unix socket paths are limited to ~100 bytes.
     const daemon = new Daemon(mkdtempSync(join(tmpdir(), "lgts-")));
-    await daemon.serve();
+    try {
+      await daemon.serve();
+    } catch (error) {
+      rmSync(daemon.dir, { recursive: true, force: true });
+      throw error;
+    }
     return daemon;
   }
 
@@ -103,7 +110,12 @@ export class Daemon {
       child.once("exit", (code) => reject(new Error(`legato serve exited (${code}):\n${this.output}`)));
       child.once("error", reject);
     });
-    await withGuard(ready, `legato serve did not get ready:\n${this.output}`);
+    try {
+      await withGuard(ready, "legato serve did not get ready", DAEMON_GUARD_MS, () => this.output);
+    } catch (error) {
+      child.kill("SIGKILL"); // nothing will stop it otherwise, and it keeps this process alive
+      throw error;
+    }
   }
 
   /** Stops the daemon the way an operator does (SIGTERM) and waits for it to exit. */
@@ -115,7 +127,12 @@ export class Daemon {
     }
     const exited = once(child, "exit");
     child.kill("SIGTERM");
-    await withGuard(exited, `legato serve did not stop on SIGTERM:\n${this.output}`);
+    try {
+      await withGuard(exited, "legato serve did not stop on SIGTERM", DAEMON_GUARD_MS, () => this.output);
+    } catch (error) {
+      child.kill("SIGKILL");
+      throw error;
+    }
   }
 
   /** SIGTERM, then (after `whileDown`, if given) a new daemon on the same data dir and socket. */
@@ -178,11 +195,19 @@ export async function startLegato(t: TestContext): Promise<Legato> {
   };
 }
 
-/** `promise`, or a failure with `message` after {@link GUARD_MS}. */
-export async function withGuard<T>(promise: Promise<T>, message: string, ms = GUARD_MS): Promise<T> {
+/** `promise`, or a failure with `message` (and what `details` says then) after `ms`. */
+export async function withGuard<T>(
+  promise: Promise<T>,
+  message: string,
+  ms = GUARD_MS,
+  details?: () => string,
+): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
   const guard = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${message} (after ${ms} ms)`)), ms);
+    timer = setTimeout(() => {
+      const more = details?.();
+      reject(new Error(`${message} (after ${ms} ms)${more ? `:\n${more}` : ""}`));
+    }, ms);
   });
   try {
     return await Promise.race([promise, guard]);
