@@ -252,3 +252,32 @@ async def test_a_heartbeat_that_shortens_the_lease_ends_it_on_time(
                     break
     finally:
         watch.cancel()
+
+
+async def test_get_task_output_and_output_size_always_agree_while_chunks_stream(
+    stubs: tuple[Stub, Stub],
+) -> None:
+    """The output is read after the task row: a chunk committed in between must
+    not show in `output` without being counted in `output_size`."""
+    coder, researcher = stubs
+    task = await coder.CreateTask(tasks_pb2.CreateTaskRequest(content="race", labels=[LABEL]))
+    job = await claim(researcher)
+
+    async def write() -> None:
+        for n in range(300):
+            await researcher.AppendOutput(
+                tasks_pb2.AppendOutputRequest(
+                    id=task.id, lease_token=job.lease_token, text=f"chunk {n};"
+                )
+            )
+
+    writer = asyncio.create_task(write())
+    disagreements = 0
+    reads = 0
+    while not writer.done():
+        current = await coder.GetTask(tasks_pb2.GetTaskRequest(id=task.id))
+        reads += 1
+        disagreements += len(current.output.encode()) != current.output_size
+    await writer
+    assert reads > 10, "the reads did not overlap the writes"
+    assert disagreements == 0, f"{disagreements} of {reads} reads disagreed"
