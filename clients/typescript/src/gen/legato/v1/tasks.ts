@@ -323,7 +323,10 @@ export interface GetTaskTreeResponse {
 export interface WatchTasksRequest {
   /** Events of tasks carrying any of these labels... */
   labels: string[];
-  /** ...or with one of these ids. At least one label or id is required. */
+  /**
+   * ...or with one of these ids. With neither: every task in the caller's
+   * view (an admin's: all), as ListTasks without filters.
+   */
   taskIds: string[];
   /** Replay stored events with a larger seq first. Unset: live events only. */
   afterSeq?: number | undefined;
