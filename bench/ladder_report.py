@@ -56,6 +56,11 @@ def _base_of(rung: Rung) -> str:
     return "legato"
 
 
+# Comparisons shown besides the steps: legato over step 4 on its own db.Database
+# is what legato's layers above the store cost.
+EXTRA = [("legato", "grouped")]
+
+
 def tables(results: Results, profile: Profile) -> list[Table]:
     """The ladder's figures, what each step costs, and the profiles; none if it did not run."""
     rungs = rungs_of(results)
@@ -112,12 +117,18 @@ def tables(results: Results, profile: Profile) -> list[Table]:
     legato_cpu = r.median(f"{key_of('legato', 32)}.cpu_us")
     rows = []
     below: Rung | None = None
+    by_key = {rung.key: rung for rung in rungs}
+    pairs: list[tuple[Rung, Rung | None, bool]] = []
     for rung in rungs:
-        base = (
-            below if rung.on_ladder else next((b for b in rungs if b.key == _base_of(rung)), None)
-        )
         if rung.on_ladder:
+            pairs.append((rung, below, True))
             below = rung
+        else:
+            pairs.append((rung, by_key.get(_base_of(rung)), False))
+    for key, base_key in EXTRA:
+        if key in by_key and base_key in by_key:
+            pairs.append((by_key[key], by_key[base_key], False))
+    for rung, base, on in pairs:
         if base is None:
             continue
         wall = _wall_us(r, rung.key) - _wall_us(r, base.key)
@@ -127,12 +138,13 @@ def tables(results: Results, profile: Profile) -> list[Table]:
         p50 = (
             r.median(f"{key_of(rung.key, 1)}.p50") - r.median(f"{key_of(base.key, 1)}.p50")
         ) * 1000
-        on = rung.on_ladder
         rows.append(
             [
                 rung.step,
                 f"{base.step} {DASH}> {rung.step}" if on else f"vs {base.step}",
-                rung.adds,
+                rung.adds
+                if on or base.key == _base_of(rung)
+                else f"{rung.title} over {base.title}",
                 _signed(wall),
                 _percent(wall / (legato_wall - echo_wall)) if on else "",
                 _signed(cpu),

@@ -39,7 +39,7 @@ class Profile:
     ladder_seconds: float = 2.0
     ladder_warmup_seconds: float = 0.3
     profile_seconds: int = 3  # py-spy takes whole seconds
-    profiled: tuple[str, ...] = ("legato", "schema")
+    profiled: tuple[str, ...] = ("legato", "schema", "wire")
     # Watch streams per load-generator process and per connection.
     watcher_processes: int = 4
     streams_per_channel: int = 25
