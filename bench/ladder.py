@@ -19,7 +19,8 @@ Each rung is measured at 1 and at 32 calls in flight: calls/s, p50/p99, and
 the server's CPU per call (utime + stime of /proc/PID/stat over the run,
 divided by the calls made, warm-up included). Then legato (step 5), step 4 and
 the variants are profiled with py-spy during a 32-in-flight run of their own,
-which is not counted in the figures (see `bench.profiler`).
+which is not counted in the figures (see `bench.profiler`); and the pieces of
+legato's create are timed alone (`bench.components`).
 """
 
 from __future__ import annotations
@@ -193,7 +194,9 @@ async def start_servers(run: Run, rungs: list[Rung]) -> list[Server]:
 async def measure(run: Run, server: Server, in_flight: int, seconds: float, warmup: float) -> None:
     """One run of `in_flight` concurrent CreateTasks; records calls/s, p50, p99, CPU per call."""
     worker = run.workers[0]
+    pid = server.proc.pid
     server_cpu, load_cpu = server.proc.cpu_seconds(), worker.proc.cpu_seconds()
+    loop_cpu = profiler.thread_cpu(pid).get(pid, 0.0)
     outcome = await worker.call(
         "unary",
         address=server.address,
@@ -210,6 +213,10 @@ async def measure(run: Run, server: Server, in_flight: int, seconds: float, warm
     run.record_calls(key, outcome)
     if calls:
         run.results.add(f"{key}.cpu_us", (server.proc.cpu_seconds() - server_cpu) / calls * 1e6)
+        # The main thread runs the event loop: in a Python server it is the one
+        # that cannot use a second core.
+        loop_us = (profiler.thread_cpu(pid).get(pid, 0.0) - loop_cpu) / calls * 1e6
+        run.results.add(f"{key}.loop_cpu_us", loop_us)
         run.results.add(f"{key}.load_cpu_us", (worker.proc.cpu_seconds() - load_cpu) / calls * 1e6)
 
 
@@ -255,6 +262,9 @@ async def ladder_section(run: Run) -> None:
     """The ladder's rungs at 1 and 32 in flight, alternating; then profiles of steps 5 and 4."""
     profile = run.profile
     rungs = [*LADDER, *OFF_LADDER, *variant_rungs(run.variants)]
+    if profile.ladder_rungs:
+        chosen = {*profile.ladder_rungs, "echo"}  # every figure is compared with the echo
+        rungs = [r for r in rungs if r.key in chosen or r.key.startswith("variant_")]
     servers = await start_servers(run, rungs)
     run.results.facts["ladder rungs"] = ", ".join(f"{r.step} {r.key}" for r in rungs)
     for round_index in range(profile.ladder_rounds):
@@ -271,6 +281,7 @@ async def ladder_section(run: Run) -> None:
                 for s in servers
             )
         )
+    run.results.details["ladder.variants"] = {name: str(path) for name, path in run.variants}
     for server in servers:
         stats = run.data_dir(f"ladder-{server.rung.key}") / "commits.json"
         if stats.exists():  # the issue's server: how many of its COMMITs committed
@@ -291,3 +302,18 @@ async def ladder_section(run: Run) -> None:
     for server in servers:
         if server.rung.key != "echo":
             await run.procs.stop(server.proc)
+    # The pieces of legato's create timed alone, with nothing else running.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.components",
+        "--scale",
+        str(profile.components_scale),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 300)
+    if process.returncode == 0:
+        run.results.details["ladder.components"] = json.loads(out)
+    else:
+        run.results.notes.append(f"ladder: bench.components failed: {err.decode()[-300:]}")

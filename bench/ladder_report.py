@@ -22,11 +22,8 @@ TIMES = "\u00d7"
 
 def rungs_of(results: Results) -> list[Rung]:
     """The rungs this run measured, ladder first."""
-    variants = [
-        (key.split(".")[2].removeprefix("variant_"), Path(""))
-        for key in results.values
-        if key.startswith("ladder.c32.variant_") and key.endswith(".rate")
-    ]
+    paths: dict[str, str] = results.details.get("ladder.variants", {})
+    variants = [(name, Path(path)) for name, path in paths.items()]
     found = [*LADDER, *OFF_LADDER, *variant_rungs(variants)]
     return [r for r in found if f"{key_of(r.key, 32)}.rate" in results.values]
 
@@ -81,6 +78,7 @@ def tables(results: Results, profile: Profile) -> list[Table]:
             spread(s(f"{c32}.p50")),
             spread(s(f"{c32}.p99")),
             spread(s(f"{c32}.cpu_us")),
+            spread(s(f"{c32}.loop_cpu_us")),
             spread(s(f"{c32}.load_cpu_us")),
         ]
 
@@ -96,6 +94,7 @@ def tables(results: Results, profile: Profile) -> list[Table]:
             "p50 ms (32)",
             "p99 ms (32)",
             "server CPU µs/call (32)",
+            "of which the loop thread",
             "load generator CPU µs/call (32)",
         ],
         [figures(rung) for rung in rungs],
@@ -105,8 +104,10 @@ def tables(results: Results, profile: Profile) -> list[Table]:
             "in each round, the order reversed every other round; one load-generator process, "
             "the same CreateTaskRequest bytes to all. CPU per call: utime + stime of the "
             "server process (all threads) over the run, divided by its calls (warm-up "
-            "included). Steps 1\u20134 answer with legato's CreateTask response bytes; "
-            "rows without a number are off the ladder, measured in the same rounds."
+            "included); the loop thread's is the main thread's alone "
+            "(/proc/PID/task/PID/stat). Steps 1\u20134 answer with legato's CreateTask "
+            "response bytes; rows whose step is not a number are off the ladder, measured in "
+            "the same rounds."
         ),
         section="ladder",
     )
@@ -173,7 +174,28 @@ def tables(results: Results, profile: Profile) -> list[Table]:
         ),
         section="ladder",
     )
-    return [measured, costs, *profile_tables(results)]
+    return [measured, costs, *component_tables(results), *profile_tables(results)]
+
+
+def component_tables(results: Results) -> list[Table]:
+    found = results.details.get("ladder.components")
+    if not found:
+        return []
+    rows = [[piece, thread, number(us)] for piece, thread, us in found]
+    return [
+        Table(
+            "The pieces of legato's create, timed alone",
+            ["piece", "thread", "µs per create"],
+            rows,
+            note=(
+                "`python -m bench.components`: legato's own functions on real records and a real "
+                "SQLite file (WAL, NORMAL), each timed with timeit (best of 5 repeats), after the "
+                "ladder's servers have stopped. What grpc does around them is not included: the "
+                "ladder's steps 1 and 2 measure it."
+            ),
+            section="ladder",
+        )
+    ]
 
 
 def profile_tables(results: Results) -> list[Table]:

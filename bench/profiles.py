@@ -40,6 +40,10 @@ class Profile:
     ladder_warmup_seconds: float = 0.3
     profile_seconds: int = 3  # py-spy takes whole seconds
     profiled: tuple[str, ...] = ("legato", "schema", "wire")
+    # The rungs measured (keys of bench.ladder's rungs); empty: all of them.
+    ladder_rungs: tuple[str, ...] = ()
+    # Fraction of bench.components' counts run.
+    components_scale: float = 1.0
     # Watch streams per load-generator process and per connection.
     watcher_processes: int = 4
     streams_per_channel: int = 25
@@ -90,4 +94,5 @@ SMOKE = Profile(
     ladder_warmup_seconds=0.1,
     profile_seconds=1,
     profiled=("legato",),
+    components_scale=0.05,
 )

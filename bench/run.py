@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import shutil
 import sys
@@ -105,6 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also measure (in the ladder) `legato serve` with DIR first on PYTHONPATH: a "
         "modified copy of the server, DIR holding legato/server/ (repeatable)",
     )
+    parser.add_argument(
+        "--rungs",
+        help="the ladder's rungs to measure, comma-separated keys (default: all), e.g. "
+        "echo,legato to set variants against legato alone",
+    )
+    parser.add_argument(
+        "--ladder-rounds", type=int, help="rounds of the ladder (default: the profile's)"
+    )
     args = parser.parse_args(argv)
     variants: list[tuple[str, Path]] = []
     for spec in args.variant:
@@ -114,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--variant {spec!r}: expected NAME=DIR with DIR/legato/server/")
         variants.append((name, path))
     profile = SMOKE if args.smoke else FULL
+    if args.ladder_rounds is not None:
+        profile = dataclasses.replace(profile, ladder_rounds=args.ladder_rounds)
+    if args.rungs is not None:
+        profile = dataclasses.replace(profile, ladder_rungs=tuple(args.rungs.split(",")))
     if args.out is not None:
         markdown_path, plot_path = args.out / "BENCHMARKS.md", args.out / "latency.png"
     elif args.smoke:
