@@ -17,7 +17,9 @@ import argparse
 import asyncio
 import json
 import sqlite3
+import statistics
 import tempfile
+import time
 import timeit
 from collections.abc import Callable
 from dataclasses import replace
@@ -203,10 +205,57 @@ async def measure(directory: Path) -> list[tuple[str, str, float]]:
             "writer",
             best_us(one, 300, repeat=5),
         )
+        for part, us in statement_parts(conn, task, max(1, int(40 * SCALE[0]))):
+            add(f"  of which, grouped: {part}", "writer", us)
         conn.close()
     finally:
         await agents_store.close()
     return found
+
+
+def statement_parts(
+    conn: sqlite3.Connection, task: TaskRecord, groups: int
+) -> list[tuple[str, float]]:
+    """The grouped writer's time per create, split by statement: the median over `groups`
+    transactions of GROUP creates each, timed statement by statement with perf_counter."""
+    parts = [
+        "SAVEPOINT + RELEASE",
+        "SELECT open_tasks",
+        "_insert_task (tasks + task_labels)",
+        "_append_event (events row)",
+        "COMMIT, shared by the group",
+    ]
+    samples: dict[str, list[float]] = {part: [] for part in parts}
+    clock = time.perf_counter
+    for _ in range(groups):
+        spent = dict.fromkeys(parts, 0.0)
+        conn.execute("BEGIN IMMEDIATE")
+        for _ in range(GROUP):
+            new = replace(task, id=new_task_id())
+            new = replace(new, root_id=new.id)
+            t0 = clock()
+            conn.execute("SAVEPOINT job")
+            t1 = clock()
+            conn.execute(
+                "SELECT n FROM open_tasks WHERE created_by = ?", (new.created_by,)
+            ).fetchone()
+            t2 = clock()
+            row = store._insert_task(conn, new)
+            t3 = clock()
+            store._append_event(conn, row, new, EventType.CREATED, new.created_by)
+            t4 = clock()
+            conn.execute("RELEASE job")
+            t5 = clock()
+            spent["SAVEPOINT + RELEASE"] += (t1 - t0) + (t5 - t4)
+            spent["SELECT open_tasks"] += t2 - t1
+            spent["_insert_task (tasks + task_labels)"] += t3 - t2
+            spent["_append_event (events row)"] += t4 - t3
+        t6 = clock()
+        conn.execute("COMMIT")
+        spent["COMMIT, shared by the group"] += clock() - t6
+        for part in parts:
+            samples[part].append(spent[part] / GROUP * 1e6)
+    return [(part, statistics.median(samples[part])) for part in parts]
 
 
 def pieces(found: list[Any]) -> list[tuple[str, str, float]]:
