@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
 from bench.ladder import IN_FLIGHT, LADDER, OFF_LADDER, Rung, key_of, variant_rungs
 from bench.profiles import Profile
 from bench.report import Table, number, spread, times
-from bench.stats import Results
+from bench.stats import Results, Summary
 
 DASH = "\u2013"
 TIMES = "\u00d7"
@@ -32,6 +33,25 @@ def _wall_us(results: Results, rung: str, in_flight: int = 32) -> float:
     """Microseconds of wall time per call: 1 / the median rate."""
     rate = results.median(f"{key_of(rung, in_flight)}.rate")
     return math.nan if math.isnan(rate) or rate == 0 else 1e6 / rate
+
+
+def paired(results: Results, key: str, base: str) -> Summary:
+    """The ratio of `key` to `base` round by round (both measured in every round, in
+    turn): less exposed to a neighbour's load changing between rounds than a ratio of
+    medians."""
+    tops, bottoms = results.values.get(key, []), results.values.get(base, [])
+    ratios = [t / b for t, b in zip(tops, bottoms, strict=False) if b and not math.isnan(t / b)]
+    if not ratios:
+        return Summary(math.nan, math.nan, math.nan, 0)
+    return Summary(statistics.median(ratios), min(ratios), max(ratios), len(ratios))
+
+
+def _ratios(summary: Summary) -> str:
+    if not summary.valid:
+        return "n/a"
+    if summary.rounds == 1:
+        return f"{summary.median:.2f}{TIMES}"
+    return f"{summary.median:.2f}{TIMES} ({summary.low:.2f}{DASH}{summary.high:.2f})"
 
 
 def _signed(value: float) -> str:
@@ -74,6 +94,7 @@ def tables(results: Results, profile: Profile) -> list[Table]:
             spread(s(f"{c1}.rate")),
             spread(s(f"{c32}.rate")),
             times(r.ratio(f"{c32}.rate", f"{key_of('echo', 32)}.rate")),
+            _ratios(paired(r, f"{c32}.rate", f"{key_of('echo', 32)}.rate")),
             spread(s(f"{c1}.p50")),
             spread(s(f"{c32}.p50")),
             spread(s(f"{c32}.p99")),
@@ -90,6 +111,7 @@ def tables(results: Results, profile: Profile) -> list[Table]:
             "calls/s, 1 in flight",
             "calls/s, 32 in flight",
             f"{TIMES} echo (32)",
+            f"{TIMES} echo, round by round (32)",
             "p50 ms (1)",
             "p50 ms (32)",
             "p99 ms (32)",
@@ -107,7 +129,8 @@ def tables(results: Results, profile: Profile) -> list[Table]:
             "included); the loop thread's is the main thread's alone "
             "(/proc/PID/task/PID/stat). Steps 1\u20134 answer with legato's CreateTask "
             "response bytes; rows whose step is not a number are off the ladder, measured in "
-            "the same rounds."
+            "the same rounds. The ratio to the echo is given both as a ratio of the medians and "
+            "as the median (min\u2013max) of the ratios of each round."
         ),
         section="ladder",
     )
