@@ -8,8 +8,8 @@ PROTOS := $(wildcard proto/legato/v1/*.proto)
 TS      := clients/typescript
 TS_DEPS := $(TS)/node_modules/.package-lock.json
 
-.PHONY: install run demo test lint format proto proto-check bench bench-smoke chaos clean \
-	test-ts proto-ts proto-check-ts
+.PHONY: install run demo test lint format proto proto-check bench bench-smoke bench-ladder \
+	chaos clean test-ts proto-ts proto-check-ts
 
 install: $(STAMP)
 
@@ -105,17 +105,30 @@ proto-check-ts: install
 	fi; \
 	echo "proto-check-ts: generated code matches $(TS)/src/gen"
 
-# Measures legato and its ceilings in one run (< 10 min); writes BENCHMARKS.md and
-# bench/latency.png. matplotlib draws the plot; it is a benchmark-only dependency.
+# Benchmark-only tools: matplotlib draws the plots, aiosqlite runs the issue's naive
+# server in the ladder, py-spy profiles the ladder's servers.
+BENCH_TOOLS := matplotlib aiosqlite py-spy
+
+# Measures legato and its ceilings in one run (< 10 min), the CreateTask ladder
+# included; writes BENCHMARKS.md, bench/latency.png and bench/ladder.png.
 bench: install
-	$(BIN)/python -m pip install --quiet matplotlib
+	$(BIN)/python -m pip install --quiet $(BENCH_TOOLS)
 	$(BIN)/python -m bench
 
 # The quick form CI runs (~1 min, small counts, no 1M database): the harness must
 # work; a missed target is reported, not fatal. Writes under bench/results/smoke/.
 bench-smoke: install
-	$(BIN)/python -m pip install --quiet matplotlib || echo "bench-smoke: no matplotlib, no plot"
+	$(BIN)/python -m pip install --quiet $(BENCH_TOOLS) || echo "bench-smoke: no plots, no profiles"
 	$(BIN)/python -m bench --smoke
+
+# The CreateTask ladder alone (~4 min): bare echo, + legato's interceptors, + a naive
+# commit per call, + legato's schema, legato; py-spy profiles of the last two. Writes
+# bench/results/ladder/. VARIANTS="name=DIR ..." also measures `legato serve` run
+# from a modified copy of the server (DIR holding legato/server/).
+bench-ladder: install
+	$(BIN)/python -m pip install --quiet $(BENCH_TOOLS)
+	$(BIN)/python -m bench --section ladder --out bench/results/ladder \
+		$(foreach variant,$(VARIANTS),--variant $(variant))
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
