@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from legato.client import AsyncClient
-from legato.server import store
 from legato.server.model import Status, TaskRecord
+from legato.server.store import rows
+from legato.server.store import sqlite as store
 
 from bench.payloads import CONTEXT, CREATOR, LABEL, RESULT, WORKER, content, struct_bytes
 from bench.procs import Processes, start_daemon
@@ -166,7 +167,7 @@ def _created_state() -> str:
         max_attempts=3,
         updated_at=STATE_SENTINEL,
     )
-    return store._state_json(task, None)
+    return rows.state_json(task, None)
 
 
 def insert_history(db: Path, tasks: int) -> list[str]:

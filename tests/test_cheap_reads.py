@@ -24,17 +24,24 @@ from conftest import Connect
 from legato.client import AsyncClient, Client, Task, TaskStatus
 from legato.client.errors import UnauthenticatedError
 from legato.server.daemon import Daemon
+from legato.server.store.sqlite import SqliteStore
 
 LIST_TASKS = "/legato.v1.TaskService/ListTasks"
 WHO_AM_I = "/legato.v1.AgentService/WhoAmI"
 GET_CURSOR = "/legato.v1.TaskService/GetCursor"
 
 
+def sqlite_store(daemon: Daemon) -> SqliteStore:
+    assert daemon.tasks is not None
+    store = daemon.tasks.store
+    assert isinstance(store, SqliteStore)
+    return store
+
+
 @contextmanager
 def daemon_sql(daemon: Daemon) -> Iterator[list[str]]:
     """The statements the daemon's readers run meanwhile, parameters filled in."""
-    assert daemon.tasks is not None
-    readers: list[sqlite3.Connection] = daemon.tasks.store._db._reader_conns
+    readers: list[sqlite3.Connection] = sqlite_store(daemon)._db._reader_conns
     statements: list[str] = []
     for conn in readers:
         conn.set_trace_callback(statements.append)
@@ -131,7 +138,7 @@ async def test_non_admin_listing_reads_index_ranges_not_the_history(
         await few.list_tasks(statuses=statuses)
     (listing,) = [s for s in statements if "'few'" in s]
     assert daemon.tasks is not None
-    plan = query_plan(daemon.tasks.store.path, listing)
+    plan = query_plan(sqlite_store(daemon).path, listing)
     assert not history_walks(plan), plan
     assert any("tasks_created_by" in step for step in plan), plan
     assert any("tasks_claimed_by" in step for step in plan), plan
@@ -154,7 +161,7 @@ async def test_trees_and_children_listings_go_by_the_parent_index(
         reads = [s for s in statements if "RECURSIVE" in s or f"parent_id = '{root.id}'" in s]
         assert len(reads) == 2, reads
         for sql in reads:
-            plan = query_plan(daemon.tasks.store.path, sql)
+            plan = query_plan(sqlite_store(daemon).path, sql)
             assert not history_walks(plan), plan
             assert any("tasks_parent" in step for step in plan), plan
 

@@ -189,8 +189,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run_event_loop,
         serve,
     )
-    from legato.server.db import DatabaseFailed, Durability
     from legato.server.paths import UnsafeAddress
+    from legato.server.store import DatabaseFailed, Durability
     from legato.server.tls import TLSError
 
     logging.basicConfig(

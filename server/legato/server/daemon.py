@@ -24,7 +24,6 @@ from legato.server import limits
 from legato.server.agent_service import AgentService
 from legato.server.agents import ADMIN_KEY_FILE
 from legato.server.auth import AuthInterceptor
-from legato.server.db import DatabaseFailed, Durability
 from legato.server.events import DEFAULT_BUFFER
 from legato.server.health import Health
 from legato.server.paths import (
@@ -39,6 +38,7 @@ from legato.server.paths import (
 )
 from legato.server.rpc import WireFormat
 from legato.server.service import TaskService
+from legato.server.store import DatabaseFailed, Durability
 from legato.server.tasks import DEFAULT_MAX_OPEN_TASKS, TaskManager
 from legato.server.tls import ServerTLS, TLSError
 from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc

@@ -36,10 +36,13 @@ from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import Any, Generic, TypeVar
 
-import grpc
-from legato.server.errors import DomainError
+from legato.server.store import CommittedUnpublished, DatabaseFailed, Durability
 
 T = TypeVar("T")
+
+# Defined with the storage seam, where both backends find them; named here too,
+# where the supervision that raises them lives.
+__all__ = ["CommittedUnpublished", "Database", "DatabaseFailed", "Durability", "InjectedFault"]
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +54,6 @@ MAX_GROUP = 256
 # on that commit (it showed as the p99 tail of a single create); checkpoints run
 # on their own thread and connection instead, which writers do not wait for.
 CHECKPOINT_EVERY = 500
-
-
-class Durability(StrEnum):
-    """How far a commit is synced before it is acknowledged.
-
-    NORMAL survives a crash or `kill -9` of the daemon; FULL also survives an
-    operating system crash or power loss, at the cost of a sync per commit.
-    """
-
-    NORMAL = "normal"
-    FULL = "full"
 
 
 # The test hook that makes one part of a real daemon's database fail on purpose;
@@ -113,43 +105,6 @@ class InjectedFault:
 
 class InjectedFailure(Exception):
     """What an `InjectedFault` raises."""
-
-
-class DatabaseFailed(DomainError):
-    """The database stopped serving: one of its threads died, or a post-commit
-    callback raised. The daemon stops, to be restarted.
-
-    UNAVAILABLE, like a daemon that is down: the caller does not know whether
-    its call took effect and retries once the daemon is back (a create with
-    the same idempotency key is answered with the task it made, if it did).
-    """
-
-    code = grpc.StatusCode.UNAVAILABLE
-    _explanation = (
-        "the daemon's database failed ({reason}) and the daemon is stopping; retry once it is back"
-    )
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(self._explanation.format(reason=reason))
-        self.reason = reason
-
-
-class CommittedUnpublished(DatabaseFailed):
-    """The caller's change was committed, but the post-commit callback that
-    publishes it raised, and the database failed with it.
-
-    Unlike the other `DomainError`s, something was changed: the message says
-    so. It is an error all the same, since watchers, waiting claims and lease
-    timers did not hear of the change, and the daemon is stopping; to the
-    caller it is the familiar case of a daemon that died after its commit,
-    before its answer.
-    """
-
-    _explanation = (
-        "the change was committed, but the daemon's database failed right after ({reason}) "
-        "and the daemon is stopping; the change stands: read it back once the daemon is "
-        "back before repeating it"
-    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -18,7 +18,6 @@ from typing import Any
 
 from legato.server import access, lifecycle, limits
 from legato.server.agents import AgentRegistry
-from legato.server.db import Durability
 from legato.server.errors import InvalidArgument, NotFound
 from legato.server.events import DEFAULT_BUFFER, EventBus
 from legato.server.leases import LeaseReaper
@@ -32,9 +31,8 @@ from legato.server.model import (
     OutputChunk,
     Status,
     TaskRecord,
-    system_clock,
 )
-from legato.server.store import AgentStore, Store, TaskQuery
+from legato.server.store import Durability, TaskQuery, TaskStore, open_store
 from legato.server.waiters import ClaimWaiters
 
 log = logging.getLogger(__name__)
@@ -84,7 +82,7 @@ class TaskManager:
 
     def __init__(
         self,
-        store: Store,
+        store: TaskStore,
         bus: EventBus,
         agents: AgentRegistry,
         clock: Clock,
@@ -116,19 +114,26 @@ class TaskManager:
         cls,
         path: Path,
         *,
+        database: str = "",
         durability: Durability = Durability.NORMAL,
-        clock: Clock = system_clock,
+        clock: Clock | None = None,
         watch_buffer: int = DEFAULT_BUFFER,
         max_open_tasks: int = DEFAULT_MAX_OPEN_TASKS,
     ) -> TaskManager:
-        """Opens the database at `path` and starts ending expired leases."""
-        store = await Store.open(path, durability=durability)
+        """Opens the store (`database`, or the SQLite file at `path` when it is "")
+        and starts publishing its events and ending expired leases.
+
+        `clock` defaults to the store's: the database's own on a shared one.
+        """
+        store = await open_store(database=database, sqlite_path=path, durability=durability)
+        clock = clock or store.clock
         try:
-            agents = await AgentRegistry.open(AgentStore(store), clock)
+            agents = await AgentRegistry.open(store.agents, clock)
         except BaseException:
             await store.close()
             raise
         manager = cls(store, EventBus(watch_buffer), agents, clock, max_open_tasks)
+        store.start()
         manager._reaper.start()
         return manager
 
@@ -152,7 +157,7 @@ class TaskManager:
         await self._store.close()
 
     @property
-    def store(self) -> Store:
+    def store(self) -> TaskStore:
         return self._store
 
     def _committed(self, events: list[Event]) -> None:

@@ -1,34 +1,31 @@
-"""All SQL of the daemon: the schema and every query, behind a narrow interface.
+"""The SQLite backend: one database file in the data dir, written by one thread.
 
 Tasks live in `tasks`; their labels in `task_labels`, where `pending = 1` marks
 the rows of tasks waiting to be claimed (a partial index makes "oldest pending
 task with one of these labels" an index seek however long the history). Each
-change appends one row to `events`, whose `seq` is the watch cursor.
+change appends one row to `events`, whose `seq` is the watch cursor: one
+writer thread commits (`db.Database`), so AUTOINCREMENT order is commit order.
 
-An event row stores only what a change can alter (status, claimant, attempt,
-error, times) as JSON; the immutable parts (content, labels, context) and the
-result, which is set once on the terminal DONE, are joined from `tasks` when the
-event is read back. So an event costs a few dozen bytes, not a copy of the task.
-
-The state rules are not here: callers pass a `decide` function (see
-`lifecycle`) that runs inside the write transaction on the task as stored.
+Rows are kept as `rows` describes. The state rules are not here: callers pass
+a `decide` function (see `lifecycle`) that runs inside the write transaction on
+the task as stored.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from legato.server import access, limits
-from legato.server.db import Database, DatabaseFailed, Durability
+from legato.server.db import Database
 from legato.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from legato.server.model import (
     AgentRecord,
-    Change,
+    Clock,
     Event,
     EventType,
     OutputChunk,
@@ -36,14 +33,32 @@ from legato.server.model import (
     Status,
     TaskRecord,
     slim,
+    system_clock,
     task_size,
+)
+from legato.server.store import (
+    MAX_DEPTH,
+    DatabaseFailed,
+    Decide,
+    Durability,
+    TaskPage,
+    TaskQuery,
+)
+from legato.server.store.rows import (
+    AGENT_COLUMNS,
+    TASK_COLUMNS,
+    agent_from_row,
+    agent_row,
+    event_columns,
+    events_within,
+    prefixed,
+    same_request,
+    state_json,
+    task_from_row,
+    task_values,
 )
 
 T = TypeVar("T")
-Decide = Callable[[TaskRecord], Change | None]
-
-# How deep delegation chains may go: a root task is depth 0.
-MAX_DEPTH = 8
 
 SCHEMA_VERSION = 2
 
@@ -138,124 +153,22 @@ CREATE TABLE IF NOT EXISTS agents (
 );
 """
 
-_TASK_COLUMNS = (
-    "id, content, labels, context, created_by, created_at, max_attempts, parent_id, root_id, "
-    "idempotency_key, status, result, error, claimed_by, attempt, version, updated_at, "
-    "lease_token, lease_expires_at, lease_us, depth, deadline, output_size, question, answer, "
-    "released, claim_seq"
-)
-_SELECT_TASK = f"SELECT rowid, {_TASK_COLUMNS} FROM tasks"
-
-
-def _task_from_row(row: Sequence[Any]) -> TaskRecord:
-    return TaskRecord(
-        id=row[0],
-        content=row[1],
-        labels=tuple(json.loads(row[2])),
-        context=row[3],
-        created_by=row[4],
-        created_at=row[5],
-        max_attempts=row[6],
-        parent_id=row[7],
-        root_id=row[8],
-        idempotency_key=row[9],
-        status=Status(row[10]),
-        result=row[11],
-        error=row[12],
-        claimed_by=row[13],
-        attempt=row[14],
-        version=row[15],
-        updated_at=row[16],
-        lease_token=row[17],
-        lease_expires_at=row[18],
-        lease_us=row[19],
-        depth=row[20],
-        deadline=row[21],
-        output_size=row[22],
-        question=row[23],
-        answer=row[24],
-        released=row[25],
-        claim_seq=row[26],
-    )
-
-
-def _state_json(task: TaskRecord, chunk: OutputChunk | None) -> str:
-    """What an event row keeps of the (slim) task: the fields a change can alter.
-
-    Texts only when the event carries them (see `model.slim`): a long question
-    is stored with the events that ask and answer it, not with every chunk after.
-    """
-    state: dict[str, Any] = {
-        "status": int(task.status),
-        "claimed_by": task.claimed_by,
-        "attempt": task.attempt,
-        "version": task.version,
-        "updated_at": task.updated_at,
-        "lease_expires_at": task.lease_expires_at,
-        "output_size": task.output_size,
-        "released": task.released,
-    }
-    for name in ("error", "question", "answer"):
-        if value := getattr(task, name):
-            state[name] = value
-    if chunk is not None:
-        state["chunk"] = [chunk.offset, chunk.text]
-    return json.dumps(state, separators=(",", ":"))
-
-
-def _task_at_event(current: TaskRecord, state: str) -> tuple[TaskRecord, OutputChunk | None]:
-    # `current` holds the blobs the event carries (see `_EVENT_SELECT`): the
-    # result is written once, with the terminal DONE, so the stored one is the
-    # one its COMPLETED event carried.
-    fields = {**_STATE_DEFAULTS, **json.loads(state)}
-    status = Status(fields.pop("status"))
-    chunk = fields.pop("chunk", None)
-    task = replace(current, status=status, lease_token="", lease_us=0, claim_seq=0, **fields)
-    return task, None if chunk is None else OutputChunk(chunk[0], chunk[1], task.attempt)
-
-
-# Fields an event row may leave out (and `released`, which rows written
-# before schema 2 do not have).
-_STATE_DEFAULTS = {"error": "", "question": "", "answer": "", "released": 0}
+_SELECT_TASK = f"SELECT rowid, {TASK_COLUMNS} FROM tasks"
 
 
 def _in(values: Sequence[object]) -> str:
     return ",".join("?" * len(values))
 
 
-@dataclass(frozen=True, slots=True)
-class TaskQuery:
-    """Filters of a task listing; empty sequences mean no filter."""
+class SqliteStore:
+    """The task store on a SQLite file (`TaskStore`). Every method is one transaction."""
 
-    labels: Sequence[str] = ()
-    statuses: Sequence[Status] = ()
-    parent_id: str = ""
-    limit: int = 100
-    after_position: int = 0
-    # Only tasks this agent sees (created, claimed, or carrying one of its
-    # labels); None for no such restriction (admins).
-    visible_to: AgentRecord | None = None
-    # A page ends before its tasks' sizes (`model.task_size`) would pass this,
-    # holding at least one task whatever its size.
-    max_bytes: int = limits.PAGE_BUDGET_BYTES
-
-
-@dataclass(frozen=True, slots=True)
-class TaskPage:
-    tasks: list[TaskRecord]
-    # Position of the last task on the page when more may follow, else None.
-    next_position: int | None
-    # The event seq the listing is consistent with.
-    cursor: int
-
-
-class Store:
-    """The persistent task store. Every method is one transaction."""
-
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, *, clock: Clock = system_clock):
         self._db = db
+        self._clock = clock
         # Called on the event loop with the events of each commit, in seq order.
         self.on_commit: Callable[[list[Event]], None] = lambda events: None
+        self._agents = SqliteAgentStore(self)
 
     @classmethod
     async def open(
@@ -263,7 +176,7 @@ class Store:
         path: Path,
         *,
         durability: Durability = Durability.NORMAL,
-    ) -> Store:
+    ) -> SqliteStore:
         """Opens (creating if needed) the database at `path`."""
         db = Database.open(path, durability=durability)
         try:
@@ -276,6 +189,27 @@ class Store:
     @property
     def path(self) -> Path:
         return self._db.path
+
+    @property
+    def agents(self) -> SqliteAgentStore:
+        return self._agents
+
+    @property
+    def clock(self) -> Clock:
+        # One daemon on one machine: its own clock is the only one.
+        return self._clock
+
+    @property
+    def shared(self) -> bool:
+        # The data dir's lock keeps any other daemon off this file.
+        return False
+
+    @property
+    def description(self) -> str:
+        return str(self.path)
+
+    def start(self) -> None:
+        """Nothing to start: each commit publishes its own events (see `_write`)."""
 
     async def close(self) -> None:
         await self._db.close()
@@ -321,8 +255,8 @@ class Store:
                     (task.created_by, task.idempotency_key),
                 ).fetchone()
                 if row is not None:
-                    original = _task_from_row(row[1:])
-                    if _same_request(original, task):
+                    original = task_from_row(row[1:])
+                    if same_request(original, task):
                         return (original, False), []
                     raise AlreadyExists(
                         f"idempotency_key {task.idempotency_key!r} was already used for a "
@@ -389,7 +323,7 @@ class Store:
             ).fetchall()
             for row in rows:
                 events.extend(
-                    _apply(conn, row[0], _task_from_row(row[1:]), decide_descendant, actor)[1]
+                    _apply(conn, row[0], task_from_row(row[1:]), decide_descendant, actor)[1]
                 )
             return task, events
 
@@ -428,7 +362,7 @@ class Store:
             ).fetchall()
             events: list[Event] = []
             for row in rows:
-                _, changed = _apply(conn, row[0], _task_from_row(row[1:]), decide, actor)
+                _, changed = _apply(conn, row[0], task_from_row(row[1:]), decide, actor)
                 events.extend(changed)
             return len(events), events
 
@@ -490,7 +424,7 @@ class Store:
                 f"{_SELECT_EVENT} WHERE e.seq > ? AND {match} ORDER BY e.seq LIMIT ?",
                 [after_seq, *params, limit + 1],
             )
-            return _events_within(rows, limit, max_bytes)
+            return events_within(rows, limit, max_bytes)
 
         return await self._db.read(read)
 
@@ -505,7 +439,7 @@ class Store:
                 f"{_SELECT_EVENT} WHERE t.id = ? AND e.seq > ? ORDER BY e.seq LIMIT ?",
                 (task_id, after_seq, limit + 1),
             )
-            return _events_within(rows, limit, max_bytes)
+            return events_within(rows, limit, max_bytes)
 
         return await self._db.read(read)
 
@@ -667,7 +601,7 @@ def list_sql(query: TaskQuery) -> tuple[str, list[Any]]:
     if not query.labels and not query.parent_id and query.visible_to is not None:
         visible, params = _visible_rowids(query.visible_to, query)
         return (
-            f"SELECT tasks.rowid, {_prefixed('tasks')} FROM tasks "
+            f"SELECT tasks.rowid, {prefixed('tasks')} FROM tasks "
             f"WHERE tasks.rowid IN ({visible}) ORDER BY tasks.rowid",
             params,
         )
@@ -708,7 +642,7 @@ def list_sql(query: TaskQuery) -> tuple[str, list[Any]]:
         params.extend(sees_params)
     params.append(query.limit + 1)
     return (
-        f"SELECT {distinct}tasks.rowid, {_prefixed('tasks')} {source} "
+        f"SELECT {distinct}tasks.rowid, {prefixed('tasks')} {source} "
         f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?",
         params,
     )
@@ -730,7 +664,7 @@ def subtree_sql(
         "WITH RECURSIVE tree(rowid, id) AS (SELECT rowid, id FROM tasks WHERE id = ? "
         "UNION ALL SELECT t.rowid, t.id FROM tree JOIN tasks t INDEXED BY tasks_parent "
         "ON t.parent_id = tree.id AND t.parent_id != '') "
-        f"SELECT tasks.rowid, {_prefixed('tasks')} FROM tasks "
+        f"SELECT tasks.rowid, {prefixed('tasks')} FROM tasks "
         f"WHERE tasks.rowid IN (SELECT rowid FROM tree) AND {' AND '.join(where)} "
         "ORDER BY tasks.rowid LIMIT ?",
         [*params, limit + 1],
@@ -754,7 +688,7 @@ def _page_within(
             if len(tasks) == limit:
                 more = True
                 break
-            task = _task_from_row(row[1:])
+            task = task_from_row(row[1:])
             total += task_size(task)
             if tasks and total > max_bytes:
                 more = True
@@ -766,8 +700,8 @@ def _page_within(
     return tasks, last if more else None
 
 
-class AgentStore:
-    """The `agents` table, on the same database as the tasks.
+class SqliteAgentStore:
+    """The `agents` table, on the same database as the tasks (`store.AgentStore`).
 
     Each change is an UPDATE of the columns it changes, never a write of a whole
     record held in memory: a record read before another change was written
@@ -780,13 +714,18 @@ class AgentStore:
     the caller holds in memory, so that it follows the same order as the disk.
     """
 
-    def __init__(self, store: Store):
+    def __init__(self, store: SqliteStore):
         self._db = store._db
+        self.on_changed: Callable[[AgentRecord], None] = lambda agent: None
+
+    def fresh(self) -> bool:
+        """Always: every change of these agents is made through this daemon."""
+        return True
 
     async def all(self) -> list[AgentRecord]:
         def read(conn: sqlite3.Connection) -> list[AgentRecord]:
-            rows = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY created_at")
-            return [_agent_from_row(r) for r in rows]
+            rows = conn.execute(f"SELECT {AGENT_COLUMNS} FROM agents ORDER BY created_at")
+            return [agent_from_row(r) for r in rows]
 
         return await self._db.read(read)
 
@@ -798,8 +737,8 @@ class AgentStore:
                     "even after revocation); choose another name"
                 )
             conn.execute(
-                f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES ({_in(range(8))})",
-                _agent_row(agent),
+                f"INSERT INTO agents ({AGENT_COLUMNS}) VALUES ({_in(range(8))})",
+                agent_row(agent),
             )
 
         await self._db.write(insert, after_commit=_calling(applied))
@@ -880,74 +819,11 @@ def _calling(applied: Callable[[], object]) -> Callable[[object], None]:
     return after_commit
 
 
-_AGENT_COLUMNS = "name, labels, role, created_at, key_id, key_hash, last_seen_at, revoked"
-
-
-def _agent_row(agent: AgentRecord) -> tuple[Any, ...]:
-    return (
-        agent.name, json.dumps(list(agent.labels)), int(agent.role), agent.created_at,
-        agent.key_id, agent.key_hash, agent.last_seen_at, int(agent.revoked),
-    )  # fmt: skip
-
-
-def _agent_from_row(row: Sequence[Any]) -> AgentRecord:
-    return AgentRecord(
-        name=row[0],
-        labels=tuple(json.loads(row[1])),
-        role=Role(row[2]),
-        created_at=row[3],
-        key_id=row[4],
-        key_hash=row[5],
-        last_seen_at=row[6],
-        revoked=bool(row[7]),
-    )
-
-
-def _event_columns() -> str:
-    # The blobs only for the events that carry them (see `model.slim`), so a
-    # replay of many events of a task with a large context reads it once.
-    carried = {
-        "content": f"CASE WHEN e.type = {int(EventType.CREATED)} THEN t.content ELSE '' END",
-        "context": f"CASE WHEN e.type = {int(EventType.CREATED)} THEN t.context ELSE x'' END",
-        "result": f"CASE WHEN e.type = {int(EventType.COMPLETED)} THEN t.result ELSE x'' END",
-    }
-    names = [c.strip() for c in _TASK_COLUMNS.split(",")]
-    return ", ".join(carried.get(name, f"t.{name}") for name in names)
-
-
+_EMPTY_BLOB = "x''"
 _SELECT_EVENT = (
-    f"SELECT e.seq, e.type, e.actor, e.at, e.state, t.rowid, {_event_columns()} "
+    f"SELECT e.seq, e.type, e.actor, e.at, e.state, t.rowid, {event_columns(_EMPTY_BLOB)} "
     "FROM events e JOIN tasks t ON t.rowid = e.task_rowid"
 )
-
-
-def _event_from_row(row: Sequence[Any]) -> Event:
-    task, chunk = _task_at_event(_task_from_row(row[6:]), row[4])
-    return Event(
-        seq=row[0], type=EventType(row[1]), actor=row[2], at=row[3], task=task, chunk=chunk
-    )
-
-
-def _events_within(
-    rows: Iterable[Sequence[Any]], limit: int, max_bytes: int
-) -> tuple[list[Event], bool]:
-    """At most `limit` events of `rows` (queried with LIMIT limit + 1) whose sizes
-    add up to at most `max_bytes` (at least one), and whether more follow."""
-    events: list[Event] = []
-    total = 0
-    for row in rows:
-        if len(events) == limit:
-            return events, True
-        event = _event_from_row(row)
-        total += event.size
-        if events and total > max_bytes:
-            return events, True
-        events.append(event)
-    return events, False
-
-
-def _prefixed(alias: str) -> str:
-    return ", ".join(f"{alias}.{c.strip()}" for c in _TASK_COLUMNS.split(","))
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -991,35 +867,17 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
-def _same_request(original: TaskRecord, retry: TaskRecord) -> bool:
-    return (
-        original.content == retry.content
-        and original.labels == retry.labels
-        and original.context == retry.context
-        and original.parent_id == retry.parent_id
-        and original.max_attempts == retry.max_attempts
-    )
-
-
 def _load(
     conn: sqlite3.Connection, where: str, params: tuple[Any, ...]
 ) -> tuple[int, TaskRecord] | None:
     row = conn.execute(f"{_SELECT_TASK} WHERE {where}", params).fetchone()
-    return None if row is None else (row[0], _task_from_row(row[1:]))
+    return None if row is None else (row[0], task_from_row(row[1:]))
 
 
 def _insert_task(conn: sqlite3.Connection, task: TaskRecord) -> int:
     cursor = conn.execute(
-        f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_in(range(27))})",
-        (
-            task.id, task.content, json.dumps(list(task.labels)), task.context, task.created_by,
-            task.created_at, task.max_attempts, task.parent_id, task.root_id,
-            task.idempotency_key, int(task.status), task.result, task.error, task.claimed_by,
-            task.attempt, task.version, task.updated_at, task.lease_token, task.lease_expires_at,
-            task.lease_us, task.depth, task.deadline, task.output_size, task.question, task.answer,
-            task.released, task.claim_seq,
-        ),
-    )  # fmt: skip
+        f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES ({_in(range(27))})", task_values(task)
+    )
     rowid = cursor.lastrowid
     assert rowid is not None
     pending = int(task.status is Status.PENDING)
@@ -1079,7 +937,7 @@ def _append_event(
     carried = slim(task, event_type)
     cursor = conn.execute(
         "INSERT INTO events (task_rowid, type, actor, at, state) VALUES (?, ?, ?, ?, ?)",
-        (rowid, int(event_type), actor, task.updated_at, _state_json(carried, chunk)),
+        (rowid, int(event_type), actor, task.updated_at, state_json(carried, chunk)),
     )
     seq = cursor.lastrowid
     assert seq is not None
