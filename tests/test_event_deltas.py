@@ -170,8 +170,8 @@ async def test_replay_from_any_seq_sends_exactly_the_live_events(
     """A watcher resuming from any cursor receives byte for byte what a live one did."""
     coder, researcher = raw_pair
     # From a cursor, so the stream cannot start after the first create and miss it.
-    cursor = await coder.GetCursor(tasks_pb2.GetCursorRequest())
-    live = coder.WatchTasks(tasks_pb2.WatchTasksRequest(labels=[LABEL], after_seq=cursor.cursor))
+    start = (await coder.GetCursor(tasks_pb2.GetCursorRequest())).cursor
+    live = coder.WatchTasks(tasks_pb2.WatchTasksRequest(labels=[LABEL], after_seq=start))
     task = await coder.CreateTask(
         tasks_pb2.CreateTaskRequest(
             content="story", labels=[LABEL], context=big_context(10_000), max_attempts=3
