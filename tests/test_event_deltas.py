@@ -169,7 +169,9 @@ async def test_replay_from_any_seq_sends_exactly_the_live_events(
 ) -> None:
     """A watcher resuming from any cursor receives byte for byte what a live one did."""
     coder, researcher = raw_pair
-    live = coder.WatchTasks(tasks_pb2.WatchTasksRequest(labels=[LABEL]))
+    # From a cursor, so the stream cannot start after the first create and miss it.
+    start = (await coder.GetCursor(tasks_pb2.GetCursorRequest())).cursor
+    live = coder.WatchTasks(tasks_pb2.WatchTasksRequest(labels=[LABEL], after_seq=start))
     task = await coder.CreateTask(
         tasks_pb2.CreateTaskRequest(
             content="story", labels=[LABEL], context=big_context(10_000), max_attempts=3
