@@ -38,3 +38,13 @@ def test_the_readme_error_names_import_as_written() -> None:
     assert issubclass(NotFoundError, legato.client.RPCError)
     assert issubclass(FailedPreconditionError, legato.client.LegatoError)
     assert issubclass(UnavailableError, legato.client.RPCError)
+
+
+def test_the_client_folds_events_by_the_daemons_own_rule() -> None:
+    """Which texts each event carries is stated twice, once on each side of the
+    wire (the client must not import the server): they must agree."""
+    from legato.server import model
+
+    server = {kind.name: set(fields) for kind, fields in model.CARRIES.items()}
+    client = {kind.name: set(fields) for kind, fields in models.CARRIES.items()}
+    assert client == server
