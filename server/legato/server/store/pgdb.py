@@ -57,12 +57,29 @@ MAX_GROUP = 256
 READERS = 4
 # How often the offset to the database's clock is measured again.
 CLOCK_SYNC_S = 10.0
+# The longest a write alone waits for a row lock held elsewhere. The writer
+# thread waits with it, so the daemon's other writes wait too: other daemons
+# hold their locks for a commit's time, but a session left open by hand
+# must not stall this daemon for longer than this.
+LOCK_TIMEOUT = "5s"
 # The listening connection's reconnect backoff, first and longest.
 LISTEN_RETRY_S = (0.05, 2.0)
 
 
 class Contended(Exception):
     """A write inside a group met a lock another transaction holds; it runs again alone."""
+
+
+class LockBusy(DomainError):
+    """A write waited `LOCK_TIMEOUT` for a row another transaction holds; nothing was changed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the task is held by another transaction on the database for too long; nothing "
+            "was changed: retry"
+        )
 
 
 class DatabaseUnavailable(DomainError):
@@ -78,7 +95,13 @@ class DatabaseUnavailable(DomainError):
 
 @dataclass(frozen=True, slots=True)
 class Tx:
-    """The transaction a write runs in: its connection, and whether it may wait for locks."""
+    """The transaction a write runs in: its connection (in pipeline mode), and
+    whether it may wait for locks.
+
+    In pipeline mode a statement is sent when a result is first fetched, with
+    every statement queued before it, in one round trip: a write queues what
+    it can before it fetches (`fetched`).
+    """
 
     conn: psycopg.Connection[Any]
     waits: bool
@@ -88,23 +111,41 @@ class Tx:
         """What to append to a locking clause: "NOWAIT" inside a group, else ""."""
         return "" if self.waits else " NOWAIT"
 
-    def locked(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> psycopg.Cursor[Any]:
-        """Runs a locking SELECT (its clause ends in `self.nowait`); `Contended`
-        if, inside a group, a row is locked elsewhere."""
+    def advisory_sql(self) -> str:
+        """The statement that takes a transaction-scoped advisory lock (one
+        parameter, the key); inside a group it tries, answering whether it got it."""
+        if self.waits:
+            return "SELECT true FROM pg_advisory_xact_lock(%s)"
+        return "SELECT pg_try_advisory_xact_lock(%s)"
+
+    def fetched(self, fetch: Callable[[], T]) -> T:
+        """Runs `fetch` (which sends what is queued); `Contended` if, inside a
+        group, a lock was held elsewhere; `LockBusy` if, alone, it waited
+        longer than `LOCK_TIMEOUT`."""
         try:
-            return self.conn.execute(sql, params)
+            return fetch()
         except psycopg.errors.LockNotAvailable as exc:
+            if self.waits:
+                raise LockBusy() from exc
             raise Contended(str(exc)) from exc
 
-    def advisory(self, key: int) -> None:
-        """Takes a transaction-scoped advisory lock; inside a group, `Contended`
-        instead of waiting for it."""
-        if self.waits:
-            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
-            return
-        row = self.conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,)).fetchone()
+    def locked_one(self, sql: str, params: Sequence[Any]) -> Any:
+        """The row of a locking SELECT (its clause ends in `self.nowait`), or None."""
+        return self.fetched(self.conn.execute(sql, params).fetchone)
+
+    def locked_all(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """The rows of a locking SELECT (its clause ends in `self.nowait`)."""
+        return self.fetched(self.conn.execute(sql, params).fetchall)
+
+    def got_advisory(self, cursor: psycopg.Cursor[Any]) -> None:
+        """Checks the answer of `advisory_sql`: `Contended` if the lock was not had."""
+        row = self.fetched(cursor.fetchone)
         if row is None or not row[0]:
-            raise Contended(f"advisory lock {key} is held by another transaction")
+            raise Contended("an advisory lock is held by another transaction")
+
+
+# See `PgDatabase`.
+BeforeCommit = Callable[[psycopg.Connection[Any], list[Any]], Callable[[], None]]
 
 
 def _describe(exc: BaseException) -> str:
@@ -167,7 +208,8 @@ class PgDatabase:
     `before_commit` runs on the writer thread inside each transaction, after
     its writes and before COMMIT, with the outcomes of the writes that
     succeeded, in order: the place to take what must be taken last (the event
-    counter).
+    counter). It queues its statements and returns what fetches their
+    results, which runs once COMMIT is queued behind them: one round trip.
     """
 
     def __init__(
@@ -176,7 +218,7 @@ class PgDatabase:
         writer: psycopg.Connection[Any],
         pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]],
         clock: DbClock,
-        before_commit: Callable[[psycopg.Connection[Any], list[Any]], None],
+        before_commit: BeforeCommit,
     ):
         self.url = url
         self.clock = clock
@@ -200,7 +242,7 @@ class PgDatabase:
         url: str,
         *,
         durability: Durability,
-        before_commit: Callable[[psycopg.Connection[Any], list[Any]], None],
+        before_commit: BeforeCommit,
         prepare: Callable[[psycopg.Connection[Any]], None] = lambda conn: None,
     ) -> PgDatabase:
         """Connects, runs `prepare` (the migration) on the writer connection, opens the readers."""
@@ -210,6 +252,7 @@ class PgDatabase:
                 url, autocommit=True, application_name=f"legato-writer-{os.getpid()}"
             )
             try:
+                writer.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
                 if durability is Durability.FULL:
                     # The server's own setting otherwise (on, by default: a
                     # commit is flushed before it is acknowledged).
@@ -326,35 +369,45 @@ class PgDatabase:
         deferred: list[_Job[Any]] = []
         done: list[_Job[Any]] = []
         try:
-            conn.execute("BEGIN")
-            for job in group:
-                if savepoints:
-                    conn.execute("SAVEPOINT job")
-                try:
-                    job.outcome = job.fn(tx)
-                except Contended:
-                    if not savepoints:
-                        conn.execute("ROLLBACK")
-                        return [job]
-                    conn.execute("ROLLBACK TO job")
-                    deferred.append(job)
-                    continue
-                except BaseException as exc:  # handed to the caller
-                    self._check_connection(conn, exc)
-                    job.error = exc
-                    if not savepoints:
-                        conn.execute("ROLLBACK")
-                        done.append(job)
-                        break
-                    conn.execute("ROLLBACK TO job")
-                if savepoints:
-                    conn.execute("RELEASE job")
-                done.append(job)
-            else:
-                succeeded = [job.outcome for job in done if job.error is None]
-                if succeeded:
-                    self._before_commit(conn, succeeded)
-                conn.execute("COMMIT")
+            with conn.pipeline() as pipeline:
+                conn.execute("BEGIN")
+                for job in group:
+                    if savepoints:
+                        conn.execute("SAVEPOINT job")
+                    try:
+                        job.outcome = job.fn(tx)
+                        if savepoints:
+                            # What the write queued last fails here, if it
+                            # does, and not in the next write.
+                            pipeline.sync()
+                    except Contended:
+                        self._resync(pipeline)
+                        if not savepoints:
+                            conn.execute("ROLLBACK")
+                            return [job]
+                        conn.execute("ROLLBACK TO job")
+                        deferred.append(job)
+                        continue
+                    except BaseException as exc:  # handed to the caller
+                        self._check_connection(conn, exc)
+                        job.error = exc
+                        self._resync(pipeline)
+                        if not savepoints:
+                            conn.execute("ROLLBACK")
+                            done.append(job)
+                            break
+                        conn.execute("ROLLBACK TO job")
+                    if savepoints:
+                        conn.execute("RELEASE job")
+                    done.append(job)
+                else:
+                    succeeded = [job.outcome for job in done if job.error is None]
+                    finish = self._before_commit(conn, succeeded) if succeeded else None
+                    conn.execute("COMMIT")
+                    if finish is not None:
+                        finish()  # sends COMMIT too, and fails if it does
+                    else:
+                        pipeline.sync()
         except BaseException as exc:  # nothing of the group committed
             self._check_connection(conn, exc)
             with contextlib.suppress(psycopg.Error):
@@ -363,6 +416,13 @@ class PgDatabase:
                 job.outcome, job.error = None, exc
         self._loop.call_soon_threadsafe(self._deliver, done)
         return deferred
+
+    @staticmethod
+    def _resync(pipeline: psycopg.Pipeline) -> None:
+        # After an error the server skips what follows until the next sync
+        # point: reach it, whatever was queued, before rolling back.
+        with contextlib.suppress(psycopg.errors.PipelineAborted, psycopg.DatabaseError):
+            pipeline.sync()
 
     @staticmethod
     def _check_connection(conn: psycopg.Connection[Any], exc: BaseException) -> None:

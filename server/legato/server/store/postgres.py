@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -71,7 +72,7 @@ from legato.server.store import (
     TaskPage,
     TaskQuery,
 )
-from legato.server.store.pgdb import Listener, PgDatabase, Tx
+from legato.server.store.pgdb import BeforeCommit, Listener, PgDatabase, Tx
 from legato.server.store.rows import (
     AGENT_COLUMNS,
     TASK_COLUMNS,
@@ -264,15 +265,13 @@ def _migrate(conn: psycopg.Connection[Any]) -> None:
             log.info("created legato's tables (schema %d)", SCHEMA_VERSION)
 
 
-def _before_commit(
-    channel: Callable[[], str],
-) -> Callable[[psycopg.Connection[Any], list[Any]], None]:
-    def take_seq(conn: psycopg.Connection[Any], outcomes: list[Any]) -> None:
+def _before_commit(channel: Callable[[], str]) -> BeforeCommit:
+    def take_seq(conn: psycopg.Connection[Any], outcomes: list[Any]) -> Callable[[], None]:
         pending: list[_Pending] = [p for outcome in outcomes for p in outcome[1]]
         if not pending:
-            return
+            return lambda: None
         n = len(pending)
-        row = conn.execute(
+        cursor = conn.execute(
             _TAKE_SEQ,
             {
                 "n": n,
@@ -284,11 +283,16 @@ def _before_commit(
                 "s": [p.state for p in pending],
                 "channel": channel(),
             },
-        ).fetchone()
-        assert row is not None
-        first = int(row[0]) - n + 1
-        for i, p in enumerate(pending):
-            p.event = replace(p.event, seq=first + i)
+        )
+
+        def numbered() -> None:
+            row = cursor.fetchone()
+            assert row is not None
+            first = int(row[0]) - n + 1
+            for i, p in enumerate(pending):
+                p.event = replace(p.event, seq=first + i)
+
+        return numbered
 
     return take_seq
 
@@ -430,16 +434,9 @@ class PostgresStore:
         delay = 0.05
         try:
             while self._wanted > self._published:
+                after = self._published
                 try:
-                    batch, _ = await self._db.read(
-                        lambda conn: _read_events(
-                            conn,
-                            "e.seq > %s",
-                            [self._published],
-                            CATCH_UP_BATCH,
-                            CATCH_UP_BYTES,
-                        )
-                    )
+                    batch, _ = await self._db.read(functools.partial(_events_after, after))
                 except DatabaseFailed:
                     return
                 except Exception as exc:
@@ -447,14 +444,16 @@ class PostgresStore:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
+                # Published meanwhile by this daemon's own commits: not twice.
                 fresh = [event for event in batch if event.seq > self._published]
                 if fresh:
                     self._publish(fresh)
-                elif not batch:
-                    # Told of a seq not yet readable here: cannot happen (NOTIFY
-                    # is sent at commit), but never spin on it.
-                    log.warning("seq %d was announced but is not stored", self._wanted)
-                    self._wanted = self._published
+                elif not batch and self._published == after:
+                    # Announced (NOTIFY is sent at commit) but not readable yet:
+                    # cannot happen; never spin on it.
+                    log.warning("seq %d was announced but is not stored yet", self._wanted)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 self._db.fail(f"publishing events raised {type(exc).__name__}: {exc}", exc)
@@ -507,13 +506,38 @@ class PostgresStore:
         def create(tx: Tx) -> Written[tuple[TaskRecord, bool]]:
             conn = tx.conn
             # One create per creator at a time across daemons: the idempotency
-            # check and the cap count below hold until this one commits.
-            tx.advisory(creator_lock)
-            if task.idempotency_key:
-                row = conn.execute(
+            # check and the cap count below hold until this one commits. All
+            # four are sent at once; each runs after the lock is taken.
+            locked = conn.execute(tx.advisory_sql(), (creator_lock,))
+            same_key = (
+                conn.execute(
                     f"{_SELECT_TASK} WHERE created_by = %s AND idempotency_key = %s",
                     (task.created_by, task.idempotency_key),
-                ).fetchone()
+                )
+                if task.idempotency_key
+                else None
+            )
+            open_tasks = (
+                conn.execute(
+                    "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE created_by = %s "
+                    "AND status IN (1, 2, 6) LIMIT %s) open",
+                    (task.created_by, max_open),
+                )
+                if max_open is not None
+                else None
+            )
+            # FOR SHARE: a cancel of the parent's tree (which locks it for
+            # update) waits for this child, and then sees it.
+            parent_row = (
+                conn.execute(
+                    f"{_SELECT_TASK} WHERE id = %s FOR SHARE{tx.nowait}", (task.parent_id,)
+                )
+                if task.parent_id
+                else None
+            )
+            tx.got_advisory(locked)
+            if same_key is not None:
+                row = tx.fetched(same_key.fetchone)
                 if row is not None:
                     original = task_from_row(row[1:])
                     if same_request(original, task):
@@ -522,12 +546,8 @@ class PostgresStore:
                         f"idempotency_key {task.idempotency_key!r} was already used for a "
                         f"different task ({original.id}); use a new key for a new task"
                     )
-            if max_open is not None:
-                row = conn.execute(
-                    "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE created_by = %s "
-                    "AND status IN (1, 2, 6) LIMIT %s) open",
-                    (task.created_by, max_open),
-                ).fetchone()
+            if open_tasks is not None and max_open is not None:
+                row = tx.fetched(open_tasks.fetchone)
                 open_count = 0 if row is None else int(row[0])
                 if open_count >= max_open:
                     raise ResourceExhausted(
@@ -535,12 +555,8 @@ class PostgresStore:
                         f"claimed) tasks, the limit; wait for some to finish or cancel them"
                     )
             new = replace(task, root_id=task.id)
-            if task.parent_id:
-                # FOR SHARE: a cancel of the parent's tree (which locks it for
-                # update) waits for this child, and then sees it.
-                row = tx.locked(
-                    f"{_SELECT_TASK} WHERE id = %s FOR SHARE{tx.nowait}", (task.parent_id,)
-                ).fetchone()
+            if parent_row is not None:
+                row = tx.fetched(parent_row.fetchone)
                 if row is None:
                     raise NotFound(access.parent_not_found(task.parent_id))
                 parent = task_from_row(row[1:])
@@ -574,14 +590,14 @@ class PostgresStore:
             if loaded is None:
                 raise NotFound(f"task {task_id!r} not found")
             task, pending = _apply(tx.conn, *loaded, decide, actor)
-            rows = tx.locked(
+            rows = tx.locked_all(
                 "WITH RECURSIVE tree(id) AS (SELECT id FROM tasks WHERE parent_id = %s "
                 "AND parent_id != '' UNION ALL SELECT t.id FROM tasks t JOIN tree "
                 "ON t.parent_id = tree.id AND t.parent_id != '') "
                 f"{_SELECT_TASK} WHERE id IN (SELECT id FROM tree) ORDER BY rowid "
                 f"FOR NO KEY UPDATE{tx.nowait}",
                 (task_id,),
-            ).fetchall()
+            )
             for row in rows:
                 pending.extend(
                     _apply(tx.conn, row[0], task_from_row(row[1:]), decide_descendant, actor)[1]
@@ -755,7 +771,7 @@ class PostgresStore:
 
 
 def _lock(tx: Tx, where: str, params: tuple[Any, ...]) -> tuple[int, TaskRecord] | None:
-    row = tx.locked(f"{_SELECT_TASK} WHERE {where} FOR NO KEY UPDATE{tx.nowait}", params).fetchone()
+    row = tx.locked_one(f"{_SELECT_TASK} WHERE {where} FOR NO KEY UPDATE{tx.nowait}", params)
     return None if row is None else (row[0], task_from_row(row[1:]))
 
 
@@ -844,6 +860,11 @@ def _read_events(
             f"{_SELECT_EVENT} WHERE e.seq = ANY(%s) ORDER BY e.seq", (chosen,)
         ).fetchall()
     return [event_from_row(row) for row in rows], more
+
+
+def _events_after(after: int, conn: psycopg.Connection[Any]) -> tuple[list[Event], bool]:
+    """Every event after `after`: what a daemon publishes next."""
+    return _read_events(conn, "e.seq > %s", [after], CATCH_UP_BATCH, CATCH_UP_BYTES)
 
 
 def _fitting(sizes: Sequence[Sequence[Any]], limit: int, max_bytes: int) -> tuple[list[int], bool]:
