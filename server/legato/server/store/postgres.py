@@ -18,6 +18,8 @@ several writers on several daemons keep the promises of `TaskStore`:
   under the lock: every daemon's reaper may try, one changes each task.
 - **Idempotency and the open-task cap** are checked under a per-creator
   advisory lock, so two daemons cannot both pass the check and both insert.
+  Open tasks are counted in `open_counts`, one row per creator and daemon,
+  which only that daemon writes: keeping the count costs no daemon a wait.
 - **Time** is the database's clock (`pgdb.DbClock`), whichever daemon writes.
 - **Fan-out.** Each commit NOTIFYs the seq it reached (a number, never a
   payload). Every daemon LISTENs, reads the events after the last one it
@@ -41,6 +43,7 @@ import functools
 import hashlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -103,7 +106,7 @@ CATCH_UP_BATCH = 500
 CATCH_UP_BYTES = 4 * 1024 * 1024
 # Tasks one expiry transaction ends at most; the reaper comes back for the rest.
 EXPIRE_BATCH = 1000
-OPEN = (1, 2, 6)  # PENDING, CLAIMED, INPUT_REQUIRED
+OPEN = (Status.PENDING, Status.CLAIMED, Status.INPUT_REQUIRED)
 
 SCHEMA = [
     """CREATE TABLE tasks (
@@ -144,8 +147,6 @@ SCHEMA = [
     "CREATE INDEX tasks_claimed_by ON tasks (claimed_by, rowid) WHERE claimed_by != ''",
     "CREATE INDEX tasks_deadline ON tasks (deadline) "
     "WHERE deadline IS NOT NULL AND status IN (1, 2, 6)",
-    # The per-creator cap counts here, under the creator's advisory lock.
-    "CREATE INDEX tasks_open ON tasks (created_by) WHERE status IN (1, 2, 6)",
     """CREATE TABLE task_labels (
     label      text    NOT NULL,
     task_rowid bigint  NOT NULL,
@@ -171,6 +172,15 @@ SCHEMA = [
     last bigint  NOT NULL
 )""",
     "INSERT INTO seq_counter (last) VALUES (0)",
+    # Open (pending, claimed, input-required) tasks per creator, for the cap: the
+    # sum of one row per daemon (`shard`), each written by that daemon's writer
+    # alone, so keeping it exact makes no daemon wait for another.
+    """CREATE TABLE open_counts (
+    created_by text   NOT NULL,
+    shard      bigint NOT NULL,
+    n          bigint NOT NULL,
+    PRIMARY KEY (created_by, shard)
+)""",
     """CREATE TABLE agents (
     name         text    PRIMARY KEY,
     labels       text    NOT NULL,
@@ -311,6 +321,8 @@ class PostgresStore:
         self._catching_up: asyncio.Task[None] | None = None
         self._until: dict[int, list[asyncio.Future[None]]] = {}
         self._agents = PostgresAgentStore(self)
+        # This daemon's rows of `open_counts`, new at each start.
+        self._shard = secrets.randbits(63)
         self._listener = Listener(
             db,
             [self.events_channel, self.agents_channel],
@@ -398,7 +410,10 @@ class PostgresStore:
     def _notified(self, channel: str, payload: str) -> None:
         if channel == self.events_channel:
             with contextlib.suppress(ValueError):
-                self._want(int(payload))
+                # One turn of the loop later: the writer thread may have queued
+                # the delivery of this very commit already, which publishes it
+                # without a read.
+                asyncio.get_running_loop().call_soon(self._want, int(payload))
         elif channel == self.agents_channel:
             self._agents.poke()
 
@@ -519,9 +534,8 @@ class PostgresStore:
             )
             open_tasks = (
                 conn.execute(
-                    "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE created_by = %s "
-                    "AND status IN (1, 2, 6) LIMIT %s) open",
-                    (task.created_by, max_open),
+                    "SELECT COALESCE(sum(n), 0) FROM open_counts WHERE created_by = %s",
+                    (task.created_by,),
                 )
                 if max_open is not None
                 else None
@@ -569,6 +583,7 @@ class PostgresStore:
                     )
                 new = replace(task, root_id=parent.root_id, depth=parent.depth + 1)
             rowid = _insert_task(conn, new)
+            _count_open(conn, new.created_by, self._shard, +1)
             return (new, True), [_pending(rowid, new, EventType.CREATED, new.created_by)]
 
         return await self._write(create)
@@ -578,7 +593,7 @@ class PostgresStore:
             loaded = _lock(tx, "id = %s", (task_id,))
             if loaded is None:
                 raise NotFound(f"task {task_id!r} not found")
-            return _apply(tx.conn, *loaded, decide, actor)
+            return _apply(tx.conn, *loaded, decide, actor, self._shard)
 
         return await self._write(update)
 
@@ -589,7 +604,7 @@ class PostgresStore:
             loaded = _lock(tx, "id = %s", (task_id,))
             if loaded is None:
                 raise NotFound(f"task {task_id!r} not found")
-            task, pending = _apply(tx.conn, *loaded, decide, actor)
+            task, pending = _apply(tx.conn, *loaded, decide, actor, self._shard)
             rows = tx.locked_all(
                 "WITH RECURSIVE tree(id) AS (SELECT id FROM tasks WHERE parent_id = %s "
                 "AND parent_id != '' UNION ALL SELECT t.id FROM tasks t JOIN tree "
@@ -600,7 +615,14 @@ class PostgresStore:
             )
             for row in rows:
                 pending.extend(
-                    _apply(tx.conn, row[0], task_from_row(row[1:]), decide_descendant, actor)[1]
+                    _apply(
+                        tx.conn,
+                        row[0],
+                        task_from_row(row[1:]),
+                        decide_descendant,
+                        actor,
+                        self._shard,
+                    )[1]
                 )
             return task, pending
 
@@ -622,7 +644,7 @@ class PostgresStore:
             ).fetchone()
             if row is None:
                 return None, []
-            return _apply(tx.conn, row[0], task_from_row(row[1:]), decide, actor)
+            return _apply(tx.conn, row[0], task_from_row(row[1:]), decide, actor, self._shard)
 
         return await self._write(claim)
 
@@ -636,7 +658,9 @@ class PostgresStore:
             ).fetchall()
             pending: list[_Pending] = []
             for row in rows:
-                pending.extend(_apply(tx.conn, row[0], task_from_row(row[1:]), decide, actor)[1])
+                pending.extend(
+                    _apply(tx.conn, row[0], task_from_row(row[1:]), decide, actor, self._shard)[1]
+                )
             return len(pending), pending
 
         return await self._write(expire)
@@ -802,8 +826,21 @@ def _pending(
     return _Pending(rowid, event, state_json(carried, chunk))
 
 
+def _count_open(conn: psycopg.Connection[Any], creator: str, shard: int, delta: int) -> None:
+    conn.execute(
+        "INSERT INTO open_counts (created_by, shard, n) VALUES (%s, %s, %s) "
+        "ON CONFLICT (created_by, shard) DO UPDATE SET n = open_counts.n + excluded.n",
+        (creator, shard, delta),
+    )
+
+
 def _apply(
-    conn: psycopg.Connection[Any], rowid: int, task: TaskRecord, decide: Decide, actor: str
+    conn: psycopg.Connection[Any],
+    rowid: int,
+    task: TaskRecord,
+    decide: Decide,
+    actor: str,
+    shard: int,
 ) -> Written[TaskRecord]:
     change = decide(task)
     if change is None:
@@ -831,6 +868,8 @@ def _apply(
             "UPDATE task_labels SET pending = %s WHERE task_rowid = %s AND label = ANY(%s)",
             (is_pending, rowid, list(new.labels)),
         )
+    if task.status in OPEN and new.status not in OPEN:
+        _count_open(conn, new.created_by, shard, -1)
     return new, [_pending(rowid, new, change.type, actor, change.chunk)]
 
 
