@@ -218,6 +218,33 @@ _EVENT_SIZE = (
     f"CASE WHEN e.type = {int(EventType.COMPLETED)} THEN octet_length(t.result) ELSE 0 END"
 )
 
+# The oldest claimable task of one label: an ordered walk of the pending index
+# that stops at the first task no other transaction holds.
+_CLAIM_ONE = (
+    f"SELECT tasks.rowid, {prefixed('tasks')} FROM task_labels l "
+    "JOIN tasks ON tasks.rowid = l.task_rowid "
+    "WHERE l.pending AND l.label = %s AND tasks.status = 1 "
+    "ORDER BY l.task_rowid LIMIT 1 FOR NO KEY UPDATE OF tasks SKIP LOCKED"
+)
+# Of several labels: the oldest of the first few pending tasks of each (an
+# index range per label; `label = ANY(...)` would read every pending task and
+# sort them)...
+CLAIM_CANDIDATES = 32
+_CLAIM_NEAR = (
+    f"SELECT tasks.rowid, {prefixed('tasks')} FROM tasks WHERE tasks.rowid IN ("
+    "SELECT c.task_rowid FROM unnest(%s::text[]) AS wanted(label), LATERAL ("
+    "SELECT l.task_rowid FROM task_labels l WHERE l.pending AND l.label = wanted.label "
+    f"ORDER BY l.task_rowid LIMIT {CLAIM_CANDIDATES}) c) AND tasks.status = 1 "
+    "ORDER BY tasks.rowid LIMIT 1 FOR NO KEY UPDATE OF tasks SKIP LOCKED"
+)
+# ...and, when all of those are being taken, any of them.
+_CLAIM_ANY = (
+    f"SELECT tasks.rowid, {prefixed('tasks')} FROM task_labels l "
+    "JOIN tasks ON tasks.rowid = l.task_rowid "
+    "WHERE l.pending AND l.label = ANY(%s) AND tasks.status = 1 "
+    "ORDER BY l.task_rowid LIMIT 1 FOR NO KEY UPDATE OF tasks SKIP LOCKED"
+)
+
 # The last statement of every transaction that records events: turns the
 # counter (its row lock is held to COMMIT, so seq follows commit order), inserts
 # the events with their numbers and notifies the seq reached.
@@ -241,6 +268,16 @@ class _Pending:
 
 
 Written = tuple[T, list[_Pending]]
+
+
+def _where(url: str) -> str:
+    """The server and database of `url`, without user or password."""
+    try:
+        info = conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "(an unreadable URL)"
+    host = info.get("host") or "localhost"
+    return f"postgresql://{host}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
 
 
 def _lock_key(*parts: str) -> int:
@@ -335,12 +372,16 @@ class PostgresStore:
         """Connects to `url`, creating or migrating legato's tables (one daemon at a
         time: an advisory lock)."""
         holder: list[str] = []
-        db = await PgDatabase.open(
-            url,
-            durability=durability,
-            before_commit=_before_commit(lambda: holder[0]),
-            prepare=_migrate,
-        )
+        try:
+            db = await PgDatabase.open(
+                url,
+                durability=durability,
+                before_commit=_before_commit(lambda: holder[0]),
+                prepare=_migrate,
+            )
+        except psycopg.OperationalError as exc:
+            # An OSError, as a port that cannot be bound: `legato serve` says so in a line.
+            raise OSError(f"cannot use the database at {_where(url)}: {exc}".strip()) from exc
         try:
 
             def where(conn: psycopg.Connection[Any]) -> tuple[str, int]:
@@ -375,10 +416,7 @@ class PostgresStore:
 
     @property
     def description(self) -> str:
-        info = conninfo.conninfo_to_dict(self._db.url)
-        host = info.get("host") or "localhost"
-        where = f"{host}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
-        return f"postgresql://{where} (schema {self.schema})"
+        return f"{_where(self._db.url)} (schema {self.schema})"
 
     @property
     def listener(self) -> Listener:
@@ -424,6 +462,8 @@ class PostgresStore:
 
     def _committed_here(self, pending: list[_Pending]) -> None:
         events = [p.event for p in pending]
+        if events[-1].seq <= self._published:
+            return  # its notification came first, and a read published it
         if events[0].seq == self._published + 1:
             self._publish(events)  # nothing came in between: no read needed
         else:
@@ -636,12 +676,13 @@ class PostgresStore:
             # over, not waited for. `status = 1` on the task row is what a
             # concurrent commit is re-checked against.
             row = tx.conn.execute(
-                f"SELECT tasks.rowid, {prefixed('tasks')} FROM task_labels l "
-                "JOIN tasks ON tasks.rowid = l.task_rowid "
-                "WHERE l.pending AND l.label = ANY(%s) AND tasks.status = 1 "
-                "ORDER BY l.task_rowid LIMIT 1 FOR NO KEY UPDATE OF tasks SKIP LOCKED",
-                (list(labels),),
+                _CLAIM_ONE if len(labels) == 1 else _CLAIM_NEAR,
+                (labels[0] if len(labels) == 1 else list(labels),),
             ).fetchone()
+            if row is None and len(labels) > 1:
+                # Every candidate near the head of the labels was being taken
+                # elsewhere: look further, however far that is.
+                row = tx.conn.execute(_CLAIM_ANY, (list(labels),)).fetchone()
             if row is None:
                 return None, []
             return _apply(tx.conn, row[0], task_from_row(row[1:]), decide, actor, self._shard)
