@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard proto/legato/v1/*.proto)
 
-.PHONY: install run demo test lint format proto proto-check bench bench-smoke chaos clean
+.PHONY: install run demo test lint format proto proto-check bench bench-smoke bench-postgres chaos clean
 
 install: $(STAMP)
 
@@ -71,6 +71,14 @@ bench: install
 bench-smoke: install
 	$(BIN)/python -m pip install --quiet matplotlib || echo "bench-smoke: no matplotlib, no plot"
 	$(BIN)/python -m bench --smoke
+
+# The PostgreSQL backend against the SQLite one and a PostgreSQL-native queue's
+# enqueue (pgqueuer, a benchmark-only dependency) on the server of
+# LEGATO_BENCH_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test);
+# writes its section of BENCHMARKS.md.
+bench-postgres: install
+	$(BIN)/python -m pip install --quiet pgqueuer
+	$(BIN)/python -m bench.postgres
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
