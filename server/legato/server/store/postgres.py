@@ -923,23 +923,24 @@ def _read_events(
     """At most `limit` events matching `where`, in seq order, whose sizes add up to
     at most `max_bytes` (at least one), and whether more follow.
 
-    In two steps, in one snapshot: the seqs and sizes of the candidates, then
-    the rows that fit, so no blob past the budget is ever fetched.
+    One statement (one snapshot, one round trip): the seqs and sizes of the
+    candidates first, then the rows of those that fit, so no blob past the
+    budget is ever fetched.
     """
-    with conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        sizes = conn.execute(
-            f"SELECT e.seq, {_EVENT_SIZE} FROM events e JOIN tasks t ON t.rowid = e.task_rowid "
-            f"WHERE {where} ORDER BY e.seq LIMIT %s",
-            [*params, limit + 1],
-        ).fetchall()
-        chosen, more = _fitting(sizes, limit, max_bytes)
-        if not chosen:
-            return [], False
-        rows = conn.execute(
-            f"{_SELECT_EVENT} WHERE e.seq = ANY(%s) ORDER BY e.seq", (chosen,)
-        ).fetchall()
-    return [event_from_row(row) for row in rows], more
+    rows = conn.execute(
+        f"WITH c AS (SELECT e.seq, {_EVENT_SIZE} AS size FROM events e "
+        f"JOIN tasks t ON t.rowid = e.task_rowid WHERE {where} ORDER BY e.seq LIMIT %s), "
+        "r AS (SELECT seq, sum(size) OVER (ORDER BY seq) AS running, "
+        "row_number() OVER (ORDER BY seq) AS n FROM c) "
+        f"SELECT (SELECT count(*) FROM c), {_SELECT_EVENT.removeprefix('SELECT ')} "
+        "JOIN r ON r.seq = e.seq WHERE (r.n = 1 OR r.running <= %s) AND r.n <= %s "
+        "ORDER BY e.seq",
+        [*params, limit + 1, max_bytes, limit],
+    ).fetchall()
+    if not rows:
+        return [], False
+    candidates = int(rows[0][0])
+    return [event_from_row(row[1:]) for row in rows], candidates > len(rows)
 
 
 def _events_after(after: int, conn: psycopg.Connection[Any]) -> tuple[list[Event], bool]:
