@@ -220,6 +220,9 @@ class PgDatabase:
         clock: DbClock,
         before_commit: BeforeCommit,
     ):
+        # Called on the writer thread with the outcomes of the writes of each
+        # transaction once its COMMIT succeeded, before they are delivered.
+        self.committed: Callable[[list[Any]], None] = lambda outcomes: None
         self.url = url
         self.clock = clock
         self._loop = asyncio.get_running_loop()
@@ -408,6 +411,8 @@ class PgDatabase:
                         finish()  # sends COMMIT too, and fails if it does
                     else:
                         pipeline.sync()
+                    if succeeded:
+                        self.committed(succeeded)
         except BaseException as exc:  # nothing of the group committed
             self._check_connection(conn, exc)
             with contextlib.suppress(psycopg.Error):

@@ -357,6 +357,9 @@ class PostgresStore:
         self._wanted = published
         self._catching_up: asyncio.Task[None] | None = None
         self._until: dict[int, list[asyncio.Future[None]]] = {}
+        # The highest seq this daemon's writer has committed (set on its thread).
+        self._committed_high = published
+        db.committed = self._committed_on_writer
         self._agents = PostgresAgentStore(self)
         # This daemon's rows of `open_counts`, new at each start.
         self._shard = secrets.randbits(63)
@@ -448,12 +451,21 @@ class PostgresStore:
     def _notified(self, channel: str, payload: str) -> None:
         if channel == self.events_channel:
             with contextlib.suppress(ValueError):
-                # One turn of the loop later: the writer thread may have queued
-                # the delivery of this very commit already, which publishes it
-                # without a read.
-                asyncio.get_running_loop().call_soon(self._want, int(payload))
+                self._announced(int(payload))
         elif channel == self.agents_channel:
             self._agents.poke()
+
+    def _committed_on_writer(self, outcomes: list[Any]) -> None:
+        seqs = [p.event.seq for outcome in outcomes for p in outcome[1]]
+        if seqs:
+            self._committed_high = max(self._committed_high, *seqs)
+
+    def _announced(self, seq: int) -> None:
+        if seq <= self._committed_high:
+            # This daemon's own commit, or one before it: the delivery of its
+            # own commit publishes it, or reads what came in between first.
+            return
+        self._want(seq)
 
     async def _reconnected(self) -> None:
         # Whatever committed while nobody listened: read from the last seq on.
