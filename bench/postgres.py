@@ -202,7 +202,7 @@ async def claim_section(counts: Counts, daemons: list[Daemon], admin_key: str) -
 
 
 async def delivery_section(counts: Counts, a: Daemon, b: Daemon, admin_key: str) -> dict[str, Any]:
-    (key,) = await agents(a, admin_key, "deliverer")
+    (key,) = await agents(a, admin_key, f"deliverer-{secrets.token_hex(3)}")
     latencies: list[int] = []
     async with (
         grpc.aio.insecure_channel(a.address) as on_a,

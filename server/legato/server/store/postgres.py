@@ -939,14 +939,18 @@ def _read_events(
     candidates first, then the rows of those that fit, so no blob past the
     budget is ever fetched.
     """
+    # Each task joined by a LATERAL lookup of its primary key (LIMIT 1 keeps the
+    # planner from flattening it): statistics that lag behind a table growing
+    # from empty would otherwise make it hash-join the whole of `tasks`.
     rows = conn.execute(
-        f"WITH c AS (SELECT e.seq, {_EVENT_SIZE} AS size FROM events e "
-        f"JOIN tasks t ON t.rowid = e.task_rowid WHERE {where} ORDER BY e.seq LIMIT %s), "
-        "r AS (SELECT seq, sum(size) OVER (ORDER BY seq) AS running, "
+        f"WITH c AS MATERIALIZED (SELECT e.seq, {_EVENT_SIZE} AS size FROM events e "
+        "CROSS JOIN LATERAL (SELECT t.content, t.context, t.result FROM tasks t "
+        f"WHERE t.rowid = e.task_rowid LIMIT 1) t WHERE {where} ORDER BY e.seq LIMIT %s), "
+        "r AS MATERIALIZED (SELECT seq, sum(size) OVER (ORDER BY seq) AS running, "
         "row_number() OVER (ORDER BY seq) AS n FROM c) "
-        f"SELECT (SELECT count(*) FROM c), {_SELECT_EVENT.removeprefix('SELECT ')} "
-        "JOIN r ON r.seq = e.seq WHERE (r.n = 1 OR r.running <= %s) AND r.n <= %s "
-        "ORDER BY e.seq",
+        "SELECT (SELECT count(*) FROM c), x.* FROM r CROSS JOIN LATERAL ("
+        f"{_SELECT_EVENT} WHERE e.seq = r.seq LIMIT 1) x "
+        "WHERE (r.n = 1 OR r.running <= %s) AND r.n <= %s ORDER BY r.seq",
         [*params, limit + 1, max_bytes, limit],
     ).fetchall()
     if not rows:
