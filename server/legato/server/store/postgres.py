@@ -634,8 +634,7 @@ class PostgresStore:
                         f"are at most {MAX_DEPTH} levels below their root"
                     )
                 new = replace(task, root_id=parent.root_id, depth=parent.depth + 1)
-            rowid = _insert_task(conn, new)
-            _count_open(conn, new.created_by, self._shard, +1)
+            rowid = _insert_task(conn, new, self._shard)
             return (new, True), [_pending(rowid, new, EventType.CREATED, new.created_by)]
 
         return await self._write(create)
@@ -852,14 +851,23 @@ def _lock(tx: Tx, where: str, params: tuple[Any, ...]) -> tuple[int, TaskRecord]
     return None if row is None else (row[0], task_from_row(row[1:]))
 
 
-def _insert_task(conn: psycopg.Connection[Any], task: TaskRecord) -> int:
+def _insert_task(conn: psycopg.Connection[Any], task: TaskRecord, shard: int) -> int:
+    """Inserts the task, its label rows, and counts it open: one statement."""
     row = conn.execute(
         f"WITH t AS (INSERT INTO tasks ({TASK_COLUMNS}) VALUES "
         f"({', '.join(['%s'] * 27)}) RETURNING rowid), "
         "l AS (INSERT INTO task_labels (label, task_rowid, pending) "
-        "SELECT label, t.rowid, %s FROM t, unnest(%s::text[]) AS label) "
+        "SELECT label, t.rowid, %s FROM t, unnest(%s::text[]) AS label), "
+        "o AS (INSERT INTO open_counts (created_by, shard, n) VALUES (%s, %s, 1) "
+        "ON CONFLICT (created_by, shard) DO UPDATE SET n = open_counts.n + 1) "
         "SELECT rowid FROM t",
-        (*task_values(task), task.status is Status.PENDING, list(task.labels)),
+        (
+            *task_values(task),
+            task.status is Status.PENDING,
+            list(task.labels),
+            task.created_by,
+            shard,
+        ),
     ).fetchone()
     assert row is not None
     return int(row[0])
