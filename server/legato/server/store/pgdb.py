@@ -148,6 +148,15 @@ class Tx:
 BeforeCommit = Callable[[psycopg.Connection[Any], list[Any]], Callable[[], None]]
 
 
+def _awaiting(pipeline: psycopg.Pipeline) -> bool:
+    """Whether statements were sent or queued whose results are not in yet."""
+    commands = getattr(pipeline, "command_queue", None)
+    results = getattr(pipeline, "result_queue", None)
+    if commands is None or results is None:  # another psycopg: be safe
+        return True
+    return bool(commands) or bool(results)
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -379,9 +388,11 @@ class PgDatabase:
                         conn.execute("SAVEPOINT job")
                     try:
                         job.outcome = job.fn(tx)
-                        if savepoints:
+                        if savepoints and _awaiting(pipeline):
                             # What the write queued last fails here, if it
-                            # does, and not in the next write.
+                            # does, and not in the next write. (A write whose
+                            # last statement was fetched has nothing left to
+                            # fail: the server runs statements in order.)
                             pipeline.sync()
                     except Contended:
                         self._resync(pipeline)
