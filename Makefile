@@ -4,8 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard proto/legato/v1/*.proto)
+# The TypeScript client; npm ci writes node_modules/.package-lock.json.
+TS      := clients/typescript
+TS_DEPS := $(TS)/node_modules/.package-lock.json
 
-.PHONY: install run demo test lint format proto proto-check bench bench-smoke bench-postgres chaos clean
+.PHONY: install run demo test lint format proto proto-check bench bench-smoke bench-ladder bench-postgres \
+	chaos clean test-ts proto-ts proto-check-ts
 
 install: $(STAMP)
 
@@ -60,18 +64,71 @@ proto-check: install
 		test -e "$$tmp/$$f" || { echo "proto-check: proto/$$f has no .proto source; delete it"; exit 1; }; \
 	done && echo "proto-check: generated code matches proto/"
 
-# Measures legato and its ceilings in one run (< 10 min); writes BENCHMARKS.md and
-# bench/latency.png. matplotlib draws the plot; it is a benchmark-only dependency.
+# The TypeScript client (clients/typescript) needs Node.js 20 or newer. Under CI=true
+# a missing Node fails the run; elsewhere its targets say how to get it and stop there.
+NEED_NODE = if ! node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' 2>/dev/null; then \
+		if [ "$${CI:-}" = true ]; then echo "$@: Node.js 20 or newer is needed and was not found (CI=true)"; exit 1; fi; \
+		echo "$@: skipped: needs Node.js 20 or newer with npm; install it (Debian: apt-get install nodejs npm; or https://nodejs.org/en/download) and run 'make $@' again"; \
+		exit 0; \
+	fi
+
+$(TS_DEPS): $(TS)/package-lock.json
+	cd $(TS) && npm ci --no-audit --no-fund
+
+# Builds the client, then runs its tests against real daemons (`legato serve` from .venv).
+test-ts: install
+	@$(NEED_NODE); \
+	$(MAKE) -s --no-print-directory $(TS_DEPS) && cd $(TS) && npm test
+
+# ts-proto through the protoc that grpcio-tools ships; the output is committed.
+TS_PROTO_OPT := outputServices=grpc-js,esModuleInterop=true,env=node,importSuffix=.js,outputJsonMethods=false
+define GENERATE_TS
+	$(BIN)/python -m grpc_tools.protoc -I proto \
+		--plugin=protoc-gen-ts_proto=$(TS)/node_modules/.bin/protoc-gen-ts_proto \
+		--ts_proto_out=$(1) --ts_proto_opt=$(TS_PROTO_OPT) $(PROTOS)
+endef
+
+proto-ts: install
+	@$(NEED_NODE); \
+	$(MAKE) -s --no-print-directory $(TS_DEPS) && \
+	rm -rf $(TS)/src/gen && mkdir -p $(TS)/src/gen && \
+	$(call GENERATE_TS,$(TS)/src/gen)
+
+proto-check-ts: install
+	@$(NEED_NODE); \
+	$(MAKE) -s --no-print-directory $(TS_DEPS) && \
+	tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	{ $(call GENERATE_TS,$$tmp); } || exit 1; \
+	if ! diff -r $$tmp $(TS)/src/gen >/dev/null; then \
+		diff -rq $$tmp $(TS)/src/gen | sed "s|$$tmp|(generated)|"; \
+		echo "proto-check-ts: $(TS)/src/gen is out of date; run 'make proto-ts'"; exit 1; \
+	fi; \
+	echo "proto-check-ts: generated code matches $(TS)/src/gen"
+
+# Benchmark-only tools: matplotlib draws the plots, aiosqlite runs the issue's naive
+# server in the ladder, py-spy profiles the ladder's servers.
+BENCH_TOOLS := matplotlib aiosqlite py-spy
+
+# Measures legato and its ceilings in one run (< 10 min), the CreateTask ladder
+# included; writes BENCHMARKS.md, bench/latency.png and bench/ladder.png.
 bench: install
-	$(BIN)/python -m pip install --quiet matplotlib
+	$(BIN)/python -m pip install --quiet $(BENCH_TOOLS)
 	$(BIN)/python -m bench
 
 # The quick form CI runs (~1 min, small counts, no 1M database): the harness must
 # work; a missed target is reported, not fatal. Writes under bench/results/smoke/.
 bench-smoke: install
-	$(BIN)/python -m pip install --quiet matplotlib || echo "bench-smoke: no matplotlib, no plot"
+	$(BIN)/python -m pip install --quiet $(BENCH_TOOLS) || echo "bench-smoke: no plots, no profiles"
 	$(BIN)/python -m bench --smoke
 
+# The CreateTask ladder alone (~4 min): bare echo, + legato's interceptors, + a naive
+# commit per call, + legato's schema, legato; py-spy profiles of the last two. Writes
+# bench/results/ladder/. VARIANTS="name=DIR ..." also measures `legato serve` run
+# from a modified copy of the server (DIR holding legato/server/).
+bench-ladder: install
+	$(BIN)/python -m pip install --quiet $(BENCH_TOOLS)
+	$(BIN)/python -m bench --section ladder --out bench/results/ladder \
+		$(foreach variant,$(VARIANTS),--variant $(variant))
 # The PostgreSQL backend against the SQLite one and a PostgreSQL-native queue's
 # enqueue (pgqueuer, a benchmark-only dependency) on the server of
 # LEGATO_BENCH_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test);

@@ -11,5 +11,9 @@ form CI runs so the harness never rots. Modules, one per concern:
 - `loadgen`: load-generator worker processes, driven over a pipe.
 - `dbgen`: the 10k / 1M task databases, generated directly and cached.
 - `sections`: what is measured, section by section.
-- `stats`, `report`: medians and ratios; the console table, BENCHMARKS.md, the plot.
+- `ladder`: the CreateTask ladder, from the bare echo to legato one step at a
+  time (`make bench-ladder` runs it alone); `naive`: its middle servers;
+  `profiler`: py-spy recordings of a server under load; `components`: the
+  pieces of legato's create timed alone; `ladder_report`: its tables and plot.
+- `stats`, `report`: medians and ratios; the console table, BENCHMARKS.md, the plots.
 """

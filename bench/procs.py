@@ -231,9 +231,14 @@ async def start_daemon(
     *,
     durability: str = "normal",
     max_open_tasks: int = 1_000_000_000,
+    env: dict[str, str] | None = None,
     database: str = "",
 ) -> Daemon:
-    """Starts `legato serve` and returns once it answers SERVING, timing that."""
+    """Starts `legato serve` and returns once it answers SERVING, timing that.
+
+    `env` replaces the environment (e.g. a PYTHONPATH that puts a modified copy
+    of the server first).
+    """
     argv = [
         str(LEGATO),
         "serve",
@@ -251,6 +256,6 @@ async def start_daemon(
     ]
     socket.unlink(missing_ok=True)  # noqa: ASYNC240 (a stale socket of an earlier start)
     started = time.perf_counter()
-    proc = procs.spawn(name, argv)
+    proc = procs.spawn(name, argv, env=env)
     serving = await wait_serving(proc, socket)
     return Daemon(proc, data_dir, socket, serving - started)

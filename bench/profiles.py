@@ -32,6 +32,18 @@ class Profile:
     # Start-up: how many times each cold start is timed.
     start_repeats: int
     large_start_repeats: int
+    # The CreateTask ladder (bench.ladder): rounds of every rung at 1 and 32 in
+    # flight, each run this long after a warm-up; then py-spy recordings of this
+    # length of the rungs named in `profiled` (and of any variant).
+    ladder_rounds: int = 5
+    ladder_seconds: float = 2.0
+    ladder_warmup_seconds: float = 0.3
+    profile_seconds: int = 3  # py-spy takes whole seconds
+    profiled: tuple[str, ...] = ("legato", "schema", "wire")
+    # The rungs measured (keys of bench.ladder's rungs); empty: all of them.
+    ladder_rungs: tuple[str, ...] = ()
+    # Fraction of bench.components' counts run.
+    components_scale: float = 1.0
     # Watch streams per load-generator process and per connection.
     watcher_processes: int = 4
     streams_per_channel: int = 25
@@ -77,4 +89,10 @@ SMOKE = Profile(
     rss_watchers=50,
     start_repeats=2,
     large_start_repeats=1,
+    ladder_rounds=1,
+    ladder_seconds=0.3,
+    ladder_warmup_seconds=0.1,
+    profile_seconds=1,
+    profiled=("legato",),
+    components_scale=0.05,
 )

@@ -192,6 +192,9 @@ class Table:
     headers: list[str]
     rows: list[list[str]]
     note: str = ""
+    # The section (`bench.run.SECTIONS`) that measures it: a run of some
+    # sections only shows their tables.
+    section: str = ""
 
     def markdown(self) -> str:
         lines = [f"### {self.title}", ""]
@@ -263,6 +266,7 @@ def tables(results: Results, profile: Profile) -> list[Table]:
             "load-generator process; the echo server answers with legato's own response bytes. "
             "Ratios are of the medians."
         ),
+        section="unary",
     )
 
     delivery_rows = []
@@ -302,6 +306,7 @@ def tables(results: Results, profile: Profile) -> list[Table]:
             f"{profile.watcher_processes} processes, {profile.streams_per_channel} streams per "
             "connection; p50/p99 over all receipts of a round."
         ),
+        section="delivery",
     )
     result = Table(
         "Complete → handle.result()",
@@ -317,6 +322,7 @@ def tables(results: Results, profile: Profile) -> list[Table]:
             f"{profile.result_samples} tasks per round, {profile.delivery_rounds} rounds; "
             "creator and worker clients in one process apart from the daemon."
         ),
+        section="delivery",
     )
 
     small, large = (f"{n:,}" for n in profile.scale_sizes)
@@ -355,6 +361,7 @@ def tables(results: Results, profile: Profile) -> list[Table]:
             f"{OBSERVER_TASKS} tasks it created after the history, none of it. "
             f"{profile.scale_rounds} rounds alternating the two databases."
         ),
+        section="scale",
     )
 
     def row(title: str, key: str, unit: str = "", target: str = "") -> list[str]:
@@ -401,6 +408,7 @@ def tables(results: Results, profile: Profile) -> list[Table]:
                 " tasks/s",
             ),
         ],
+        section="footprint",
     )
     startup = Table(
         "Start-up",
@@ -429,17 +437,31 @@ def tables(results: Results, profile: Profile) -> list[Table]:
         ],
         note=f"Median (min{DASH}max) of {profile.start_repeats} starts "
         f"({profile.large_start_repeats} with {large} tasks).",
+        section="startup",
     )
     return [unary, delivery, result, scale, footprint, startup]
 
 
-def targets_table(results: Results, profile: Profile) -> Table:
+def targets_table(results: Results, profile: Profile, *, partial: bool = False) -> Table:
+    """The targets; in a run of some sections only (`partial`), those it measured."""
+    shown = [t for t in targets(results, profile) if not (partial and math.isnan(t.measured))]
     return Table(
         "Targets",
         ["target", "wanted", "measured", "status"],
-        [[t.name, t.wanted, t.got, f"**{t.status}**"] for t in targets(results, profile)],
+        [[t.name, t.wanted, t.got, f"**{t.status}**"] for t in shown],
         note="Ratios are of medians measured in this run. A MISS is reported, never fatal.",
     )
+
+
+def _shown_tables(
+    results: Results, profile: Profile, ran: Sequence[str] | None
+) -> tuple[list[Table], list[Table]]:
+    """The tables of the sections that ran, and the ladder's."""
+    from bench import ladder_report  # builds on Table: imported once this module is
+
+    main = [t for t in tables(results, profile) if ran is None or t.section in ran]
+    ladder = ladder_report.tables(results, profile) if ran is None or "ladder" in ran else []
+    return main, ladder
 
 
 # -- the machine -----------------------------------------------------------------------------
@@ -505,7 +527,10 @@ def markdown(
     wall_seconds: float,
     load_before: str,
     plot_name: str | None,
+    ladder_plot_name: str | None = None,
+    ran: Sequence[str] | None = None,
 ) -> str:
+    """BENCHMARKS.md; `ran`: the sections run, when not all of them."""
     today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# legato benchmarks",
@@ -526,8 +551,24 @@ def markdown(
     if plot_name:
         lines += [f"![latency]({plot_name})", ""]
     lines += ["## Results", ""]
-    for table in [targets_table(results, profile), *tables(results, profile)]:
+    main, ladder = _shown_tables(results, profile, ran)
+    targets_shown = targets_table(results, profile, partial=ran is not None)
+    for table in [targets_shown, *main] if targets_shown.rows else main:
         lines += [table.markdown(), ""]
+    if ladder:
+        lines += [
+            "## The CreateTask ladder",
+            "",
+            "Where the gap between legato's CreateTask and the bare echo goes: five servers, "
+            "each adding one thing to the one before, measured in the same rounds "
+            "(`bench/ladder.py`, servers of steps 2\u20134 in `bench/naive.py`; "
+            "`make bench-ladder` runs it alone).",
+            "",
+        ]
+        if ladder_plot_name:
+            lines += [f"![ladder]({ladder_plot_name})", ""]
+        for table in ladder:
+            lines += [table.markdown(), ""]
     if results.notes or results.errors:
         lines += ["## Notes", ""]
         lines += [f"- {note}" for note in results.notes]
@@ -546,14 +587,19 @@ def markdown(
         "- RSS is VmRSS of /proc/PID/status; CPU is utime + stime of /proc/PID/stat, all threads.",
         "- SERVING is the daemon's gRPC health check answering SERVING, polled every millisecond "
         "from the moment its socket exists; the time counts from spawning `legato serve`.",
+        "- The ladder's servers of steps 2\u20134 (`bench/naive.py`) use legato's own "
+        "interceptors, registry and store code, imported from `legato.server`; profiles are "
+        "py-spy recordings of the server process (`bench/profiler.py`).",
         "",
     ]
     return "\n".join(lines)
 
 
-def console(results: Results, profile: Profile) -> str:
-    parts = [t.markdown() for t in [*tables(results, profile), targets_table(results, profile)]]
-    return "\n\n".join(parts)
+def console(results: Results, profile: Profile, ran: Sequence[str] | None = None) -> str:
+    main, ladder = _shown_tables(results, profile, ran)
+    targets_shown = targets_table(results, profile, partial=ran is not None)
+    shown = [*main, *ladder, *([targets_shown] if targets_shown.rows else [])]
+    return "\n\n".join(t.markdown() for t in shown)
 
 
 # -- the plot -----------------------------------------------------------------------------------
@@ -561,16 +607,31 @@ def console(results: Results, profile: Profile) -> str:
 
 def plot(results: Results, profile: Profile, path: Path) -> str | None:
     """Writes the latency plot; returns why it was skipped, or None."""
+    return _plotted("the plot", lambda: _draw(results, profile, path))
+
+
+def plot_ladder(results: Results, profile: Profile, path: Path) -> str | None:
+    """Writes the ladder plot; returns why it was skipped, or None."""
+    from bench import ladder_report
+
+    if not ladder_report.rungs_of(results):
+        return "the ladder did not run: no ladder plot"
+    return _plotted(
+        "the ladder plot", lambda: ladder_report.draw(results, profile, path, _cpu_model())
+    )
+
+
+def _plotted(what: str, draw: Callable[[], None]) -> str | None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
     except ImportError:
-        return "matplotlib is not installed: no plot (make bench installs it)"
+        return f"matplotlib is not installed: no {what} (make bench installs it)"
     try:
-        _draw(results, profile, path)
+        draw()
     except Exception as exc:  # a plot must not cost the run its numbers
-        return f"the plot could not be drawn: {type(exc).__name__}: {exc}"
+        return f"{what} could not be drawn: {type(exc).__name__}: {exc}"
     return None
 
 

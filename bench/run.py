@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import shutil
 import sys
@@ -13,14 +14,16 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import report
+from bench import report, sections
+from bench.ladder import ladder_section
 from bench.loadgen import Worker
 from bench.procs import REPO, Processes, event_loop_name
 from bench.profiles import FULL, SMOKE, Profile
-from bench.sections import SECTIONS, Run, start_ceilings
+from bench.sections import Run, start_ceilings
 from bench.stats import Results
 
 CACHE = REPO / "bench" / "results"
+SECTIONS = {**sections.SECTIONS, "ladder": ladder_section}
 
 
 class Progress:
@@ -33,8 +36,13 @@ class Progress:
         print(f"[{time.perf_counter() - self.started:6.1f} s] {text}", flush=True)
 
 
-async def run_all(profile: Profile, sections: Sequence[str], say: Progress) -> Results:
-    """Runs `sections` in order; a failing section is recorded and the next one runs."""
+async def run_all(
+    profile: Profile,
+    names: Sequence[str],
+    say: Progress,
+    variants: Sequence[tuple[str, Path]] = (),
+) -> Results:
+    """Runs the sections `names` in order; a failing section is recorded and the next one runs."""
     results = Results()
     CACHE.mkdir(parents=True, exist_ok=True)
     logs = CACHE / f"logs-{profile.name}"
@@ -45,11 +53,11 @@ async def run_all(profile: Profile, sections: Sequence[str], say: Progress) -> R
     workers: list[Worker] = []
     try:
         workers = [Worker.start(procs, f"loadgen-{i}") for i in range(profile.watcher_processes)]
-        run = Run(profile, procs, scratch, CACHE, results, workers, say)
+        run = Run(profile, procs, scratch, CACHE, results, workers, say, variants=list(variants))
         results.facts["event loop of ceilings and load generators"] = event_loop_name()
         await start_ceilings(run)
         say("ceilings ready")
-        for name in sections:
+        for name in names:
             before = set(procs.running())
             started = time.perf_counter()
             try:
@@ -102,8 +110,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=list(SECTIONS),
         help="run only this section (repeatable); for working on the harness",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also measure (in the ladder) `legato serve` with DIR first on PYTHONPATH: a "
+        "modified copy of the server, DIR holding legato/server/ (repeatable)",
+    )
+    parser.add_argument(
+        "--rungs",
+        help="the ladder's rungs to measure, comma-separated keys (default: all), e.g. "
+        "echo,legato to set variants against legato alone",
+    )
+    parser.add_argument(
+        "--ladder-rounds", type=int, help="rounds of the ladder (default: the profile's)"
+    )
     args = parser.parse_args(argv)
+    variants: list[tuple[str, Path]] = []
+    for spec in args.variant:
+        name, _, directory = spec.partition("=")
+        path = Path(directory).resolve()
+        if not name.isidentifier() or not (path / "legato" / "server").is_dir():
+            parser.error(f"--variant {spec!r}: expected NAME=DIR with DIR/legato/server/")
+        variants.append((name, path))
     profile = SMOKE if args.smoke else FULL
+    if args.ladder_rounds is not None:
+        profile = dataclasses.replace(profile, ladder_rounds=args.ladder_rounds)
+    if args.rungs is not None:
+        profile = dataclasses.replace(profile, ladder_rungs=tuple(args.rungs.split(",")))
     if args.out is not None:
         markdown_path, plot_path = args.out / "BENCHMARKS.md", args.out / "latency.png"
     elif args.smoke:
@@ -118,24 +153,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     say = Progress()
     load_before = report.load_average()
-    sections = args.section or list(SECTIONS)
-    say(f"{profile.name} run: {', '.join(sections)}")
-    results = asyncio.run(run_all(profile, sections, say))
+    names = args.section or list(SECTIONS)
+    say(f"{profile.name} run: {', '.join(names)}")
+    results = asyncio.run(run_all(profile, names, say, variants))
     wall = time.perf_counter() - say.started
 
-    skipped = report.plot(results, profile, plot_path)
-    if skipped:
-        results.notes.append(skipped)
-        print(f"note: {skipped}")
+    ran = None if args.section is None else names
+    skipped: str | None = "no section with latencies ran: no latency plot"
+    if ran is None or {"unary", "delivery", "scale"} & set(names):
+        skipped = report.plot(results, profile, plot_path)
+        if skipped:
+            results.notes.append(skipped)
+            print(f"note: {skipped}")
+    ladder_plot = plot_path.with_name("ladder.png")
+    ladder_skipped: str | None = "the ladder did not run"
+    if ran is None or "ladder" in names:
+        ladder_skipped = report.plot_ladder(results, profile, ladder_plot)
+        if ladder_skipped:
+            results.notes.append(ladder_skipped)
+            print(f"note: {ladder_skipped}")
     command = "make bench-smoke" if args.smoke else "make bench"
     if argv is not None or sys.argv[1:] not in ([], ["--smoke"]):
         command = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    relative_plot = (
-        Path(plot_path).relative_to(markdown_path.parent).as_posix()
-        if plot_path.is_relative_to(markdown_path.parent)
-        else str(plot_path)
-    )
+
+    def relative(path: Path) -> str:
+        if path.is_relative_to(markdown_path.parent):
+            return path.relative_to(markdown_path.parent).as_posix()
+        return str(path)
+
     raw = CACHE / f"results-{profile.name}.json"
+    if ran is not None:  # a run of some sections does not replace the whole run's figures
+        raw = CACHE / f"results-{profile.name}-{'-'.join(names)}.json"
     raw.write_text(
         json.dumps(
             {
@@ -145,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "facts": results.facts,
                 "notes": results.notes,
                 "errors": results.errors,
+                "details": results.details,
             },
             indent=1,
         )
@@ -155,13 +204,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         command=command,
         wall_seconds=wall,
         load_before=load_before,
-        plot_name=None if skipped else relative_plot,
+        plot_name=None if skipped else relative(plot_path),
+        ladder_plot_name=None if ladder_skipped else relative(ladder_plot),
+        ran=ran,
     )
     markdown_path.write_text(_with_postgres_section(markdown_path, text))
     print()
-    print(report.console(results, profile))
+    print(report.console(results, profile, ran))
     print()
-    print(f"wrote {markdown_path}" + ("" if skipped else f" and {plot_path}") + f"; raw: {raw}")
+    plots = [str(p) for p, why in ((plot_path, skipped), (ladder_plot, ladder_skipped)) if not why]
+    print(f"wrote {markdown_path}" + "".join(f" and {p}" for p in plots) + f"; raw: {raw}")
     print(f"wall time: {wall:.0f} s")
     for error in results.errors:
         print(f"section failed: {error.splitlines()[0]}", file=sys.stderr)

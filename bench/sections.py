@@ -62,6 +62,9 @@ class Run:
     fanout: Ceiling | None = None
     echo: Ceiling | None = None
     ceilings_started: list[Ceiling] = field(default_factory=list)
+    # Modified copies of the server the ladder measures beside legato: (name, dir
+    # holding legato/server/).
+    variants: list[tuple[str, Path]] = field(default_factory=list)
 
     def socket(self, name: str) -> Path:
         return self.scratch / "s" / f"{name}.sock"

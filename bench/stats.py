@@ -6,6 +6,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -45,6 +46,8 @@ class Results:
     errors: list[str] = field(default_factory=list)
     # Things worth knowing that do not invalidate the run.
     notes: list[str] = field(default_factory=list)
+    # Structured findings that are not one value per round (profiles), JSON-ready.
+    details: dict[str, Any] = field(default_factory=dict)
 
     def add(self, key: str, value: float) -> None:
         self.values.setdefault(key, []).append(value)

@@ -20,13 +20,15 @@ import shutil
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import psycopg
 import pytest
+from google.protobuf import duration_pb2
 from legato.client import AsyncClient, EventType, TaskEvent
 from legato.server.daemon import Config, Daemon
+from legato.v1 import tasks_pb2, tasks_pb2_grpc
 from psycopg import conninfo
 
 # `await connect("coder")` → a client of a new agent `coder` holding `@coder`;
@@ -252,3 +254,36 @@ async def coder(connect: Connect) -> AsyncClient:
 @pytest.fixture
 async def researcher(connect: Connect) -> AsyncClient:
     return await connect("researcher")
+
+
+if TYPE_CHECKING:
+    from legato.v1.tasks_pb2_grpc import TaskServiceAsyncStub
+
+
+@pytest.fixture
+async def raw_pair(
+    daemon: Daemon, agent_key: Callable[..., Awaitable[str]]
+) -> AsyncIterator[tuple[TaskServiceAsyncStub, TaskServiceAsyncStub]]:
+    """Raw stubs of a creator `coder` (@coder) and a worker `researcher` (@researcher),
+    for tests where the bytes and codes on the wire are the subject."""
+    coder_key = await agent_key("coder")
+    researcher_key = await agent_key("researcher", ["@researcher"])
+    async with (
+        keyed_channel(daemon.config.address, coder_key) as coder_channel,
+        keyed_channel(daemon.config.address, researcher_key) as researcher_channel,
+    ):
+        yield (
+            tasks_pb2_grpc.TaskServiceStub(coder_channel),
+            tasks_pb2_grpc.TaskServiceStub(researcher_channel),
+        )
+
+
+async def claim_raw(
+    stub: TaskServiceAsyncStub, label: str = "@researcher", lease: int = 60
+) -> tasks_pb2.ClaimTaskResponse:
+    """A claim through a raw stub that must find a task."""
+    response = await stub.ClaimTask(
+        tasks_pb2.ClaimTaskRequest(labels=[label], lease=duration_pb2.Duration(seconds=lease))
+    )
+    assert response.HasField("task"), "nothing to claim"
+    return response

@@ -300,11 +300,11 @@ def test_sigint_stops_the_command_and_releases_the_task_for_another_worker(
         # The command prints its pid: it is running.
         pid = next(int(e.output.text) for e in events if e.output is not None)
         worker.send_signal(signal.SIGINT)
-        requeued = next(e for e in events if e.type is EventType.REQUEUED)
+        released = next(e for e in events if e.type is EventType.RELEASED)
 
-    assert requeued.task.status is TaskStatus.PENDING
-    assert requeued.task.attempt == 2
-    assert "SIGINT" in requeued.task.error
+    assert released.task.status is TaskStatus.PENDING
+    assert (released.task.attempt, released.task.released) == (2, 1)
+    assert "SIGINT" in released.task.error
     _, stderr = worker.communicate(timeout=GUARD)
     assert worker.returncode == 130, stderr
     assert f"released {handle.id}" in stderr

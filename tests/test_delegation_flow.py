@@ -606,8 +606,9 @@ async def stop_while_parked(
         worker.cancel()
         done, _ = await asyncio.wait([worker], timeout=STOP_GUARD)
         assert worker in done and worker.cancelled()
-        released = await next_event(events, EventType.REQUEUED)
+        released = await next_event(events, EventType.RELEASED)
     assert released.task.status is TaskStatus.PENDING and released.task.attempt == 2
+    assert released.task.released == 1  # handed back: the attempt does not count
 
 
 async def test_run_worker_completes_with_what_the_handler_returns_and_fails_with_what_it_raises(
@@ -644,13 +645,13 @@ async def test_job_left_unfinished_when_the_work_loop_breaks_goes_back_to_the_qu
         async for job in helper.work(["@helper"], lease=LONG_LEASE, wait=GUARD):
             assert job.id == handle.id
             break
-        requeued = await next_event(events, EventType.REQUEUED)
+        released = await next_event(events, EventType.RELEASED)
 
-    assert requeued.actor == "helper"
-    assert requeued.task.status is TaskStatus.PENDING and requeued.task.attempt == 2
-    assert "stopped before finishing" in requeued.task.error
+    assert released.actor == "helper"
+    assert released.task.status is TaskStatus.PENDING and released.task.attempt == 2
+    assert "stopped before finishing" in released.task.error
     task = await coder.get_task(handle.id)
-    assert (task.status, task.attempt) == (TaskStatus.PENDING, 2)
+    assert (task.status, task.attempt, task.released) == (TaskStatus.PENDING, 2, 1)
 
 
 # Heartbeats go out three times per lease, so a lease this short sees several in a second.

@@ -289,9 +289,6 @@ REFUSALS: dict[str, Refusal] = {
         "reason",
     ),
     # -- WatchTasks -------------------------------------------------------------------
-    "watch with neither labels nor ids": Refusal(
-        "WatchTasks", lambda w: tasks_pb2.WatchTasksRequest(after_seq=0), INVALID, "labels"
-    ),
     "watch with negative after_seq": Refusal(
         "WatchTasks",
         lambda w: tasks_pb2.WatchTasksRequest(labels=["@researcher"], after_seq=-1),

@@ -7,12 +7,12 @@ the raw stubs where the bytes on the wire are the subject.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
-from conftest import EVENT_GUARD, keyed_channel
+from conftest import EVENT_GUARD, claim_raw
 from google.protobuf import duration_pb2, struct_pb2
 from legato.client import AsyncClient, EventType, TaskEvent
 from legato.server.daemon import Daemon
@@ -30,29 +30,6 @@ def big_context(size: int = BIG) -> struct_pb2.Struct:
     context = struct_pb2.Struct()
     context.update({"blob": "x" * size})
     return context
-
-
-@pytest.fixture
-async def stubs(daemon: Daemon, agent_key: AgentKey) -> AsyncIterator[tuple[Stub, Stub]]:
-    """Raw stubs of a creator `coder` and a worker `researcher` holding @researcher."""
-    coder_key = await agent_key("coder")
-    researcher_key = await agent_key("researcher", [LABEL])
-    async with (
-        keyed_channel(daemon.config.address, coder_key) as coder_channel,
-        keyed_channel(daemon.config.address, researcher_key) as researcher_channel,
-    ):
-        yield (
-            tasks_pb2_grpc.TaskServiceStub(coder_channel),
-            tasks_pb2_grpc.TaskServiceStub(researcher_channel),
-        )
-
-
-async def claim(stub: Stub, lease: float = 60) -> tasks_pb2.ClaimTaskResponse:
-    response = await stub.ClaimTask(
-        tasks_pb2.ClaimTaskRequest(labels=[LABEL], lease=duration_pb2.Duration(seconds=int(lease)))
-    )
-    assert response.HasField("task"), "nothing to claim"
-    return response
 
 
 async def stored_events(stub: Stub, task_id: str, after_seq: int = 0) -> list[tasks_pb2.TaskEvent]:
@@ -81,13 +58,13 @@ TERMINAL = (
 
 
 async def test_output_events_of_a_task_with_a_large_context_cost_what_changed(
-    stubs: tuple[Stub, Stub],
+    raw_pair: tuple[Stub, Stub],
 ) -> None:
-    coder, researcher = stubs
+    coder, researcher = raw_pair
     task = await coder.CreateTask(
         tasks_pb2.CreateTaskRequest(content="read this", labels=[LABEL], context=big_context())
     )
-    job = await claim(researcher)
+    job = await claim_raw(researcher)
     for n in range(50):
         await researcher.AppendOutput(
             tasks_pb2.AppendOutputRequest(id=task.id, lease_token=job.lease_token, text=f"{n} ")
@@ -109,11 +86,11 @@ async def test_output_events_of_a_task_with_a_large_context_cost_what_changed(
 
 
 async def test_heartbeats_extend_the_lease_and_record_no_event(
-    stubs: tuple[Stub, Stub],
+    raw_pair: tuple[Stub, Stub],
 ) -> None:
-    coder, researcher = stubs
+    coder, researcher = raw_pair
     task = await coder.CreateTask(tasks_pb2.CreateTaskRequest(content="long", labels=[LABEL]))
-    job = await claim(researcher, lease=60)
+    job = await claim_raw(researcher)
     first_lease = job.task.lease_expires_at.ToMicroseconds()
     for _ in range(20):
         beat = await researcher.Heartbeat(
@@ -134,11 +111,11 @@ async def test_heartbeats_extend_the_lease_and_record_no_event(
 
 
 async def test_a_watcher_that_stops_reading_is_cut_off_by_bytes_not_only_by_count(
-    stubs: tuple[Stub, Stub], daemon: Daemon
+    raw_pair: tuple[Stub, Stub], daemon: Daemon
 ) -> None:
     """40 creates with 1 MiB contexts are 40 events, far below the 10,000-event
     buffer, but 40 MiB: the watcher is cut off before they pin that much."""
-    coder, _ = stubs
+    coder, _ = raw_pair
     assert daemon.tasks is not None
     stalled = coder.WatchTasks(tasks_pb2.WatchTasksRequest(labels=[LABEL], after_seq=0))
     await coder.CreateTask(tasks_pb2.CreateTaskRequest(content="first", labels=[LABEL]))
@@ -188,17 +165,19 @@ def event_seq_of(seen: list[str], first: tasks_pb2.TaskEvent) -> int:
 
 
 async def test_replay_from_any_seq_sends_exactly_the_live_events(
-    stubs: tuple[Stub, Stub],
+    raw_pair: tuple[Stub, Stub],
 ) -> None:
     """A watcher resuming from any cursor receives byte for byte what a live one did."""
-    coder, researcher = stubs
-    live = coder.WatchTasks(tasks_pb2.WatchTasksRequest(labels=[LABEL]))
+    coder, researcher = raw_pair
+    # From a cursor, so the stream cannot start after the first create and miss it.
+    start = (await coder.GetCursor(tasks_pb2.GetCursorRequest())).cursor
+    live = coder.WatchTasks(tasks_pb2.WatchTasksRequest(labels=[LABEL], after_seq=start))
     task = await coder.CreateTask(
         tasks_pb2.CreateTaskRequest(
             content="story", labels=[LABEL], context=big_context(10_000), max_attempts=3
         )
     )
-    job = await claim(researcher)
+    job = await claim_raw(researcher)
     await researcher.AppendOutput(
         tasks_pb2.AppendOutputRequest(id=task.id, lease_token=job.lease_token, text="first try")
     )
@@ -207,7 +186,7 @@ async def test_replay_from_any_seq_sends_exactly_the_live_events(
             id=task.id, lease_token=job.lease_token, error="flaky", retryable=True
         )
     )
-    job = await claim(researcher)
+    job = await claim_raw(researcher)
     await researcher.RequestInput(
         tasks_pb2.RequestInputRequest(id=task.id, lease_token=job.lease_token, question="which?")
     )
@@ -215,7 +194,7 @@ async def test_replay_from_any_seq_sends_exactly_the_live_events(
     await researcher.ReleaseTask(
         tasks_pb2.ReleaseTaskRequest(id=task.id, lease_token=job.lease_token, reason="stopping")
     )
-    job = await claim(researcher)
+    job = await claim_raw(researcher)
     await researcher.AppendOutput(
         tasks_pb2.AppendOutputRequest(id=task.id, lease_token=job.lease_token, text="done it")
     )

@@ -7,12 +7,12 @@ itself is the subject.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
-from conftest import keyed_channel
+from conftest import claim_raw, keyed_channel
 from google.protobuf import duration_pb2
 from legato.client import AsyncClient, TaskStatus
 from legato.server.daemon import Daemon
@@ -24,40 +24,17 @@ if TYPE_CHECKING:
 LABEL = "@researcher"
 
 
-@pytest.fixture
-async def stubs(daemon: Daemon, agent_key: AgentKey) -> AsyncIterator[tuple[Stub, Stub]]:
-    """Raw stubs of a creator `coder` and a worker `researcher` holding @researcher."""
-    coder_key = await agent_key("coder")
-    researcher_key = await agent_key("researcher", [LABEL])
-    async with (
-        keyed_channel(daemon.config.address, coder_key) as coder_channel,
-        keyed_channel(daemon.config.address, researcher_key) as researcher_channel,
-    ):
-        yield (
-            tasks_pb2_grpc.TaskServiceStub(coder_channel),
-            tasks_pb2_grpc.TaskServiceStub(researcher_channel),
-        )
-
-
-async def claim(stub: Stub) -> tasks_pb2.ClaimTaskResponse:
-    response = await stub.ClaimTask(
-        tasks_pb2.ClaimTaskRequest(labels=[LABEL], lease=duration_pb2.Duration(seconds=60))
-    )
-    assert response.HasField("task"), "nothing to claim"
-    return response
-
-
 async def test_releasing_three_times_leaves_the_task_pending_with_its_attempts_unused(
-    stubs: tuple[Stub, Stub],
+    raw_pair: tuple[Stub, Stub],
 ) -> None:
     """As Ctrl-C of `legato work` three times did: with max_attempts 1, one
     release used to be enough to fail the task for good."""
-    coder, researcher = stubs
+    coder, researcher = raw_pair
     task = await coder.CreateTask(
         tasks_pb2.CreateTaskRequest(content="fragile", labels=[LABEL], max_attempts=1)
     )
     for n in range(3):
-        job = await claim(researcher)
+        job = await claim_raw(researcher)
         released = await researcher.ReleaseTask(
             tasks_pb2.ReleaseTaskRequest(
                 id=task.id, lease_token=job.lease_token, reason="worker stopped"
@@ -68,7 +45,7 @@ async def test_releasing_three_times_leaves_the_task_pending_with_its_attempts_u
         assert released.error == "worker stopped"
 
     # A real failure still counts: the one attempt this task has.
-    job = await claim(researcher)
+    job = await claim_raw(researcher)
     failed = await researcher.FailTask(
         tasks_pb2.FailTaskRequest(
             id=task.id, lease_token=job.lease_token, error="x", retryable=True
@@ -83,11 +60,11 @@ async def test_releasing_three_times_leaves_the_task_pending_with_its_attempts_u
 
 
 async def test_only_the_claimant_with_its_current_token_may_release(
-    stubs: tuple[Stub, Stub], agent_key: AgentKey, daemon: Daemon
+    raw_pair: tuple[Stub, Stub], agent_key: AgentKey, daemon: Daemon
 ) -> None:
-    coder, researcher = stubs
+    coder, researcher = raw_pair
     task = await coder.CreateTask(tasks_pb2.CreateTaskRequest(content="mine", labels=[LABEL]))
-    job = await claim(researcher)
+    job = await claim_raw(researcher)
     rival_key = await agent_key("rival", [LABEL])
     async with keyed_channel(daemon.config.address, rival_key) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -103,11 +80,11 @@ async def test_only_the_claimant_with_its_current_token_may_release(
 
 
 async def test_a_wrong_lease_token_says_it_is_not_the_current_one(
-    stubs: tuple[Stub, Stub],
+    raw_pair: tuple[Stub, Stub],
 ) -> None:
-    coder, researcher = stubs
+    coder, researcher = raw_pair
     task = await coder.CreateTask(tasks_pb2.CreateTaskRequest(content="typo", labels=[LABEL]))
-    await claim(researcher)
+    await claim_raw(researcher)
     with pytest.raises(grpc.aio.AioRpcError) as wrong:
         await researcher.CompleteTask(
             tasks_pb2.CompleteTaskRequest(id=task.id, lease_token="l_not-the-token")
@@ -119,21 +96,21 @@ async def test_a_wrong_lease_token_says_it_is_not_the_current_one(
 
 
 async def test_each_attempt_has_its_own_output_and_get_task_shows_the_current_one(
-    stubs: tuple[Stub, Stub], admin: AsyncClient
+    raw_pair: tuple[Stub, Stub], admin: AsyncClient
 ) -> None:
-    coder_stub, researcher = stubs
+    coder_stub, researcher = raw_pair
     task = await coder_stub.CreateTask(
         tasks_pb2.CreateTaskRequest(content="write it", labels=[LABEL])
     )
     for text in ("abandoned draft\n", "second draft\n"):
-        job = await claim(researcher)
+        job = await claim_raw(researcher)
         await researcher.AppendOutput(
             tasks_pb2.AppendOutputRequest(id=task.id, lease_token=job.lease_token, text=text)
         )
         await researcher.ReleaseTask(
             tasks_pb2.ReleaseTaskRequest(id=task.id, lease_token=job.lease_token)
         )
-    job = await claim(researcher)
+    job = await claim_raw(researcher)
     for text in ("final ", "answer"):
         await researcher.AppendOutput(
             tasks_pb2.AppendOutputRequest(id=task.id, lease_token=job.lease_token, text=text)
@@ -164,11 +141,11 @@ async def test_each_attempt_has_its_own_output_and_get_task_shows_the_current_on
 
 
 async def test_a_claim_that_commits_after_its_caller_went_away_is_handed_back(
-    daemon: Daemon, stubs: tuple[Stub, Stub]
+    daemon: Daemon, raw_pair: tuple[Stub, Stub]
 ) -> None:
     """The caller's deadline or disconnect cancels the handler while its claim is
     on its way to the disk: the claim commits, and nobody will ever use it."""
-    coder, _ = stubs
+    coder, _ = raw_pair
     tasks = daemon.tasks
     assert tasks is not None
     task = await coder.CreateTask(tasks_pb2.CreateTaskRequest(content="orphan", labels=[LABEL]))
@@ -202,14 +179,14 @@ async def test_a_claim_that_commits_after_its_caller_went_away_is_handed_back(
 
 
 async def test_revoking_an_agent_hands_back_the_tasks_it_held(
-    stubs: tuple[Stub, Stub], admin: AsyncClient, agent_key: AgentKey, daemon: Daemon
+    raw_pair: tuple[Stub, Stub], admin: AsyncClient, agent_key: AgentKey, daemon: Daemon
 ) -> None:
     """A revoked agent can never finish what it holds: waiting out its lease
     (up to 24 h) would stall those tasks for nothing."""
-    coder, researcher = stubs
+    coder, researcher = raw_pair
     working = await coder.CreateTask(tasks_pb2.CreateTaskRequest(content="one", labels=[LABEL]))
     asking = await coder.CreateTask(tasks_pb2.CreateTaskRequest(content="two", labels=[LABEL]))
-    first, second = await claim(researcher), await claim(researcher)
+    first, second = await claim_raw(researcher), await claim_raw(researcher)
     await researcher.RequestInput(
         tasks_pb2.RequestInputRequest(id=asking.id, lease_token=second.lease_token, question="?")
     )
@@ -227,5 +204,57 @@ async def test_revoking_an_agent_hands_back_the_tasks_it_held(
         assert history.events[-1].actor == "legato"
     successor_key = await agent_key("successor", [LABEL])
     async with keyed_channel(daemon.config.address, successor_key) as channel:
-        taken = await claim(tasks_pb2_grpc.TaskServiceStub(channel))
+        taken = await claim_raw(tasks_pb2_grpc.TaskServiceStub(channel))
     assert taken.task.id == working.id
+
+
+async def test_a_heartbeat_that_shortens_the_lease_ends_it_on_time(
+    raw_pair: tuple[Stub, Stub],
+) -> None:
+    """Heartbeats record no event, so nothing else tells the lease timer."""
+    coder, researcher = raw_pair
+    task = await coder.CreateTask(tasks_pb2.CreateTaskRequest(content="short", labels=[LABEL]))
+    watch = coder.WatchTasks(tasks_pb2.WatchTasksRequest(task_ids=[task.id], after_seq=0))
+    job = await claim_raw(researcher)  # a 60 s lease...
+    await researcher.Heartbeat(  # ...cut to 0.2 s
+        tasks_pb2.HeartbeatRequest(
+            id=task.id, lease_token=job.lease_token, lease=duration_pb2.Duration(nanos=200_000_000)
+        )
+    )
+    try:
+        async with asyncio.timeout(10):  # far below the first lease's 60 s
+            async for event in watch:
+                if event.type == tasks_pb2.TASK_EVENT_TYPE_REQUEUED:
+                    assert event.actor == "legato" and "expired" in event.task.error
+                    break
+    finally:
+        watch.cancel()
+
+
+async def test_get_task_output_and_output_size_always_agree_while_chunks_stream(
+    raw_pair: tuple[Stub, Stub],
+) -> None:
+    """The output is read after the task row: a chunk committed in between must
+    not show in `output` without being counted in `output_size`."""
+    coder, researcher = raw_pair
+    task = await coder.CreateTask(tasks_pb2.CreateTaskRequest(content="race", labels=[LABEL]))
+    job = await claim_raw(researcher)
+
+    async def write() -> None:
+        for n in range(300):
+            await researcher.AppendOutput(
+                tasks_pb2.AppendOutputRequest(
+                    id=task.id, lease_token=job.lease_token, text=f"chunk {n};"
+                )
+            )
+
+    writer = asyncio.create_task(write())
+    disagreements = 0
+    reads = 0
+    while not writer.done():
+        current = await coder.GetTask(tasks_pb2.GetTaskRequest(id=task.id))
+        reads += 1
+        disagreements += len(current.output.encode()) != current.output_size
+    await writer
+    assert reads > 10, "the reads did not overlap the writes"
+    assert disagreements == 0, f"{disagreements} of {reads} reads disagreed"

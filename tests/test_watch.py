@@ -21,7 +21,6 @@ import psycopg
 import pytest
 from conftest import Connect, keyed_channel
 from legato.client import AsyncClient, EventType, TaskEvent
-from legato.client.errors import InvalidArgumentError
 from legato.server.daemon import Config, Daemon
 from legato.server.paths import DB_NAME
 from legato.v1 import tasks_pb2, tasks_pb2_grpc
@@ -296,18 +295,45 @@ async def test_task_id_watch_replays_that_tasks_history_and_nothing_else(
     assert history[0].seq < history[1].seq < history[2].seq
 
 
-async def test_watch_with_neither_labels_nor_task_ids_is_invalid_argument(
-    stub: TaskServiceAsyncStub, coder: AsyncClient
+async def test_watch_with_neither_labels_nor_task_ids_follows_the_whole_view(
+    connect: Connect, admin: AsyncClient
 ) -> None:
-    for request in (watch_request(), watch_request(after_seq=0)):
-        call = stub.WatchTasks(request)
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await asyncio.wait_for(call.read(), GUARD)
-        assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert "labels or task_ids" in (raised.value.details() or "")
+    """As ListTasks without filters: everything the caller sees, nothing else."""
+    coder = await connect("coder", ["@coder"])
+    researcher = await connect("researcher", ["@researcher"])
+    outsider = await connect("outsider", ["@outsider"])
+    cursor = await coder.get_cursor()
+    mine = await coder.delegate("@researcher", "for the researcher")
+    await outsider.delegate("@outsider", "not the coder's business")
+    job = await researcher.claim(lease=60)
+    assert job is not None and job.id == mine.id
+    await job.complete({"answer": 1})
 
-    with pytest.raises(InvalidArgumentError):
-        await asyncio.wait_for(anext(coder.watch()), GUARD)
+    async def first(client: AsyncClient, n: int) -> list[TaskEvent]:
+        events = client.watch(after_seq=cursor)
+        try:
+            return [await asyncio.wait_for(anext(events), GUARD) for _ in range(n)]
+        finally:
+            await events.aclose()
+
+    seen = await first(coder, 3)
+    assert [(e.task.id, e.type) for e in seen] == [
+        (mine.id, EventType.CREATED),
+        (mine.id, EventType.CLAIMED),
+        (mine.id, EventType.COMPLETED),
+    ]
+    everything = await first(admin, 4)
+    assert len({e.task.id for e in everything}) == 2  # the admin sees the outsider's too
+
+    # Live too: the coder's next event is its own, never the outsider's.
+    live = coder.watch()
+    try:
+        pending = asyncio.ensure_future(anext(live))
+        await outsider.delegate("@outsider", "still not the coder's")
+        later = await coder.delegate("@researcher", "the coder's again")
+        assert (await asyncio.wait_for(pending, GUARD)).task.id == later.id
+    finally:
+        await live.aclose()
 
 
 # -- slow consumers -----------------------------------------------------------------

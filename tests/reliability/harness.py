@@ -210,6 +210,16 @@ class DaemonProcess:
     def threads(self) -> int:
         return self.status_field("Threads")
 
+    def thread_names(self) -> list[str]:
+        """The names of the daemon's threads (`/proc/PID/task/*/comm`), sorted."""
+        names = []
+        for task in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                names.append(Path(f"/proc/{self.pid}/task/{task}/comm").read_text().strip())
+            except FileNotFoundError:  # it ended meanwhile
+                continue
+        return sorted(names)
+
 
 class Raw:
     """Raw legato.v1 stubs on one channel; every call carries `key` as a bearer token.

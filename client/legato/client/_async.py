@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from datetime import datetime, timedelta
@@ -14,15 +17,24 @@ from legato.client._core import (
     CHANNEL_OPTIONS,
     DEFAULT_WORK_LEASE,
     DEFAULT_WORK_WAIT,
-    HEARTBEATS_PER_LEASE,
+    TRANSIENT,
+    Backoff,
     ClientCore,
     Deadline,
+    LeaseClock,
+    PathLike,
     Resume,
     answer_after,
-    duration,
+    claim_may_have_ended,
+    ended_under,
+    lost_claim,
     outcome,
 )
-from legato.client.errors import LegatoError, UnavailableError, from_rpc_error
+from legato.client.errors import (
+    JobInterruptedError,
+    LegatoError,
+    RPCError,
+)
 from legato.client.models import (
     Agent,
     OutputChunk,
@@ -35,6 +47,9 @@ from legato.client.models import (
 from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 Response = TypeVar("Response")
+Handler = Callable[["AsyncJob"], Awaitable[Mapping[str, Any] | None]]
+
+log = logging.getLogger("legato.client")
 
 
 class AsyncClient(ClientCore):
@@ -45,6 +60,14 @@ class AsyncClient(ClientCore):
             default daemon socket.
         api_key: this agent's key (default `LEGATO_AGENT_KEY`).
         timeout: seconds each unary call may take (None: no limit).
+        tls_ca: for a daemon serving TLS: the CA certificate that signed its
+            certificate (default `LEGATO_TLS_CA`). Setting any `tls_` argument
+            makes the connection TLS; without `tls_ca` the system's CAs are trusted.
+        tls_cert: this client's certificate, for a daemon that requires client
+            certificates (mutual TLS; default `LEGATO_TLS_CERT`).
+        tls_key: that certificate's private key, mode 0600 (default `LEGATO_TLS_KEY`).
+
+    The API key travels as call metadata in either case; with TLS it is encrypted.
     """
 
     def __init__(
@@ -53,11 +76,23 @@ class AsyncClient(ClientCore):
         *,
         api_key: str | None = None,
         timeout: float | None = 30.0,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
     ):
-        super().__init__(address, api_key, timeout)
-        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        super().__init__(
+            address, api_key, timeout, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+        )
+        if self._credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                self.address, self._credentials, options=CHANNEL_OPTIONS
+            )
         self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
         self._agents = agents_pb2_grpc.AgentServiceStub(self._channel)
+        # Jobs whose background heartbeats run; closing the client stops them.
+        self._jobs: set[AsyncJob] = set()
 
     @classmethod
     async def connect(
@@ -67,10 +102,20 @@ class AsyncClient(ClientCore):
         api_key: str | None = None,
         timeout: float | None = 30.0,
         connect_timeout: float = 5.0,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
     ) -> AsyncClient:
         """Creates a client and waits until the daemon answers; UnavailableError if it does
         not, UnauthenticatedError if it does not know the key."""
-        client = cls(address, api_key=api_key, timeout=timeout)
+        client = cls(
+            address,
+            api_key=api_key,
+            timeout=timeout,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+        )
         try:
             # WhoAmI: it checks the key and costs the same however long the history is.
             await client._call(client._agents.WhoAmI, agents_pb2.WhoAmIRequest(), connect_timeout)
@@ -89,7 +134,7 @@ class AsyncClient(ClientCore):
         try:
             return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, address=self.address) from None
+            raise self._rpc_error(exc) from None
 
     async def create_task(
         self,
@@ -186,10 +231,13 @@ class AsyncClient(ClientCore):
         self, task_id: str, lease_token: str, *, lease: float | None = None
     ) -> tuple[Task, bool]:
         """Extends a lease; returns the task and whether it was canceled (stop work if so)."""
-        request = tasks_pb2.HeartbeatRequest(
-            id=task_id, lease_token=lease_token, lease=duration(lease)
-        )
-        response = await self._call(self._stub.Heartbeat, request)
+        return await self._heartbeat(task_id, lease_token, lease, None)
+
+    async def _heartbeat(
+        self, task_id: str, lease_token: str, lease: float | None, timeout: float | None
+    ) -> tuple[Task, bool]:
+        request = self._heartbeat_request(task_id, lease_token, lease)
+        response = await self._call(self._stub.Heartbeat, request, timeout)
         return Task.from_proto(response.task), response.cancel_requested
 
     async def complete_task(
@@ -205,6 +253,11 @@ class AsyncClient(ClientCore):
             id=task_id, lease_token=lease_token, error=error, retryable=retryable
         )
         return Task.from_proto(await self._call(self._stub.FailTask, request))
+
+    async def release_task(self, task_id: str, lease_token: str, reason: str = "") -> Task:
+        """Hands a claimed task back, PENDING for another worker; the attempt does not count."""
+        request = tasks_pb2.ReleaseTaskRequest(id=task_id, lease_token=lease_token, reason=reason)
+        return Task.from_proto(await self._call(self._stub.ReleaseTask, request))
 
     async def cancel_task(
         self, task_id: str, reason: str = "", *, keep_children: bool = False
@@ -257,19 +310,38 @@ class AsyncClient(ClientCore):
     ) -> AsyncGenerator[AsyncJob, None]:
         """Jobs for `labels` (default: this agent's), claimed by long-poll, forever.
 
-        Each job heartbeats in the background until it is finished. Finish it in
-        the loop body with `await job.complete(result)` or `await job.fail(...)`;
-        a job left unfinished when the loop moves on or stops is released for
-        another worker (a retryable failure).
+        Each job heartbeats in the background until it is finished, and watches
+        its task: when the task ends under the claim (canceled, failed at its
+        deadline) or the lease is lost, `job.interrupted` turns True and the
+        job's calls raise `JobInterruptedError`. Finish a job in the loop body
+        with `await job.complete(result)` or `await job.fail(...)`; a job left
+        unfinished when the loop moves on or stops is handed back with
+        `job.release()` for another worker.
+
+        The daemon restarting or answering slowly only delays the next claim.
+        The loop ends with `RuntimeError` once the client is closed, and with
+        the error of any other refused claim (e.g. `UnauthenticatedError`
+        when the agent's key no longer works).
         """
-        resume = Resume()
+        backoff = Backoff()
+        failures = 0
         while True:
             try:
                 job = await self.claim(labels, lease=lease, wait=wait)
-            except UnavailableError as exc:  # the daemon restarts: keep waiting for it
-                await asyncio.sleep(resume.delay_after(exc, Deadline(None)))
+            except RPCError as exc:
+                self._check_open()  # closed while the claim waited
+                if exc.code not in TRANSIENT:
+                    raise
+                delay = backoff.next()
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "claiming failed with %s; trying again in %.2f s", exc, delay)
+                await asyncio.sleep(delay)  # backoff while the daemon comes back
                 continue
-            resume.progressed()
+            if failures:
+                log.info("claims go through again after %d failed", failures)
+                failures = 0
+            backoff.reset()
             if job is None:
                 continue
             job._start_heartbeats(lease)
@@ -280,7 +352,7 @@ class AsyncClient(ClientCore):
 
     async def run_worker(
         self,
-        handler: Callable[[AsyncJob], Awaitable[Mapping[str, Any] | None]],
+        handler: Handler,
         labels: Sequence[str] = (),
         *,
         lease: float = DEFAULT_WORK_LEASE,
@@ -289,18 +361,23 @@ class AsyncClient(ClientCore):
         """Runs `handler` on every job for `labels`, until cancelled.
 
         The task completes with what `handler` returns, or fails with the
-        exception it raises.
+        exception it raises. The handler runs in its own asyncio task: when
+        the task ends under it (its creator cancels it, its deadline passes)
+        or the lease is lost, that task is cancelled, as an activity is in
+        Temporal, so the handler sees `asyncio.CancelledError`; the task is
+        then left as it is (not completed), the ending is logged on the
+        `legato.client` logger, and the loop takes the next job. The watch
+        of the task brings such news at once; heartbeats (a third of
+        `lease` apart) are the fallback.
+
+        Cancelling `run_worker` cancels a running handler and hands its job
+        back for another worker. The loop also ends when the client is
+        closed (`RuntimeError`) or when the daemon refuses this agent
+        altogether (e.g. `UnauthenticatedError` for a revoked key).
         """
         async with aclosing(self.work(labels, lease=lease, wait=wait)) as jobs:
             async for job in jobs:
-                try:
-                    result = await handler(job)
-                except Exception as exc:
-                    if not job.finished:
-                        await job.fail(f"{type(exc).__name__}: {exc}")
-                    continue
-                if not job.finished:
-                    await job.complete(result)
+                await job._run(handler)
 
     # -- history ----------------------------------------------------------------
 
@@ -405,16 +482,26 @@ class AsyncClient(ClientCore):
                     resume.progressed()
                     yield event
             except grpc.aio.AioRpcError as exc:
-                delay = resume.delay_after(from_rpc_error(exc, address=self.address), deadline)
+                delay = resume.delay_after(self._rpc_error(exc), deadline)
                 await asyncio.sleep(delay)  # backoff before reconnecting
             finally:
                 call.cancel()
 
     async def aclose(self) -> None:
-        """Closes the channel; the client cannot be used afterwards."""
+        """Closes the channel; the client cannot be used afterwards.
+
+        The background heartbeats of its jobs stop, and their handlers are
+        interrupted; the daemon requeues those tasks when their leases end.
+        """
         if not self._closed:
             self._closed = True
+            jobs = list(self._jobs)
+            for job in jobs:
+                job._interrupt("the client was closed")
+                job._stop_guard_soon()
             await self._channel.close()
+            for job in jobs:
+                await job._guard_stopped()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -524,31 +611,70 @@ class AsyncTaskHandle:
 
 
 class AsyncJob:
-    """A task this worker holds a lease on."""
+    """A task this worker holds a lease on.
+
+    With background heartbeats (jobs from `work` and `run_worker`), the job
+    learns when the task ends under the claim or the lease is lost:
+    `interrupted` turns True, `interruption` says why, the handler that
+    `run_worker` runs is cancelled, and `write`, `ask` and `heartbeat` raise
+    `JobInterruptedError`.
+    """
 
     def __init__(self, client: AsyncClient, task: Task, lease_token: str):
         self._client = client
         self.task = task
         self.lease_token = lease_token
         self.finished = False
-        # Set when a heartbeat learns the task was canceled or failed meanwhile.
+        # Set when the task was canceled, or failed (its deadline), under this claim.
         self.cancel_requested = False
+        # Set when the claim ended otherwise: lease expired, task reclaimed, out of sight.
+        self.lost = False
+        # Why work on the job must stop, once it must.
+        self.interruption: str | None = None
+        self._interrupted = asyncio.Event()
+        # While complete/fail/release is on its way, news of an ending is no
+        # interruption: it may be this very call's own doing.
+        self._finishing = False
+        self._lease: LeaseClock | None = None
+        self._wake = asyncio.Event()
+        self._handler: asyncio.Future[Mapping[str, Any] | None] | None = None
         self._heartbeats: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
 
     @property
     def id(self) -> str:
         return self.task.id
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether work on the job must stop; `interruption` says why."""
+        return self.interruption is not None
+
+    async def wait_interrupted(self, timeout: float | None = None) -> bool:
+        """Waits until the job is interrupted, at most `timeout` seconds; whether it was."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._interrupted.wait(), timeout)
+        return self.interrupted
+
     async def heartbeat(self, *, lease: float | None = None) -> bool:
-        """Extends the lease; True means the task was canceled and work should stop."""
+        """Extends the lease; True means the task was canceled and work should stop.
+
+        `lease` (seconds) replaces the claim's lease length from now on.
+        """
+        self._check_interrupted()
+        sent_at = time.monotonic()
         self.task, cancel_requested = await self._client.heartbeat(
             self.id, self.lease_token, lease=lease
         )
-        self.cancel_requested = self.cancel_requested or cancel_requested
+        if self._lease is not None:
+            self._lease.renewed(sent_at, lease)
+        if cancel_requested:
+            self._interrupt(ended_under(self.task), canceled=True)
         return cancel_requested
 
     async def write(self, text: str) -> None:
         """Streams a chunk of the answer to whoever follows the task."""
+        self._check_interrupted()
         await self._client.append_output(self.id, self.lease_token, text)
 
     async def ask(self, question: str, *, timeout: float | None = None) -> str:
@@ -556,59 +682,255 @@ class AsyncJob:
 
         Raises `TaskCanceledError` or `TaskFailedError` if the task ends instead.
         """
+        self._check_interrupted()
         asked = await self._client.request_input(self.id, self.lease_token, question)
         events = self._client._watch((), (self.id,), 0, Deadline(timeout))
         async with aclosing(events):
             async for event in events:
                 answer = answer_after(event, asked.version)
                 if answer is not None:
-                    self.task = event.task
+                    self.task = event.onto(self.task).task  # events are deltas
                     return answer
         raise AssertionError("the watch stream ended without an error")  # it resumes instead
 
     async def complete(self, result: Mapping[str, Any] | None = None) -> Task:
-        self.task = await self._client.complete_task(self.id, self.lease_token, result)
+        """Finishes the task DONE with `result` (a dict of JSON values)."""
+        async with self._finishing_call():
+            self.task = await self._client.complete_task(self.id, self.lease_token, result)
         await self._finished()
         return self.task
 
     async def fail(self, error: str, *, retryable: bool = False) -> Task:
-        self.task = await self._client.fail_task(
-            self.id, self.lease_token, error, retryable=retryable
-        )
+        """Fails the task; `retryable` requeues it while attempts remain."""
+        async with self._finishing_call():
+            self.task = await self._client.fail_task(
+                self.id, self.lease_token, error, retryable=retryable
+            )
         await self._finished()
         return self.task
 
-    def _start_heartbeats(self, lease: float) -> None:
-        self._heartbeats = asyncio.create_task(self._beat(lease / HEARTBEATS_PER_LEASE))
+    async def release(self, reason: str) -> Task:
+        """Hands the task back unfinished, PENDING for another worker; `reason` is for its history.
 
-    async def _beat(self, every: float) -> None:
-        while True:
-            await asyncio.sleep(every)  # the heartbeat's period, not a synchronisation
+        Every hand-back of a work loop goes through here: the loop moving on
+        or stopping, the worker being cancelled. The attempt does not count
+        against the task's `max_attempts`.
+        """
+        async with self._finishing_call():
+            self.task = await self._client.release_task(self.id, self.lease_token, reason)
+        await self._finished()
+        return self.task
+
+    # -- running a handler ---------------------------------------------------------
+
+    async def _run(self, handler: Handler) -> None:
+        """Runs `handler` on this job and finishes the task with its outcome."""
+        running = asyncio.ensure_future(handler(self))
+        self._handler = running
+        try:
+            result = await running
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise  # the worker is being stopped: the work loop hands the job back
+            if self.interruption is None:  # not ours: the handler was cancelled by itself
+                await self._settle(None, "CancelledError: the handler was cancelled")
+            return
+        except Exception as exc:
+            if self.interruption is None:
+                await self._settle(None, f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            self._handler = None
+        if self.interruption is None:
+            await self._settle(result, None)
+        if _cancelling():
+            # The handler swallowed the cancel that stops the worker, and finished.
+            raise asyncio.CancelledError
+
+    async def _settle(self, result: Mapping[str, Any] | None, error: str | None) -> None:
+        """Completes (or, with `error`, fails) the task, unless the handler already did.
+
+        A daemon that cannot be reached is tried again while the lease lasts;
+        a refusal is logged, except one that ends the work loop altogether
+        (the agent's key no longer works).
+        """
+        backoff = Backoff()
+        while not self.finished and self.interruption is None:
             try:
-                if await self.heartbeat():
+                if error is None:
+                    await self.complete(result)
+                else:
+                    await self.fail(error)
+                return
+            except TypeError as exc:  # the handler returned something that is not JSON
+                error = f"the handler's result was refused: {exc}"
+            except RPCError as exc:
+                left = self._lease.remaining() if self._lease is not None else 0.0
+                if exc.code in TRANSIENT and left > 0:
+                    delay = min(backoff.next(), left)
+                    log.debug("finishing %s failed with %s; again in %.2f s", self.id, exc, delay)
+                    await asyncio.sleep(delay)  # backoff while the daemon comes back
+                elif exc.code is grpc.StatusCode.INVALID_ARGUMENT and error is None:
+                    error = f"the daemon refused the handler's result: {exc.message}"
+                elif exc.code is grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                else:
+                    what = "complete" if error is None else "fail"
+                    log.warning("could not %s task %s: %s", what, self.id, exc)
                     return
-            except UnavailableError:
-                continue  # the daemon restarts; the lease may still hold when it is back
-            except LegatoError:
-                return  # the claim is gone; complete/fail will say so
+
+    # -- background heartbeats and watch -------------------------------------------
+
+    def _start_heartbeats(self, lease: float) -> None:
+        """Keeps the claim alive in the background until the job is finished,
+        and watches the task so that an ending under the claim is known at once."""
+        self._lease = LeaseClock(lease)
+        self._client._jobs.add(self)
+        self._heartbeats = asyncio.create_task(self._beat(), name=f"legato heartbeats {self.id}")
+        self._watching = asyncio.create_task(self._follow(), name=f"legato watch {self.id}")
+
+    async def _beat(self) -> None:
+        assert self._lease is not None
+        backoff = Backoff()
+        failures = 0
+        wait = self._lease.every()
+        while True:
+            # The heartbeat's period, cut short by news from the watch.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+            self._wake.clear()
+            left = self._lease.remaining()
+            if left <= 0 and failures:
+                why = "the lease ran out while heartbeats could not reach the daemon"
+                self._interrupt(lost_claim(self.id, why), lost=True)
+                return
+            sent_at = time.monotonic()
+            try:
+                self.task, cancel_requested = await self._client._heartbeat(
+                    self.id, self.lease_token, None, self._client._heartbeat_timeout(left)
+                )
+            except RPCError as exc:
+                if exc.code not in TRANSIENT:  # e.g. FAILED_PRECONDITION: the lease is gone
+                    self._interrupt(lost_claim(self.id, str(exc)), lost=True)
+                    return
+                failures += 1
+                wait = min(backoff.next(), left)
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(
+                    level,
+                    "heartbeat of task %s failed with %s; trying again for up to %.1f s, "
+                    "until the lease would end",
+                    self.id,
+                    exc.code.name,
+                    left,
+                )
+                continue
+            except RuntimeError:
+                return  # the client was closed
+            if failures:
+                log.info("heartbeats of task %s resumed after %d failed", self.id, failures)
+                failures = 0
+                backoff.reset()
+            self._lease.renewed(sent_at)
+            if cancel_requested:
+                self._interrupt(ended_under(self.task), canceled=True)
+                return
+            wait = self._lease.every()
+
+    async def _follow(self) -> None:
+        backoff = Backoff()
+        after_seq: int | None = None
+        while True:
+            try:
+                if after_seq is None:
+                    after_seq = await self._client.get_cursor()
+                    # An ending between the claim and this cursor is not in the
+                    # watch: one heartbeat now tells.
+                    self._wake.set()
+                events = self._client._watch((), (self.id,), after_seq, Deadline(None))
+                async with aclosing(events):
+                    async for event in events:
+                        if claim_may_have_ended(event):
+                            self._wake.set()
+            except RPCError as exc:
+                if exc.code not in TRANSIENT:  # out of sight, say: a heartbeat tells the rest
+                    self._wake.set()
+                    return
+                await asyncio.sleep(backoff.next())  # backoff while the daemon comes back
+            except RuntimeError:
+                return  # the client was closed
+
+    def _interrupt(self, reason: str, *, canceled: bool = False, lost: bool = False) -> None:
+        if self.finished or self._finishing or self.interruption is not None:
+            return
+        self.interruption = reason
+        self.cancel_requested = self.cancel_requested or canceled
+        self.lost = self.lost or lost
+        self._interrupted.set()
+        handler = self._handler
+        if handler is not None and not handler.done() and handler is not asyncio.current_task():
+            handler.cancel()
+            log.info("%s; its handler is cancelled", reason)
+        else:
+            log.info("%s; stop working on it", reason)
+        self._stop_guard_soon()
+
+    def _check_interrupted(self) -> None:
+        if self.interruption is not None:
+            raise JobInterruptedError(self.task, self.interruption)
+
+    @contextlib.asynccontextmanager
+    async def _finishing_call(self) -> AsyncGenerator[None, None]:
+        self._finishing = True
+        try:
+            yield
+        except BaseException:
+            self._finishing = False
+            raise
+
+    def _stop_guard_soon(self) -> None:
+        """Stops the background heartbeats and watch without waiting for them."""
+        self._client._jobs.discard(self)
+        for task in (self._heartbeats, self._watching):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+
+    async def _guard_stopped(self) -> None:
+        # asyncio.wait, not `await task` under suppress(CancelledError): that would
+        # also swallow a cancel aimed at us (e.g. at run_worker) and carry on.
+        tasks = [
+            task
+            for task in (self._heartbeats, self._watching)
+            if task is not None and task is not asyncio.current_task()
+        ]
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def _finished(self) -> None:
         self.finished = True
-        if self._heartbeats is not None:
-            self._heartbeats.cancel()
-            # asyncio.wait, not `await task` under suppress(CancelledError): that would
-            # also swallow a cancel aimed at us (e.g. at run_worker) and carry on.
-            await asyncio.wait([self._heartbeats])
-            self._heartbeats = None
+        self._stop_guard_soon()
+        await self._guard_stopped()
 
-    async def _release_if_unfinished(self) -> None:
-        if self.finished or self.cancel_requested:
-            await self._finished()
+    async def _release_if_unfinished(
+        self, reason: str = "the worker stopped before finishing the task"
+    ) -> None:
+        if self.finished or self.interruption is not None:
+            self._stop_guard_soon()
+            await self._guard_stopped()
             return
         try:
-            await self.fail("the worker stopped before finishing the task", retryable=True)
-        except LegatoError:
-            await self._finished()  # the claim had ended anyway
+            await self.release(reason)
+        except (LegatoError, RuntimeError) as exc:
+            log.warning("could not hand %s back (%s); its lease will run out", self.id, exc)
+        finally:
+            self._stop_guard_soon()
+        await self._guard_stopped()
 
     def __repr__(self) -> str:
         return f"AsyncJob({self.id!r})"
+
+
+def _cancelling() -> bool:
+    """Whether the running asyncio task is being cancelled (from the outside)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,9 +20,11 @@ from legato.client.errors import (
     RPCError,
     TaskCanceledError,
     TaskFailedError,
+    from_rpc_error,
 )
 from legato.client.models import EventType, Role, Task, TaskEvent, TaskStatus, dict_to_struct
 from legato.server.paths import default_address
+from legato.server.tls import TLSError, read_certificates, read_key_pair
 from legato.v1 import agents_pb2, tasks_pb2
 
 # Message limits match the daemon's.
@@ -29,10 +33,17 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
+    # Reconnect soon after the daemon restarts: grpc's default backoff grows to
+    # 2 min, long enough for a worker's leases to run out after it is back.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 # A watch resumes by itself after these; anything else is the caller's to see.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# A call a worker makes again after these (the daemon restarts, or is slow to
+# answer), as long as its lease lasts; anything else is an answer.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 RESUME_FIRST_DELAY = 0.05
 RESUME_MAX_DELAY = 2.0
 # Seconds a long-poll claim's call may run past its wait.
@@ -95,14 +106,27 @@ class Deadline:
         return left
 
 
-class Resume:
-    """When a dropped watch stream reconnects: resumable codes only, with backoff."""
+class Backoff:
+    """Delays between tries of a call: doubling from 50 ms up to 2 s."""
 
     def __init__(self) -> None:
         self._delay = RESUME_FIRST_DELAY
 
-    def progressed(self) -> None:
+    def reset(self) -> None:
         self._delay = RESUME_FIRST_DELAY
+
+    def next(self) -> float:
+        """The delay before the next try; the one after it is longer."""
+        delay = self._delay
+        self._delay = min(self._delay * 2, RESUME_MAX_DELAY)
+        return delay
+
+
+class Resume(Backoff):
+    """When a dropped watch stream reconnects: resumable codes only, with backoff."""
+
+    def progressed(self) -> None:
+        self.reset()
 
     def delay_after(self, error: RPCError, deadline: Deadline) -> float:
         """Seconds to wait before reconnecting; re-raises what cannot be resumed."""
@@ -110,16 +134,168 @@ class Resume:
             raise TimeoutError("timed out waiting for the task") from error
         if error.code not in RESUMABLE:
             raise error
-        delay = self._delay
-        self._delay = min(self._delay * 2, RESUME_MAX_DELAY)
+        delay = self.next()
         left = deadline.remaining()
         return delay if left is None else min(delay, left)
+
+
+class LeaseClock:
+    """When a job's lease ends, as far as the worker can tell without the daemon.
+
+    Counted from when each heartbeat was sent, so it ends no later than the
+    daemon's own (which counts from when the call arrived); after the claim,
+    from when the claim returned.
+    """
+
+    def __init__(self, lease: float):
+        self.lease = lease
+        self._ends_at = time.monotonic() + lease
+
+    def renewed(self, sent_at: float, lease: float | None = None) -> None:
+        """A heartbeat sent at `sent_at` (time.monotonic) extended the lease."""
+        if lease is not None:
+            self.lease = lease
+        self._ends_at = sent_at + self.lease
+
+    def remaining(self) -> float:
+        """Seconds until the lease ends; 0 or less once it has."""
+        return self._ends_at - time.monotonic()
+
+    def every(self) -> float:
+        """Seconds between heartbeats."""
+        return self.lease / HEARTBEATS_PER_LEASE
+
+
+def claim_may_have_ended(event: TaskEvent) -> bool:
+    """Whether a watched event of a claimed task may mean the claim ended under
+    the worker (canceled, failed at its deadline, requeued after its lease).
+
+    The watch only says when to look: a heartbeat then tells for sure.
+    """
+    return event.task.status not in (TaskStatus.CLAIMED, TaskStatus.INPUT_REQUIRED)
+
+
+def ended_under(task: Task) -> str:
+    """Why a heartbeat said to stop (`cancel_requested`): the task's ending, in a sentence."""
+    verb = "was canceled" if task.status is TaskStatus.CANCELED else task.status.value
+    return f"task {task.id} {verb}: {task.error or 'no reason given'}"
+
+
+def lost_claim(task_id: str, why: str) -> str:
+    """Why a claim ended under its worker, in a sentence."""
+    return f"lost the claim on task {task_id}: {why}"
+
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """How a client checks the daemon's certificate, and for mutual TLS proves itself.
+
+    Attributes:
+        ca: the CA certificate (PEM) that signed the daemon's certificate; None
+            trusts the system's CAs instead.
+        cert: this client's certificate (PEM), for a daemon that requires one.
+        key: its private key (PEM, unencrypted, mode 0600).
+    """
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @classmethod
+    def resolve(
+        cls, ca: PathLike | None, cert: PathLike | None, key: PathLike | None
+    ) -> ClientTLS | None:
+        """From the arguments, each defaulting to `LEGATO_TLS_CA`, `LEGATO_TLS_CERT` and
+        `LEGATO_TLS_KEY`; None (plaintext) when none of them is set."""
+        paths = [
+            Path(value) if value else None
+            for value in (
+                ca if ca is not None else os.environ.get("LEGATO_TLS_CA"),
+                cert if cert is not None else os.environ.get("LEGATO_TLS_CERT"),
+                key if key is not None else os.environ.get("LEGATO_TLS_KEY"),
+            )
+        ]
+        if paths == [None, None, None]:
+            return None
+        tls = cls(*paths)
+        if (tls.cert is None) != (tls.key is None):
+            raise TLSError(
+                "a client certificate needs its key and a key its certificate: give both "
+                "tls_cert= and tls_key= (--tls-cert and --tls-key, or LEGATO_TLS_CERT and "
+                "LEGATO_TLS_KEY)"
+            )
+        return tls
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Reads and checks the files; raises `TLSError` with what to fix."""
+        roots = None if self.ca is None else read_certificates(self.ca, "CA certificate")
+        key = chain = None
+        if self.cert is not None and self.key is not None:
+            key, chain = read_key_pair(self.cert, self.key)
+        return grpc.ssl_channel_credentials(roots, key, chain)
+
+    def environment(self) -> dict[str, str]:
+        """The variables that give another legato client (an MCP bridge, a command)
+        the same TLS settings, with absolute paths."""
+        named = {"LEGATO_TLS_CA": self.ca, "LEGATO_TLS_CERT": self.cert, "LEGATO_TLS_KEY": self.key}
+        return {name: str(path.absolute()) for name, path in named.items() if path is not None}
+
+
+# gRPC's words for a connection that failed (not for an UNAVAILABLE the daemon
+# answered with), for nobody listening, and for a certificate the client refused.
+_CONNECT_FAILED = ("failed to connect", "Socket closed")
+_REFUSED = "Connection refused"
+_CERTIFICATE_WORDS = ("CERTIFICATE_VERIFY_FAILED", "handshake", "Hostname Verification")
+
+
+def _is_unix(address: str) -> bool:
+    return address.startswith(("unix:", "unix-abstract:"))
+
+
+def unreachable_hint(address: str, tls: ClientTLS | None, details: str) -> str:
+    """What the user can change when a HOST:PORT daemon does not answer, given the TLS
+    setup; "" when TLS cannot be the reason."""
+    if _is_unix(address) or _REFUSED in details:
+        return ""
+    if not any(words in details for words in _CONNECT_FAILED):
+        return ""
+    if tls is None:
+        return (
+            "This client speaks plaintext: if the daemon serves TLS, trust its CA with "
+            "--tls-ca FILE or LEGATO_TLS_CA"
+        )
+    if any(word in details for word in _CERTIFICATE_WORDS):
+        return (
+            "The daemon's TLS certificate was not accepted: LEGATO_TLS_CA (--tls-ca) must be "
+            "the CA that signed it, and it must name the host of the address"
+        )
+    if tls.cert is None:
+        return (
+            "If the daemon requires client certificates (mutual TLS), give this client one: "
+            "--tls-cert FILE --tls-key FILE, or LEGATO_TLS_CERT and LEGATO_TLS_KEY"
+        )
+    return (
+        f"If the daemon requires client certificates, it refused {tls.cert}: it must be "
+        "signed by the CA the daemon was given as --tls-client-ca"
+    )
 
 
 class ClientCore:
     """Configuration and request building shared by `Client` and `AsyncClient`."""
 
-    def __init__(self, address: str | None, api_key: str | None, timeout: float | None):
+    def __init__(
+        self,
+        address: str | None,
+        api_key: str | None,
+        timeout: float | None,
+        *,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
+    ):
         self.address = address or default_address()
         key = api_key if api_key is not None else os.environ.get("LEGATO_AGENT_KEY", "")
         if not key:
@@ -132,7 +308,27 @@ class ClientCore:
         self.timeout = timeout
         # Sent with every call; the daemon keeps only the key's hash.
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {key}"),)
+        self.tls = ClientTLS.resolve(tls_ca, tls_cert, tls_key)
+        self._credentials: grpc.ChannelCredentials | None = None
+        if self.tls is not None:
+            if _is_unix(self.address):
+                raise TLSError(
+                    f"TLS is for HOST:PORT addresses, and {self.address} is a unix socket (the "
+                    "daemon serves it in plaintext, to your user only); connect to the daemon's "
+                    "HOST:PORT, or unset LEGATO_TLS_CA, LEGATO_TLS_CERT and LEGATO_TLS_KEY"
+                )
+            self._credentials = self.tls.credentials()
         self._closed = False
+
+    def _rpc_error(self, exc: grpc.RpcError) -> RPCError:
+        """The `RPCError` for a failed call; an unreachable daemon's says what TLS
+        setting may be wrong."""
+        error = from_rpc_error(exc, address=self.address)
+        if error.code is grpc.StatusCode.UNAVAILABLE:
+            hint = unreachable_hint(self.address, self.tls, error.message)
+            if hint:
+                return type(error)(f"{error.message}. {hint}", code=error.code)
+        return error
 
     def _check_open(self) -> None:
         if self._closed:
@@ -224,6 +420,18 @@ class ClientCore:
         if role is not None:
             request.role = Role(role).proto
         return request
+
+    @staticmethod
+    def _heartbeat_request(
+        task_id: str, lease_token: str, lease: float | None
+    ) -> tasks_pb2.HeartbeatRequest:
+        return tasks_pb2.HeartbeatRequest(
+            id=task_id, lease_token=lease_token, lease=duration(lease)
+        )
+
+    def _heartbeat_timeout(self, lease_left: float) -> float:
+        # A heartbeat that cannot answer before the lease ends is no use.
+        return lease_left if self.timeout is None else min(self.timeout, lease_left)
 
     @staticmethod
     def _complete_request(

@@ -6,6 +6,8 @@ I/O differs. Shared logic lives in `_core`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -19,15 +21,24 @@ from legato.client._core import (
     CHANNEL_OPTIONS,
     DEFAULT_WORK_LEASE,
     DEFAULT_WORK_WAIT,
-    HEARTBEATS_PER_LEASE,
+    TRANSIENT,
+    Backoff,
     ClientCore,
     Deadline,
+    LeaseClock,
+    PathLike,
     Resume,
     answer_after,
-    duration,
+    claim_may_have_ended,
+    ended_under,
+    lost_claim,
     outcome,
 )
-from legato.client.errors import LegatoError, UnavailableError, from_rpc_error
+from legato.client.errors import (
+    JobInterruptedError,
+    LegatoError,
+    RPCError,
+)
 from legato.client.models import (
     Agent,
     OutputChunk,
@@ -40,6 +51,9 @@ from legato.client.models import (
 from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 Response = TypeVar("Response")
+Handler = Callable[["Job"], Mapping[str, Any] | None]
+
+log = logging.getLogger("legato.client")
 
 
 class Client(ClientCore):
@@ -51,11 +65,24 @@ class Client(ClientCore):
         *,
         api_key: str | None = None,
         timeout: float | None = 30.0,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
     ):
-        super().__init__(address, api_key, timeout)
-        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        super().__init__(
+            address, api_key, timeout, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+        )
+        if self._credentials is None:
+            self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(
+                self.address, self._credentials, options=CHANNEL_OPTIONS
+            )
         self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
         self._agents = agents_pb2_grpc.AgentServiceStub(self._channel)
+        # Jobs whose background heartbeats run; closing the client stops them.
+        self._jobs: set[Job] = set()
+        self._jobs_lock = threading.Lock()
 
     @classmethod
     def connect(
@@ -65,10 +92,20 @@ class Client(ClientCore):
         api_key: str | None = None,
         timeout: float | None = 30.0,
         connect_timeout: float = 5.0,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
     ) -> Client:
         """Creates a client and waits until the daemon answers; UnavailableError if it does
         not, UnauthenticatedError if it does not know the key."""
-        client = cls(address, api_key=api_key, timeout=timeout)
+        client = cls(
+            address,
+            api_key=api_key,
+            timeout=timeout,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+        )
         try:
             # WhoAmI: it checks the key and costs the same however long the history is.
             client._call(client._agents.WhoAmI, agents_pb2.WhoAmIRequest(), connect_timeout)
@@ -84,7 +121,7 @@ class Client(ClientCore):
         try:
             return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, address=self.address) from None
+            raise self._rpc_error(exc) from None
 
     def create_task(
         self,
@@ -175,10 +212,13 @@ class Client(ClientCore):
         self, task_id: str, lease_token: str, *, lease: float | None = None
     ) -> tuple[Task, bool]:
         """Extends a lease; returns the task and whether it was canceled (stop work if so)."""
-        request = tasks_pb2.HeartbeatRequest(
-            id=task_id, lease_token=lease_token, lease=duration(lease)
-        )
-        response = self._call(self._stub.Heartbeat, request)
+        return self._heartbeat(task_id, lease_token, lease, None)
+
+    def _heartbeat(
+        self, task_id: str, lease_token: str, lease: float | None, timeout: float | None
+    ) -> tuple[Task, bool]:
+        request = self._heartbeat_request(task_id, lease_token, lease)
+        response = self._call(self._stub.Heartbeat, request, timeout)
         return Task.from_proto(response.task), response.cancel_requested
 
     def complete_task(
@@ -194,6 +234,11 @@ class Client(ClientCore):
             id=task_id, lease_token=lease_token, error=error, retryable=retryable
         )
         return Task.from_proto(self._call(self._stub.FailTask, request))
+
+    def release_task(self, task_id: str, lease_token: str, reason: str = "") -> Task:
+        """Hands a claimed task back, PENDING for another worker; the attempt does not count."""
+        request = tasks_pb2.ReleaseTaskRequest(id=task_id, lease_token=lease_token, reason=reason)
+        return Task.from_proto(self._call(self._stub.ReleaseTask, request))
 
     def cancel_task(self, task_id: str, reason: str = "", *, keep_children: bool = False) -> Task:
         """Cancels a task and, unless `keep_children`, its unfinished descendants."""
@@ -244,19 +289,39 @@ class Client(ClientCore):
     ) -> Generator[Job, None, None]:
         """Jobs for `labels` (default: this agent's), claimed by long-poll, forever.
 
-        Each job heartbeats in a background thread until it is finished. Finish
-        it in the loop body with `job.complete(result)` or `job.fail(...)`; a job
-        left unfinished when the loop moves on or stops is released for another
-        worker (a retryable failure).
+        Each job heartbeats in background threads until it is finished, and
+        watches its task: when the task ends under the claim (canceled, failed
+        at its deadline) or the lease is lost, `job.interrupted` turns True,
+        `job.wait_interrupted()` returns and the job's calls raise
+        `JobInterruptedError`. Finish a job in the loop body with
+        `job.complete(result)` or `job.fail(...)`; a job left unfinished when
+        the loop moves on or stops is handed back with `job.release()` for
+        another worker.
+
+        The daemon restarting or answering slowly only delays the next claim.
+        The loop ends with `RuntimeError` once the client is closed, and with
+        the error of any other refused claim (e.g. `UnauthenticatedError`
+        when the agent's key no longer works).
         """
-        resume = Resume()
+        backoff = Backoff()
+        failures = 0
         while True:
             try:
                 job = self.claim(labels, lease=lease, wait=wait)
-            except UnavailableError as exc:  # the daemon restarts: keep waiting for it
-                time.sleep(resume.delay_after(exc, Deadline(None)))
+            except RPCError as exc:
+                self._check_open()  # closed while the claim waited
+                if exc.code not in TRANSIENT:
+                    raise
+                delay = backoff.next()
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "claiming failed with %s; trying again in %.2f s", exc, delay)
+                time.sleep(delay)  # backoff while the daemon comes back
                 continue
-            resume.progressed()
+            if failures:
+                log.info("claims go through again after %d failed", failures)
+                failures = 0
+            backoff.reset()
             if job is None:
                 continue
             job._start_heartbeats(lease)
@@ -267,7 +332,7 @@ class Client(ClientCore):
 
     def run_worker(
         self,
-        handler: Callable[[Job], Mapping[str, Any] | None],
+        handler: Handler,
         labels: Sequence[str] = (),
         *,
         lease: float = DEFAULT_WORK_LEASE,
@@ -276,18 +341,26 @@ class Client(ClientCore):
         """Runs `handler` on every job for `labels`, until interrupted.
 
         The task completes with what `handler` returns, or fails with the
-        exception it raises.
+        exception it raises. A thread cannot be cancelled from outside, so
+        when the task ends under the handler (its creator cancels it, its
+        deadline passes) or the lease is lost, the handler is told instead:
+        `job.interrupted` turns True, `job.wait_interrupted()` returns, and
+        its next `job.write()`, `job.ask()` or `job.heartbeat()` raises
+        `JobInterruptedError`. A handler that runs long without calling the
+        job should check `job.interrupted` between steps. Whatever it returns
+        or raises then, the task is left as it is (not completed), the
+        ending is logged on the `legato.client` logger, and the loop takes
+        the next job. The watch of the task brings such news at once;
+        heartbeats (a third of `lease` apart) are the fallback.
+
+        KeyboardInterrupt hands the running job back for another worker and
+        ends the loop; so does closing the client from another thread
+        (`RuntimeError`), or the daemon refusing this agent altogether (e.g.
+        `UnauthenticatedError` for a revoked key).
         """
         with closing(self.work(labels, lease=lease, wait=wait)) as jobs:
             for job in jobs:
-                try:
-                    result = handler(job)
-                except Exception as exc:
-                    if not job.finished:
-                        job.fail(f"{type(exc).__name__}: {exc}")
-                    continue
-                if not job.finished:
-                    job.complete(result)
+                job._run(handler)
 
     # -- history ----------------------------------------------------------------
 
@@ -373,7 +446,11 @@ class Client(ClientCore):
         task_ids: Sequence[str],
         after_seq: int | None,
         deadline: Deadline,
+        *,
+        on_call: Callable[[grpc.RpcContext], None] | None = None,
     ) -> Generator[TaskEvent, None, None]:
+        """`watch`, ending by `deadline`; `on_call` gets each stream's call, so
+        that another thread can cancel it."""
         if after_seq is None:
             after_seq = self._call(self._stub.GetCursor, tasks_pb2.GetCursorRequest()).cursor
         resume = Resume()
@@ -384,6 +461,8 @@ class Client(ClientCore):
                 timeout=deadline.remaining(),
                 metadata=self._metadata,
             )
+            if on_call is not None:
+                on_call(call)
             try:
                 for message in call:
                     event = TaskEvent.from_proto(message)
@@ -391,16 +470,28 @@ class Client(ClientCore):
                     resume.progressed()
                     yield event
             except grpc.RpcError as exc:
-                delay = resume.delay_after(from_rpc_error(exc, address=self.address), deadline)
+                delay = resume.delay_after(self._rpc_error(exc), deadline)
                 time.sleep(delay)  # backoff before reconnecting
             finally:
                 call.cancel()
 
     def close(self) -> None:
-        """Closes the channel; the client cannot be used afterwards."""
+        """Closes the channel; the client cannot be used afterwards.
+
+        The background heartbeat threads of its jobs stop before this returns,
+        and their handlers are interrupted; the daemon requeues those tasks
+        when their leases end.
+        """
         if not self._closed:
             self._closed = True
-            self._channel.close()
+            with self._jobs_lock:
+                jobs = list(self._jobs)
+            for job in jobs:
+                job._interrupt("the client was closed")
+                job._stop_guard_soon()
+            self._channel.close()  # ends the calls the threads are in
+            for job in jobs:
+                job._guard_stopped()
 
     def __enter__(self) -> Client:
         return self
@@ -505,30 +596,69 @@ class TaskHandle:
 
 
 class Job:
-    """A task this worker holds a lease on."""
+    """A task this worker holds a lease on.
+
+    With background heartbeats (jobs from `work` and `run_worker`), the job
+    learns when the task ends under the claim or the lease is lost:
+    `interrupted` turns True, `interruption` says why, `wait_interrupted()`
+    returns, and `write`, `ask` and `heartbeat` raise `JobInterruptedError`.
+    """
 
     def __init__(self, client: Client, task: Task, lease_token: str):
         self._client = client
         self.task = task
         self.lease_token = lease_token
         self.finished = False
-        # Set when a heartbeat learns the task was canceled or failed meanwhile.
+        # Set when the task was canceled, or failed (its deadline), under this claim.
         self.cancel_requested = False
-        self._stop_beating = threading.Event()
+        # Set when the claim ended otherwise: lease expired, task reclaimed, out of sight.
+        self.lost = False
+        # Why work on the job must stop, once it must.
+        self.interruption: str | None = None
+        self._interrupted = threading.Event()
+        # While complete/fail/release is on its way, news of an ending is no
+        # interruption: it may be this very call's own doing.
+        self._finishing = False
+        self._lease: LeaseClock | None = None
+        self._wake = threading.Event()
+        # Guards what the handler's thread and the background threads share.
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watch_call: grpc.RpcContext | None = None
         self._heartbeats: threading.Thread | None = None
+        self._watching: threading.Thread | None = None
 
     @property
     def id(self) -> str:
         return self.task.id
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether work on the job must stop; `interruption` says why."""
+        return self.interruption is not None
+
+    def wait_interrupted(self, timeout: float | None = None) -> bool:
+        """Waits until the job is interrupted, at most `timeout` seconds; whether it was."""
+        self._interrupted.wait(timeout)
+        return self.interrupted
+
     def heartbeat(self, *, lease: float | None = None) -> bool:
-        """Extends the lease; True means the task was canceled and work should stop."""
+        """Extends the lease; True means the task was canceled and work should stop.
+
+        `lease` (seconds) replaces the claim's lease length from now on.
+        """
+        self._check_interrupted()
+        sent_at = time.monotonic()
         self.task, cancel_requested = self._client.heartbeat(self.id, self.lease_token, lease=lease)
-        self.cancel_requested = self.cancel_requested or cancel_requested
+        if self._lease is not None:
+            self._lease.renewed(sent_at, lease)
+        if cancel_requested:
+            self._interrupt(ended_under(self.task), canceled=True)
         return cancel_requested
 
     def write(self, text: str) -> None:
         """Streams a chunk of the answer to whoever follows the task."""
+        self._check_interrupted()
         self._client.append_output(self.id, self.lease_token, text)
 
     def ask(self, question: str, *, timeout: float | None = None) -> str:
@@ -536,56 +666,252 @@ class Job:
 
         Raises `TaskCanceledError` or `TaskFailedError` if the task ends instead.
         """
+        self._check_interrupted()
         asked = self._client.request_input(self.id, self.lease_token, question)
         with closing(self._client._watch((), (self.id,), 0, Deadline(timeout))) as events:
             for event in events:
                 answer = answer_after(event, asked.version)
                 if answer is not None:
-                    self.task = event.task
+                    self.task = event.onto(self.task).task  # events are deltas
                     return answer
         raise AssertionError("the watch stream ended without an error")  # it resumes instead
 
     def complete(self, result: Mapping[str, Any] | None = None) -> Task:
-        self.task = self._client.complete_task(self.id, self.lease_token, result)
+        """Finishes the task DONE with `result` (a dict of JSON values)."""
+        with self._finishing_call():
+            self.task = self._client.complete_task(self.id, self.lease_token, result)
         self._finished()
         return self.task
 
     def fail(self, error: str, *, retryable: bool = False) -> Task:
-        self.task = self._client.fail_task(self.id, self.lease_token, error, retryable=retryable)
+        """Fails the task; `retryable` requeues it while attempts remain."""
+        with self._finishing_call():
+            self.task = self._client.fail_task(
+                self.id, self.lease_token, error, retryable=retryable
+            )
         self._finished()
         return self.task
 
+    def release(self, reason: str) -> Task:
+        """Hands the task back unfinished, PENDING for another worker; `reason` is for its history.
+
+        Every hand-back of a work loop goes through here: the loop moving on
+        or stopping, the worker being interrupted. The attempt does not count
+        against the task's `max_attempts`.
+        """
+        with self._finishing_call():
+            self.task = self._client.release_task(self.id, self.lease_token, reason)
+        self._finished()
+        return self.task
+
+    # -- running a handler ---------------------------------------------------------
+
+    def _run(self, handler: Handler) -> None:
+        """Runs `handler` on this job and finishes the task with its outcome."""
+        try:
+            result = handler(self)
+        except Exception as exc:
+            if self.interruption is None:
+                self._settle(None, f"{type(exc).__name__}: {exc}")
+            return
+        if self.interruption is None:
+            self._settle(result, None)
+
+    def _settle(self, result: Mapping[str, Any] | None, error: str | None) -> None:
+        """Completes (or, with `error`, fails) the task, unless the handler already did.
+
+        A daemon that cannot be reached is tried again while the lease lasts;
+        a refusal is logged, except one that ends the work loop altogether
+        (the agent's key no longer works).
+        """
+        backoff = Backoff()
+        while not self.finished and self.interruption is None:
+            try:
+                if error is None:
+                    self.complete(result)
+                else:
+                    self.fail(error)
+                return
+            except TypeError as exc:  # the handler returned something that is not JSON
+                error = f"the handler's result was refused: {exc}"
+            except RPCError as exc:
+                left = self._lease.remaining() if self._lease is not None else 0.0
+                if exc.code in TRANSIENT and left > 0:
+                    delay = min(backoff.next(), left)
+                    log.debug("finishing %s failed with %s; again in %.2f s", self.id, exc, delay)
+                    time.sleep(delay)  # backoff while the daemon comes back
+                elif exc.code is grpc.StatusCode.INVALID_ARGUMENT and error is None:
+                    error = f"the daemon refused the handler's result: {exc.message}"
+                elif exc.code is grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                else:
+                    what = "complete" if error is None else "fail"
+                    log.warning("could not %s task %s: %s", what, self.id, exc)
+                    return
+
+    # -- background heartbeats and watch -------------------------------------------
+
     def _start_heartbeats(self, lease: float) -> None:
+        """Keeps the claim alive in the background until the job is finished,
+        and watches the task so that an ending under the claim is known at once."""
+        self._lease = LeaseClock(lease)
+        with self._client._jobs_lock:
+            self._client._jobs.add(self)
         self._heartbeats = threading.Thread(
-            target=self._beat, args=(lease / HEARTBEATS_PER_LEASE,), daemon=True
+            target=self._beat, name=f"legato heartbeats {self.id}", daemon=True
+        )
+        self._watching = threading.Thread(
+            target=self._follow, name=f"legato watch {self.id}", daemon=True
         )
         self._heartbeats.start()
+        self._watching.start()
 
-    def _beat(self, every: float) -> None:
-        while not self._stop_beating.wait(every):
+    def _beat(self) -> None:
+        assert self._lease is not None
+        backoff = Backoff()
+        failures = 0
+        wait = self._lease.every()
+        while True:
+            # The heartbeat's period, cut short by news from the watch or a stop.
+            self._wake.wait(wait)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            left = self._lease.remaining()
+            if left <= 0 and failures:
+                why = "the lease ran out while heartbeats could not reach the daemon"
+                self._interrupt(lost_claim(self.id, why), lost=True)
+                return
+            sent_at = time.monotonic()
             try:
-                if self.heartbeat():
+                self.task, cancel_requested = self._client._heartbeat(
+                    self.id, self.lease_token, None, self._client._heartbeat_timeout(left)
+                )
+            except RPCError as exc:
+                if self._stop.is_set():
+                    return  # the call was cut short by close()
+                if exc.code not in TRANSIENT:  # e.g. FAILED_PRECONDITION: the lease is gone
+                    self._interrupt(lost_claim(self.id, str(exc)), lost=True)
                     return
-            except UnavailableError:
-                continue  # the daemon restarts; the lease may still hold when it is back
-            except (LegatoError, RuntimeError):
-                return  # the claim is gone, or the client closed
+                failures += 1
+                wait = min(backoff.next(), left)
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(
+                    level,
+                    "heartbeat of task %s failed with %s; trying again for up to %.1f s, "
+                    "until the lease would end",
+                    self.id,
+                    exc.code.name,
+                    left,
+                )
+                continue
+            except RuntimeError:
+                return  # the client was closed
+            if failures:
+                log.info("heartbeats of task %s resumed after %d failed", self.id, failures)
+                failures = 0
+                backoff.reset()
+            self._lease.renewed(sent_at)
+            if cancel_requested:
+                self._interrupt(ended_under(self.task), canceled=True)
+                return
+            wait = self._lease.every()
+
+    def _follow(self) -> None:
+        backoff = Backoff()
+        after_seq: int | None = None
+        while not self._stop.is_set():
+            try:
+                if after_seq is None:
+                    after_seq = self._client.get_cursor()
+                    # An ending between the claim and this cursor is not in the
+                    # watch: one heartbeat now tells.
+                    self._wake.set()
+                events = self._client._watch(
+                    (), (self.id,), after_seq, Deadline(None), on_call=self._watching_on
+                )
+                with closing(events):
+                    for event in events:
+                        if claim_may_have_ended(event):
+                            self._wake.set()
+            except RPCError as exc:
+                if self._stop.is_set():
+                    return  # the stream was cancelled to stop the thread
+                if exc.code not in TRANSIENT:  # out of sight, say: a heartbeat tells the rest
+                    self._wake.set()
+                    return
+                self._stop.wait(backoff.next())  # backoff while the daemon comes back
+            except RuntimeError:
+                return  # the client was closed
+
+    def _watching_on(self, call: grpc.RpcContext) -> None:
+        # A blocked stream is left only by cancelling its call from another thread.
+        with self._lock:
+            self._watch_call = call
+            stopping = self._stop.is_set()
+        if stopping:
+            call.cancel()
+
+    def _interrupt(self, reason: str, *, canceled: bool = False, lost: bool = False) -> None:
+        with self._lock:
+            if self.finished or self._finishing or self.interruption is not None:
+                return
+            self.interruption = reason
+            self.cancel_requested = self.cancel_requested or canceled
+            self.lost = self.lost or lost
+        self._interrupted.set()
+        log.info("%s; stop working on it", reason)
+        self._stop_guard_soon()
+
+    def _check_interrupted(self) -> None:
+        if self.interruption is not None:
+            raise JobInterruptedError(self.task, self.interruption)
+
+    @contextlib.contextmanager
+    def _finishing_call(self) -> Generator[None, None, None]:
+        with self._lock:
+            self._finishing = True
+        try:
+            yield
+        except BaseException:
+            self._finishing = False
+            raise
+
+    def _stop_guard_soon(self) -> None:
+        """Stops the background heartbeats and watch without waiting for them."""
+        with self._client._jobs_lock:
+            self._client._jobs.discard(self)
+        with self._lock:
+            self._stop.set()
+            call = self._watch_call
+        self._wake.set()
+        if call is not None:
+            call.cancel()
+
+    def _guard_stopped(self) -> None:
+        for thread in (self._heartbeats, self._watching):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
 
     def _finished(self) -> None:
         self.finished = True
-        self._stop_beating.set()
-        if self._heartbeats is not None and self._heartbeats is not threading.current_thread():
-            self._heartbeats.join()
-            self._heartbeats = None
+        self._stop_guard_soon()
+        self._guard_stopped()
 
-    def _release_if_unfinished(self) -> None:
-        if self.finished or self.cancel_requested:
-            self._finished()
+    def _release_if_unfinished(
+        self, reason: str = "the worker stopped before finishing the task"
+    ) -> None:
+        if self.finished or self.interruption is not None:
+            self._stop_guard_soon()
+            self._guard_stopped()
             return
         try:
-            self.fail("the worker stopped before finishing the task", retryable=True)
-        except LegatoError:
-            self._finished()  # the claim had ended anyway
+            self.release(reason)
+        except (LegatoError, RuntimeError) as exc:
+            log.warning("could not hand %s back (%s); its lease will run out", self.id, exc)
+        finally:
+            self._stop_guard_soon()
+        self._guard_stopped()
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"

@@ -16,12 +16,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from legato.client._core import DEFAULT_WORK_LEASE, DEFAULT_WORK_WAIT
 from legato.client._sync import Client
 from legato.client.errors import LegatoError
 from legato.client.models import Agent, Role, Task, TaskEvent, TaskStatus
+
+if TYPE_CHECKING:
+    from legato.server.tls import ServerTLS
 
 
 def _json_default(value: object) -> object:
@@ -188,12 +191,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     from legato.server.paths import UnsafeAddress
     from legato.server.store import DatabaseFailed, Durability
+    from legato.server.tls import TLSError
 
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    try:
+        tls = _server_tls(args)
+    except TLSError as exc:
+        print(f"legato: {exc}", file=sys.stderr)
+        return 1
     config = Config(
         database=args.database or os.environ.get("LEGATO_DATABASE_URL", ""),
         durability=Durability(args.durability),
@@ -201,12 +210,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listen=args.listen or "",
         max_open_tasks=args.max_open_tasks,
         watch_buffer=args.watch_buffer,
+        tls=tls,
     )
     if args.data_dir:
         config = replace(config, data_dir=Path(args.data_dir))
     try:
         run_event_loop(serve(config))
-    except (AlreadyRunning, UnsafeAddress, ValueError) as exc:
+    except (AlreadyRunning, UnsafeAddress, TLSError, ValueError) as exc:
         print(f"legato: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -220,6 +230,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return EXIT_DATABASE_FAILED
     return 0
+
+
+def _server_tls(args: argparse.Namespace) -> ServerTLS | None:
+    """`--tls-cert`, `--tls-key` and `--tls-client-ca` of `legato serve`: all or nothing
+    for the first two; the third needs them."""
+    from legato.server.tls import ServerTLS, TLSError
+
+    if not (args.tls_cert or args.tls_key or args.tls_client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise TLSError(
+            "TLS needs both the daemon's certificate and its key: --tls-cert FILE --tls-key FILE"
+            + (" (--tls-client-ca adds client certificates to them)" if args.tls_client_ca else "")
+        )
+    return ServerTLS(
+        cert=Path(args.tls_cert),
+        key=Path(args.tls_key),
+        client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+    )
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -240,10 +269,29 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """`legato doctor`: one line per check; exit 0 only if every check is ok."""
     from legato.client.ops import OK, doctor
 
-    checks = doctor(data_dir=Path(args.data_dir) if args.data_dir else None, address=args.address)
+    checks = doctor(
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        address=args.address,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
     for check in checks:
         print(check.line())
     return 0 if all(check.status == OK for check in checks) else 1
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """`legato ui`: the web UI, a client of the daemon (see `legato.ui`)."""
+    from legato.ui import DEFAULT_LISTEN, UIConfig, run
+
+    config = UIConfig(
+        api_key=resolve_key(args.key),
+        address=args.address,
+        listen=args.listen or DEFAULT_LISTEN,
+        open_browser=args.open,
+    )
+    return run(config)
 
 
 def resolve_key(explicit: str | None) -> str:
@@ -280,7 +328,7 @@ def cmd_agent_add(client: Client, args: argparse.Namespace, out: Output) -> int:
     _print_new_key(agent, key, out, "created")
     if args.mcp and not out.as_json:
         print(f"For {args.mcp}, add this to its MCP configuration ({_MCP_FILES[args.mcp]}):\n")
-        print(_mcp_snippet(args.mcp, key, client.address))
+        print(_mcp_snippet(args.mcp, key, client))
     return 0
 
 
@@ -301,12 +349,21 @@ def _legato_executable() -> str:
     return str(Path(found).resolve()) if found else str(Path(sys.argv[0]).resolve())
 
 
-def _mcp_snippet(kind: str, key: str, address: str) -> str:
+def _mcp_snippet(kind: str, key: str, client: Client) -> str:
+    """The snippet that makes an MCP client start `legato mcp` as the agent of `key`,
+    reaching the daemon the way `client` does (its address and TLS files)."""
     from legato.client.mcp_bridge import config_snippet
 
+    address = client.address
     if address.startswith("unix:") and not address.startswith("unix:/"):
         address = f"unix:{Path(address.removeprefix('unix:')).resolve()}"
-    return config_snippet(kind, command=_legato_executable(), api_key=key, address=address)
+    return config_snippet(
+        kind,
+        command=_legato_executable(),
+        api_key=key,
+        address=address,
+        tls=client.tls.environment() if client.tls is not None else None,
+    )
 
 
 def cmd_mcp_config(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -330,7 +387,7 @@ def cmd_mcp_config(client: Client, args: argparse.Namespace, out: Output) -> int
             "or --key / LEGATO_AGENT_KEY with that agent's key"
         )
     print(f"# {args.client}: {_MCP_FILES[args.client]}", file=sys.stderr)
-    print(_mcp_snippet(args.client, key, client.address), end="")
+    print(_mcp_snippet(args.client, key, client), end="")
     return 0
 
 
@@ -540,8 +597,6 @@ def cmd_demo(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
-    if not args.labels and not args.task:
-        raise SystemExit("legato: give labels to watch (e.g. @researcher) or --task ID")
     for event in client.watch(
         labels=args.labels, task_ids=args.task or (), after_seq=args.after_seq
     ):
@@ -586,6 +641,25 @@ def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def _add_client_tls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="connect with TLS, trusting the CA certificate in FILE to sign the daemon's "
+        "(default: LEGATO_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="this client's certificate, for a daemon that requires one (default: LEGATO_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        help="the private key of --tls-cert, mode 0600 (default: LEGATO_TLS_KEY)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument(
@@ -594,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     connection.add_argument(
         "--key", help="API key (default: LEGATO_AGENT_KEY, else the admin key of your daemon)"
     )
+    _add_client_tls(connection)
     common = argparse.ArgumentParser(add_help=False, parents=[connection])
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -634,6 +709,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=10_000,
         help="events a watcher may leave unread before it is cut off (default 10000)",
     )
+    serve.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="serve TLS (HOST:PORT only) with this certificate (PEM, naming the host clients "
+        "connect to)",
+    )
+    serve.add_argument(
+        "--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM, mode 0600)"
+    )
+    serve.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="mutual TLS: accept only clients with a certificate signed by this CA",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=cmd_serve)
 
@@ -658,7 +747,21 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--address", help="daemon address (default: LEGATO_ADDRESS or the default socket)"
     )
+    _add_client_tls(doctor)
     doctor.set_defaults(run=cmd_doctor)
+
+    ui = commands.add_parser(
+        "ui",
+        help="a web UI: every agent's tasks, live, and a hand to answer or cancel",
+        parents=[connection],
+    )
+    ui.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="where to serve (default 127.0.0.1:8731; port 0 picks one); keep it on loopback",
+    )
+    ui.add_argument("--open", action="store_true", help="open the link in the default browser")
+    ui.set_defaults(run=cmd_ui)
 
     work = commands.add_parser(
         "work",
@@ -828,7 +931,9 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("id")
 
     watch = action("watch", cmd_watch, "print task events live")
-    watch.add_argument("labels", nargs="*", help="labels to watch, e.g. @researcher")
+    watch.add_argument(
+        "labels", nargs="*", help="labels to watch, e.g. @researcher (none: every task you see)"
+    )
     watch.add_argument("--task", action="append", help="watch this task id (repeatable)")
     watch.add_argument("--after-seq", type=int, help="replay stored events after this seq first")
 
@@ -869,7 +974,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     options, command = split_command(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(options)
-    if args.command in ("serve", "backup", "doctor"):  # no client, no key
+    if args.command in ("serve", "backup", "doctor", "ui"):  # no sync client
         return int(args.run(args))
     if args.command == "mcp" and args.action is None:
         from legato.client.mcp_bridge import run
@@ -889,7 +994,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         key = resolve_key(args.key)
     args.api_key = key  # `legato work` hands it on to the command it runs
     try:
-        with Client(args.address, api_key=key) as client:
+        with Client(
+            args.address,
+            api_key=key,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        ) as client:
             return int(args.run(client, args, Output(getattr(args, "json", False))))
     except (LegatoError, TimeoutError, ValueError, PermissionError) as exc:
         print(f"legato: {exc}", file=sys.stderr)

@@ -18,9 +18,11 @@ LegatoError
 │   ├── UnavailableError          UNAVAILABLE (e.g. the daemon is not running)
 │   ├── DataLossError             DATA_LOSS
 │   └── UnauthenticatedError      UNAUTHENTICATED
-└── TaskOutcomeError              a task ended without a result; `.task` is it
-    ├── TaskFailedError           FAILED
-    └── TaskCanceledError         CANCELED
+├── TaskOutcomeError              a task ended without a result; `.task` is it
+│   ├── TaskFailedError           FAILED
+│   └── TaskCanceledError         CANCELED
+└── JobInterruptedError           a worker must stop work on a job it claimed
+                                  (canceled, deadline passed, lease lost); `.reason`
 """
 
 from __future__ import annotations
@@ -153,3 +155,17 @@ class TaskFailedError(TaskOutcomeError):
 
 class TaskCanceledError(TaskOutcomeError):
     """The task was canceled; `task.error` holds the reason."""
+
+
+class JobInterruptedError(LegatoError):
+    """Work on a claimed task must stop: it was canceled or failed under the
+    claim (e.g. its deadline passed), the lease was lost, or the client closed.
+
+    Raised by a job's calls (`write`, `ask`, `heartbeat`) once the job is
+    interrupted; `reason` says why and `task` is the task as last seen.
+    """
+
+    def __init__(self, task: Task, reason: str):
+        super().__init__(reason)
+        self.task = task
+        self.reason = reason

@@ -18,7 +18,7 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -472,13 +472,22 @@ def run() -> None:
 CLIENTS = ("claude", "codex", "cursor")
 
 
-def config_snippet(client: str, *, command: str, api_key: str, address: str) -> str:
+def config_snippet(
+    client: str,
+    *,
+    command: str,
+    api_key: str,
+    address: str,
+    tls: Mapping[str, str] | None = None,
+) -> str:
     """The configuration entry that makes `client` start this bridge as `command mcp`.
 
     Claude Code (`.mcp.json` or `~/.claude.json`) and Cursor (`.cursor/mcp.json`)
     take a JSON `mcpServers` entry; Codex (`~/.codex/config.toml`) a TOML table.
+    `tls` holds the `LEGATO_TLS_*` variables of a daemon served with TLS: paths
+    to the files, never their contents.
     """
-    env = {"LEGATO_AGENT_KEY": api_key, "LEGATO_ADDRESS": address}
+    env = {"LEGATO_AGENT_KEY": api_key, "LEGATO_ADDRESS": address, **(tls or {})}
     if client == "codex":
         pairs = ", ".join(f"{name} = {json.dumps(value)}" for name, value in env.items())
         return (

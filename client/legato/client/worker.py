@@ -39,7 +39,7 @@ from legato.client.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from legato.client.models import Task, TaskStatus
+from legato.client.models import Task
 
 # How often the loop that follows a running command looks at the stop flag and
 # at cancellation; output itself is forwarded as soon as it arrives.
@@ -76,7 +76,7 @@ class Ending(Enum):
     EXITED = "exited"  # the command exited by itself
     STOPPED = "stopped"  # SIGINT/SIGTERM to the worker
     CANCELED = "canceled"  # the task was canceled (or failed at its deadline) meanwhile
-    LOST = "lost"  # the claim ended under us: lease expired, task reclaimed
+    LOST = "lost"  # the claim ended under us: lease expired, task reclaimed, client closed
 
 
 def check_command(command: Sequence[str]) -> None:
@@ -352,6 +352,8 @@ class Worker:
             LEGATO_ADDRESS=self._client.address,
             LEGATO_AGENT_KEY=self._api_key,
         )
+        if self._client.tls is not None:  # given as flags, the command needs them too
+            env.update(self._client.tls.environment())
         env.pop("LEGATO_TASK", None)
         as_json = task_json(task)
         if len(as_json.encode("utf-8", "surrogatepass")) <= MAX_ENV_TASK_BYTES:
@@ -425,6 +427,9 @@ class Worker:
             why = job.task.error or "canceled"
             self._status(f"canceled {task.id}: {why}; stopped the command")
             return False
+        if ending is Ending.LOST and stream.lost is None:
+            self._status(f"{job.interruption}; stopped the command")
+            return False
         if ending is Ending.EXITED:
             while not chunks.empty():  # what came after the command exited
                 stream.feed(chunks.get_nowait() or b"")
@@ -451,8 +456,11 @@ class Worker:
         while True:
             if self._stop.is_set():
                 return Ending.STOPPED
-            if job.cancel_requested:  # learned by the heartbeat thread of `Client.work`
+            # Learned by the watch and heartbeat threads of `Client.work`.
+            if job.cancel_requested:
                 return Ending.CANCELED
+            if job.interrupted:  # the lease was lost, or the client closed
+                return Ending.LOST
             if stream.lost is not None:
                 # AppendOutput was refused: the task is no longer ours. A
                 # heartbeat tells whether it was canceled or the lease lost.
@@ -487,7 +495,7 @@ class Worker:
         try:
             return job.heartbeat()
         except LegatoError:
-            return False
+            return job.cancel_requested  # JobInterruptedError if the threads knew first
 
     def _terminate(self, process: subprocess.Popen[bytes]) -> None:
         """SIGTERM to the command's process group, then SIGKILL after a grace."""
@@ -523,17 +531,12 @@ class Worker:
     def _release(self, job: Job) -> bool:
         name = signal.Signals(self._signal).name if self._signal else "a signal"
         try:
-            task = job.fail(
-                f"the worker was stopped ({name}) before the command finished",
-                retryable=True,
-            )
+            job.release(f"the worker was stopped ({name}) before the command finished")
         except LegatoError as exc:
             self._status(f"could not release {job.id}: {exc}")
             return False
-        if task.status is TaskStatus.PENDING:
-            self._status(f"released {job.id} ({name}): it waits for another worker")
-        else:
-            self._status(f"released {job.id} ({name}): no attempts left, so it is {task.status}")
+        # A hand-back uses up no attempt: the task is always PENDING again.
+        self._status(f"released {job.id} ({name}): it waits for another worker")
         return False
 
     def _finish(

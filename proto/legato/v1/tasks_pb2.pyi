@@ -787,7 +787,9 @@ class WatchTasksRequest(_message.Message):
 
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """...or with one of these ids. At least one label or id is required."""
+        """...or with one of these ids. With neither: every task in the caller's
+        view (an admin's: all), as ListTasks without filters.
+        """
 
     def __init__(
         self,

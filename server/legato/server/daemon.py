@@ -40,6 +40,7 @@ from legato.server.rpc import WireFormat
 from legato.server.service import TaskService
 from legato.server.store import DatabaseFailed, Durability
 from legato.server.tasks import DEFAULT_MAX_OPEN_TASKS, TaskManager
+from legato.server.tls import ServerTLS, TLSError
 from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ class AlreadyRunning(RuntimeError):
 
 @dataclass(frozen=True)
 class Config:
-    """How the daemon runs. `listen` is `unix:PATH` or `HOST:PORT`."""
+    """How the daemon runs. `listen` is `unix:PATH` or `HOST:PORT`; `tls` (for a
+    `HOST:PORT` only) makes it serve TLS."""
 
     data_dir: Path = field(default_factory=default_data_dir)
     listen: str = ""
@@ -84,16 +86,33 @@ class Config:
     max_open_tasks: int = DEFAULT_MAX_OPEN_TASKS
     # Events a watcher may leave unread before it is cut off with RESOURCE_EXHAUSTED.
     watch_buffer: int = DEFAULT_BUFFER
+    tls: ServerTLS | None = None
 
     @property
     def address(self) -> str:
         return self.listen or f"unix:{default_runtime_dir() / SOCKET_NAME}"
 
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """What the daemon listens with: None for plaintext, else TLS from the files of
+        `tls`, read and checked; `TLSError` says what is wrong with them."""
+        if self.tls is None:
+            return None
+        if unix_socket_path(self.address) is not None:
+            # A unix socket sits in a 0700 dir: only this user reaches it, and TLS
+            # would add certificates to manage and nothing to protect.
+            raise TLSError(
+                f"TLS is for HOST:PORT addresses, and {self.address} is a unix socket, which "
+                "only your user can reach already; serve TLS with --listen HOST:PORT, or drop "
+                "the --tls-* options"
+            )
+        return self.tls.credentials()
 
-def listen_warning(address: str) -> str | None:
-    """What to tell the user about listening on `address`: None for a unix
-    socket or a loopback HOST:PORT, else the warning that keys travel in clear."""
-    if unix_socket_path(address) is not None:
+
+def listen_warning(address: str, *, tls: bool = False) -> str | None:
+    """What to tell the user about listening on `address`: None with TLS, for a
+    unix socket or for a loopback HOST:PORT, else the warning that keys travel
+    in clear."""
+    if tls or unix_socket_path(address) is not None:
         return None
     host = address.rsplit(":", 1)[0] if ":" in address else address
     host = host.removeprefix("[").removesuffix("]")
@@ -111,8 +130,8 @@ def listen_warning(address: str) -> str | None:
         f"WARNING: listening on {address}, beyond loopback, without TLS. API keys travel "
         "in clear in each call's metadata: anyone who can see this traffic can take them and "
         "act as your agents, and anyone who can reach the port can try keys. Keep --listen on "
-        "loopback (127.0.0.1:PORT, [::1]:PORT or localhost:PORT) or use the default unix "
-        "socket; legato has no TLS yet."
+        "loopback (127.0.0.1:PORT, [::1]:PORT or localhost:PORT), use the default unix "
+        "socket, or serve TLS: --tls-cert FILE --tls-key FILE (see README: Remote agents)."
     )
 
 
@@ -236,14 +255,16 @@ class Daemon:
         self._supervisor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # Bad TLS files are refused before the locks are taken or the database opened.
+        credentials = self.config.credentials()
         self._lock.__enter__()
         try:
-            await self._start()
+            await self._start(credentials)
         except BaseException:
             await self.stop()
             raise
 
-    async def _start(self) -> None:
+    async def _start(self, credentials: grpc.ServerCredentials | None) -> None:
         self.tasks = await TaskManager.open(
             self.config.data_dir / DB_NAME,
             database=self.config.database,
@@ -276,7 +297,10 @@ class Daemon:
         old_umask = os.umask(0o077)  # the socket file: owner only
         try:
             try:
-                bound = server.add_insecure_port(self.config.address)
+                if credentials is None:
+                    bound = server.add_insecure_port(self.config.address)
+                else:
+                    bound = server.add_secure_port(self.config.address, credentials)
             except RuntimeError:  # grpc's way of saying the bind failed
                 bound = 0
             if bound == 0:
@@ -390,16 +414,19 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    warning = listen_warning(config.address)
+    warning = listen_warning(config.address, tls=config.tls is not None)
     if warning is not None:
         # Printed, not logged: --log-level must not be able to hide it.
         print(f"legato: {warning}", file=sys.stderr, flush=True)
     async with Daemon(config) as daemon:
         assert daemon.tasks is not None
         database = f"database: {daemon.tasks.store.description}, " if config.database else ""
+        tls = ""
+        if config.tls is not None:
+            tls = ", TLS with client certificates" if config.tls.mutual else ", TLS"
         print(
             f"legato serving on {daemon.address} (data: {config.data_dir}, {database}"
-            f"durability: {config.durability.value})",
+            f"durability: {config.durability.value}{tls})",
             flush=True,
         )
         if ready is not None:

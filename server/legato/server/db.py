@@ -29,6 +29,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -54,6 +55,12 @@ MAX_GROUP = 256
 # on that commit (it showed as the p99 tail of a single create); checkpoints run
 # on their own thread and connection instead, which writers do not wait for.
 CHECKPOINT_EVERY = 500
+# How long the writer waits for more writes before a commit, only while writes
+# arrive concurrently (the last commit carried more than one). Measured in the
+# CreateTask ladder at 32 in flight: 1 ms raised writes per commit from about
+# 2 to about 7 and cut server CPU per create by ~110 us (~1.2x the calls/s);
+# a lone caller never waits.
+GATHER_SECONDS = 0.001
 
 
 # The test hook that makes one part of a real daemon's database fail on purpose;
@@ -237,28 +244,39 @@ class Database:
             return DatabaseFailed(self._failure.reason)
         return RuntimeError("the database is closed")
 
+    def _gather(self, group: list[_Job[Any]]) -> bool:
+        """Adds queued writes to `group` (up to MAX_GROUP); True if told to stop."""
+        while len(group) < MAX_GROUP:
+            try:
+                job = self._writes.get_nowait()
+            except Empty:
+                return False
+            if job is None:
+                return True
+            group.append(job)
+        return False
+
     def _writer(self) -> None:
         conn = self._writer_conn
         commits = 0
         # The group in hand when the thread dies is answered by `_fail`; kept in a
         # local the loop assigns anyway, so supervision costs a commit nothing.
         group: list[_Job[Any]] = []
+        previous = 0  # how many writes the last commit carried
         try:
             while True:
                 first = self._writes.get()
                 if first is None:
                     break
                 group = [first]
-                stop = False
-                while len(group) < MAX_GROUP:
-                    try:
-                        job = self._writes.get_nowait()
-                    except Empty:
-                        break
-                    if job is None:
-                        stop = True
-                        break
-                    group.append(job)
+                stop = self._gather(group)
+                if not stop and previous > 1 and self._writes.empty():
+                    # Writes are arriving concurrently but none is queued yet:
+                    # a moment's wait lets the next few share this commit (and
+                    # its sync). A lone writer (previous == 1) never waits.
+                    time.sleep(GATHER_SECONDS)
+                    stop = self._gather(group)
+                previous = len(group)
                 self._commit_group(conn, group)
                 commits += 1
                 if commits % CHECKPOINT_EVERY == 0:

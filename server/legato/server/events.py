@@ -95,6 +95,8 @@ class EventBus:
         self._max_bytes = max_bytes
         self._by_label: defaultdict[str, set[Subscription]] = defaultdict(set)
         self._by_task: defaultdict[str, set[Subscription]] = defaultdict(set)
+        # Subscriptions with neither labels nor ids: every event (that `accepts` lets through).
+        self._everything: set[Subscription] = set()
         self._closed = False
 
     def subscribe(
@@ -113,9 +115,12 @@ class EventBus:
             self._by_label[label].add(sub)
         for task_id in sub.task_ids:
             self._by_task[task_id].add(sub)
+        if not sub.labels and not sub.task_ids:
+            self._everything.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
+        self._everything.discard(sub)
         for index, keys in ((self._by_label, sub.labels), (self._by_task, sub.task_ids)):
             for key in keys:
                 subs = index.get(key)
@@ -125,12 +130,17 @@ class EventBus:
                         del index[key]
 
     def _subscriptions(self) -> set[Subscription]:
-        return {s for subs in (*self._by_label.values(), *self._by_task.values()) for s in subs}
+        return {
+            s
+            for subs in (*self._by_label.values(), *self._by_task.values(), self._everything)
+            for s in subs
+        }
 
     def publish(self, events: Iterable[Event]) -> None:
         """Delivers events, which must come in seq order, to every matching subscription."""
         for event in events:
             targets = set(self._by_task.get(event.task.id, ()))
+            targets.update(self._everything)
             for label in event.task.labels:
                 targets.update(self._by_label.get(label, ()))
             for sub in targets:

@@ -758,8 +758,10 @@ class PostgresStore:
             match, params = f"({of_labels} OR {of_ids})", [list(labels), list(task_ids)]
         elif labels:
             match, params = of_labels, [list(labels)]
-        else:
+        elif task_ids:
             match, params = of_ids, [list(task_ids)]
+        else:  # every task: the caller's view is applied to what this returns
+            match, params = "true", []
         return await self._db.read(
             lambda conn: _read_events(
                 conn, f"e.seq > %s AND {match}", [after_seq, *params], limit, max_bytes
@@ -811,6 +813,9 @@ class PostgresStore:
         return await self._db.read(read)
 
     async def task_output(self, task: TaskRecord) -> str:
+        """The output of the task's current attempt as `task` was read, up to its
+        `output_size`."""
+
         def read(conn: psycopg.Connection[Any]) -> str:
             # The attempt's own chunks, by the output index: earlier attempts'
             # output is never read.
@@ -820,7 +825,13 @@ class PostgresStore:
                 "ORDER BY seq",
                 (task.id, task.attempt),
             )
-            return "".join(json.loads(state)["chunk"][1] for (state,) in rows)
+            text = "".join(json.loads(state)["chunk"][1] for (state,) in rows)
+            # A second read: chunks committed since the task was read come after
+            # its output_size bytes and are cut off, so output and size agree.
+            data = text.encode("utf-8", "surrogatepass")
+            if len(data) <= task.output_size:
+                return text
+            return data[: task.output_size].decode("utf-8", "surrogatepass")
 
         return await self._db.read(read)
 

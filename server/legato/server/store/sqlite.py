@@ -416,8 +416,10 @@ class SqliteStore:
                 match, params = f"({of_labels} OR {of_ids})", [*labels, *task_ids]
             elif labels:
                 match, params = of_labels, list(labels)
-            else:
+            elif task_ids:
                 match, params = of_ids, list(task_ids)
+            else:  # every task: the caller's view is applied to what this returns
+                match, params = "1", []
             rows = conn.execute(
                 f"{_SELECT_EVENT} WHERE e.seq > ? AND {match} ORDER BY e.seq LIMIT ?",
                 [after_seq, *params, limit + 1],
@@ -479,7 +481,8 @@ class SqliteStore:
         return await self._db.read(read)
 
     async def task_output(self, task: TaskRecord) -> str:
-        """The output of the task's current attempt: its OUTPUT chunks since its claim."""
+        """The output of the task's current attempt as `task` was read: its OUTPUT
+        chunks since its claim, up to its `output_size`."""
 
         def read(conn: sqlite3.Connection) -> str:
             # From the attempt's CLAIMED event on, by the (task_rowid, seq)
@@ -490,7 +493,14 @@ class SqliteStore:
                 "ORDER BY e.seq",
                 (task.id, task.claim_seq, int(EventType.OUTPUT)),
             )
-            return "".join(json.loads(state)["chunk"][1] for (state,) in rows)
+            text = "".join(json.loads(state)["chunk"][1] for (state,) in rows)
+            # This is a second read: chunks (or a new attempt) committed since the
+            # task was read come after its output_size bytes, and are cut off, so
+            # the output and the size always agree.
+            data = text.encode("utf-8", "surrogatepass")
+            if len(data) <= task.output_size:
+                return text
+            return data[: task.output_size].decode("utf-8", "surrogatepass")
 
         return await self._db.read(read)
 
