@@ -26,14 +26,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from legato.server import limits, store
+from legato.server import limits
 from legato.server.agents import AgentRegistry
 from legato.server.auth import bearer_key
 from legato.server.convert import struct_bytes, task_proto
 from legato.server.db import Durability, connect
 from legato.server.events import EventBus
 from legato.server.model import EventType, Role, TaskRecord, slim, system_clock
-from legato.server.store import AgentStore, Store
+from legato.server.store import rows
+from legato.server.store import sqlite as store
+from legato.server.store.sqlite import SqliteStore as Store
 from legato.server.tasks import new_task_id
 from legato.server.waiters import ClaimWaiters
 from legato.v1 import tasks_pb2
@@ -95,7 +97,7 @@ async def measure(directory: Path) -> list[tuple[str, str, float]]:
     request = tasks_pb2.CreateTaskRequest.FromString(raw)
     agents_store = await Store.open(directory / "agents.db")
     try:
-        registry = await AgentRegistry.open(AgentStore(agents_store), system_clock)
+        registry = await AgentRegistry.open(agents_store.agents, system_clock)
         _, key = await registry.create(payloads.CREATOR, ["@creator"], Role.AGENT)
         await registry.create(payloads.WORKER, [payloads.LABEL], Role.AGENT)
         context = _Context(key)
@@ -157,7 +159,7 @@ async def measure(directory: Path) -> list[tuple[str, str, float]]:
         add(
             "_state_json(slim(task)) (the event row's JSON)",
             "writer",
-            best_us(lambda: store._state_json(slim(task, EventType.CREATED), None), 50_000),
+            best_us(lambda: rows.state_json(slim(task, EventType.CREATED), None), 50_000),
         )
         add(
             "json.dumps(labels) (the tasks row's labels)",
@@ -168,9 +170,7 @@ async def measure(directory: Path) -> list[tuple[str, str, float]]:
             "the tasks INSERT's SQL text, built per call (store._insert_task)",
             "writer",
             best_us(
-                lambda: (
-                    f"INSERT INTO tasks ({store._TASK_COLUMNS}) VALUES ({store._in(range(27))})"
-                ),
+                lambda: f"INSERT INTO tasks ({rows.TASK_COLUMNS}) VALUES ({store._in(range(27))})",
                 50_000,
             ),
         )

@@ -46,7 +46,6 @@ from queue import SimpleQueue
 from typing import Any, TypeVar
 
 import grpc
-from legato.server import store
 from legato.server.agents import AgentRegistry
 from legato.server.auth import AuthInterceptor, current_agent
 from legato.server.convert import struct_bytes
@@ -55,7 +54,8 @@ from legato.server.db import Database, Durability
 from legato.server.limits import check_max_attempts
 from legato.server.model import EventType, Role, TaskRecord, system_clock
 from legato.server.rpc import WireFormat
-from legato.server.store import AgentStore, Store
+from legato.server.store import sqlite as store
+from legato.server.store.sqlite import SqliteStore as Store
 from legato.server.tasks import new_task_id
 from legato.v1 import tasks_pb2
 
@@ -210,7 +210,7 @@ def insert_as_legato(task: TaskRecord) -> Callable[[sqlite3.Connection], None]:
 async def open_registry(data_dir: Path) -> tuple[Store, AgentRegistry, str]:
     """A real agent registry on a database of its own, with the benchmark's creator in it."""
     agents_store = await Store.open(data_dir / "agents.db")
-    registry = await AgentRegistry.open(AgentStore(agents_store), system_clock)
+    registry = await AgentRegistry.open(agents_store.agents, system_clock)
     _, key = await registry.create(CREATOR, ["@creator"], Role.AGENT)
     return agents_store, registry, key
 
