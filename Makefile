@@ -8,7 +8,7 @@ PROTOS := $(wildcard proto/legato/v1/*.proto)
 TS      := clients/typescript
 TS_DEPS := $(TS)/node_modules/.package-lock.json
 
-.PHONY: install run demo test lint format proto proto-check bench bench-smoke bench-ladder \
+.PHONY: install run demo test lint format proto proto-check bench bench-smoke bench-ladder bench-postgres \
 	chaos clean test-ts proto-ts proto-check-ts
 
 install: $(STAMP)
@@ -129,6 +129,13 @@ bench-ladder: install
 	$(BIN)/python -m pip install --quiet $(BENCH_TOOLS)
 	$(BIN)/python -m bench --section ladder --out bench/results/ladder \
 		$(foreach variant,$(VARIANTS),--variant $(variant))
+# The PostgreSQL backend against the SQLite one and a PostgreSQL-native queue's
+# enqueue (pgqueuer, a benchmark-only dependency) on the server of
+# LEGATO_BENCH_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test);
+# writes its section of BENCHMARKS.md.
+bench-postgres: install
+	$(BIN)/python -m pip install --quiet pgqueuer
+	$(BIN)/python -m bench.postgres
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

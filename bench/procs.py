@@ -232,6 +232,7 @@ async def start_daemon(
     durability: str = "normal",
     max_open_tasks: int = 1_000_000_000,
     env: dict[str, str] | None = None,
+    database: str = "",
 ) -> Daemon:
     """Starts `legato serve` and returns once it answers SERVING, timing that.
 
@@ -251,6 +252,7 @@ async def start_daemon(
         str(max_open_tasks),
         "--log-level",
         "warning",
+        *(["--database", database] if database else []),
     ]
     socket.unlink(missing_ok=True)  # noqa: ASYNC240 (a stale socket of an earlier start)
     started = time.perf_counter()

@@ -76,6 +76,18 @@ async def run_all(
     return results
 
 
+def _with_postgres_section(path: Path, text: str) -> str:
+    """`text` followed by the PostgreSQL section the file had (`make bench-postgres`
+    measures it separately, against a server this run does not need)."""
+    from bench.postgres import BEGIN, END
+
+    old = path.read_text() if path.exists() else ""
+    if BEGIN not in old or END not in old:
+        return text
+    section = BEGIN + old.split(BEGIN, 1)[1].split(END, 1)[0] + END + "\n"
+    return text.rstrip("\n") + "\n\n" + section
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -186,18 +198,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             indent=1,
         )
     )
-    markdown_path.write_text(
-        report.markdown(
-            results,
-            profile,
-            command=command,
-            wall_seconds=wall,
-            load_before=load_before,
-            plot_name=None if skipped else relative(plot_path),
-            ladder_plot_name=None if ladder_skipped else relative(ladder_plot),
-            ran=ran,
-        )
+    text = report.markdown(
+        results,
+        profile,
+        command=command,
+        wall_seconds=wall,
+        load_before=load_before,
+        plot_name=None if skipped else relative(plot_path),
+        ladder_plot_name=None if ladder_skipped else relative(ladder_plot),
+        ran=ran,
     )
+    markdown_path.write_text(_with_postgres_section(markdown_path, text))
     print()
     print(report.console(results, profile, ran))
     print()

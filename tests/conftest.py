@@ -1,9 +1,21 @@
-"""Fixtures: a real daemon on a temp unix socket with a real SQLite file, and
-agents with real API keys created through the admin key the daemon bootstraps."""
+"""Fixtures: a real daemon on a temp unix socket with a real database, and
+agents with real API keys created through the admin key the daemon bootstraps.
+
+Every test that takes the `config` (or `daemon`) fixture runs twice, once per
+backend: `[sqlite]` on a temp SQLite file, `[postgres]` on a real PostgreSQL
+server (`LEGATO_TEST_DATABASE_URL`, default postgresql://postgres@127.0.0.1:5432/test),
+in a database made for the session (legato_test_<random>, dropped at the end)
+and a schema of its own per test. A test that holds for SQLite only says why
+with `@pytest.mark.sqlite_only("...")`. Without a reachable server the
+PostgreSQL half is skipped, saying how to point it at one; with CI=true it
+fails instead.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -11,11 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf import duration_pb2
 from legato.client import AsyncClient, EventType, TaskEvent
 from legato.server.daemon import Config, Daemon
 from legato.v1 import tasks_pb2, tasks_pb2_grpc
+from psycopg import conninfo
 
 # `await connect("coder")` → a client of a new agent `coder` holding `@coder`;
 # `await connect("both", ["@a", "@b"])` chooses the labels.
@@ -87,10 +101,103 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+BACKENDS = ("sqlite", "postgres")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "sqlite_only(why): the test is about the SQLite backend itself; it runs on SQLite only",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("sqlite_only")
+        backends = ("sqlite",) if only is not None else BACKENDS
+        metafunc.parametrize("backend", backends, scope="function")
+
+
+def server_url() -> str:
+    """The PostgreSQL server the suite uses (any database on it: others are made)."""
+    return os.environ.get("LEGATO_TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)
+
+
+def with_database(url: str, dbname: str) -> str:
+    """`url` with another database name."""
+    return make_url({**conninfo.conninfo_to_dict(url), "dbname": dbname})
+
+
+def make_url(params: dict[str, Any]) -> str:
+    """A postgresql:// URL of libpq parameters, as a daemon's --database takes it."""
+    from urllib.parse import quote
+
+    user = params.get("user") or ""
+    password = f":{quote(str(params['password']), safe='')}" if params.get("password") else ""
+    auth = f"{quote(str(user), safe='')}{password}@" if user else ""
+    host = params.get("host") or "127.0.0.1"
+    port = f":{params['port']}" if params.get("port") else ""
+    query = "&".join(
+        f"{key}={quote(str(value), safe='')}"
+        for key, value in params.items()
+        if key not in ("user", "password", "host", "port", "dbname") and value is not None
+    )
+    return f"postgresql://{auth}{host}{port}/{params['dbname']}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A database of the session's own on the test server: its URL. Dropped at the end."""
+    url = server_url()
+    try:
+        admin = psycopg.connect(url, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        why = (
+            f"PostgreSQL is not reachable at {url} ({str(exc).strip()}); start one, or point "
+            "the suite at one with LEGATO_TEST_DATABASE_URL=postgresql://USER@HOST:PORT/DB "
+            "(the user must be allowed to CREATE DATABASE)"
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    name = f"legato_test_{secrets.token_hex(6)}"
+    with admin:
+        admin.execute(f"CREATE DATABASE {name}")
+        try:
+            yield with_database(url, name)
+        finally:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
-def config(short_tmp: Path) -> Config:
+def pg_url(pg_database: str) -> Iterator[str]:
+    """A schema of the test's own in the session's database: the URL a daemon is given."""
+    schema = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    params = conninfo.conninfo_to_dict(pg_database)
+    yield make_url({**params, "options": f"-csearch_path={schema}"})
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def database(backend: str, request: pytest.FixtureRequest) -> str:
+    """The `--database` of the test's daemons: "" (SQLite) or a fresh PostgreSQL schema."""
+    if backend == "postgres":
+        url: str = request.getfixturevalue("pg_url")
+        return url
+    return ""
+
+
+@pytest.fixture
+def config(short_tmp: Path, database: str) -> Config:
     return Config(
-        data_dir=short_tmp / "data", listen=f"unix:{short_tmp}/run/legato.sock", grace=2.0
+        data_dir=short_tmp / "data",
+        listen=f"unix:{short_tmp}/run/legato.sock",
+        grace=2.0,
+        database=database,
     )
 
 

@@ -26,6 +26,10 @@ from legato.client.errors import UnauthenticatedError
 from legato.server.daemon import Daemon
 from legato.server.store.sqlite import SqliteStore
 
+# The statements and query plans of the SQLite backend are the subject here;
+# the PostgreSQL backend has planner statistics and plans of its own.
+pytestmark = pytest.mark.sqlite_only("checks the SQLite backend's statements and query plans")
+
 LIST_TASKS = "/legato.v1.TaskService/ListTasks"
 WHO_AM_I = "/legato.v1.AgentService/WhoAmI"
 GET_CURSOR = "/legato.v1.TaskService/GetCursor"

@@ -13,10 +13,11 @@ import random
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import closing
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import grpc
+import psycopg
 import pytest
 from conftest import Connect, keyed_channel
 from legato.client import AsyncClient, EventType, TaskEvent
@@ -44,16 +45,22 @@ SMALL_WATCH_BUFFER = 5
 # -- helpers ------------------------------------------------------------------------
 
 
-def stored_events(db_path: Path, label: str) -> list[LoggedEvent]:
+def stored_events(daemon: Daemon, label: str) -> list[LoggedEvent]:
     """The events of every task carrying `label`, as the daemon stored them, in seq order."""
-    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
-        rows = db.execute(
-            "SELECT e.seq, e.type, t.id FROM events e "
-            "JOIN task_labels l ON l.task_rowid = e.task_rowid "
-            "JOIN tasks t ON t.rowid = e.task_rowid "
-            "WHERE l.label = ? ORDER BY e.seq",
-            (label,),
-        ).fetchall()
+    sql = (
+        "SELECT e.seq, e.type, t.id FROM events e "
+        "JOIN task_labels l ON l.task_rowid = e.task_rowid "
+        "JOIN tasks t ON t.rowid = e.task_rowid "
+        "WHERE l.label = ? ORDER BY e.seq"
+    )
+    rows: list[tuple[Any, ...]]
+    if daemon.config.database:
+        with psycopg.connect(daemon.config.database) as pg:
+            rows = pg.execute(sql.replace("?", "%s"), (label,)).fetchall()
+    else:
+        db_path = daemon.config.data_dir / DB_NAME
+        with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
+            rows = db.execute(sql, (label,)).fetchall()
     return [(int(seq), int(kind), str(task_id)) for seq, kind, task_id in rows]
 
 
@@ -99,16 +106,11 @@ async def stub(daemon: Daemon, admin_key: str) -> AsyncIterator[TaskServiceAsync
         yield tasks_pb2_grpc.TaskServiceStub(channel)
 
 
-@pytest.fixture
-def db_path(daemon: Daemon) -> Path:
-    return daemon.config.data_dir / DB_NAME
-
-
 # -- resume -------------------------------------------------------------------------
 
 
 async def test_watcher_that_keeps_dropping_and_resuming_receives_the_exact_log(
-    stub: TaskServiceAsyncStub, connect: Connect, db_path: Path
+    stub: TaskServiceAsyncStub, connect: Connect, daemon: Daemon
 ) -> None:
     rng = random.Random(20240611)
     received: list[tasks_pb2.TaskEvent] = []
@@ -153,7 +155,7 @@ async def test_watcher_that_keeps_dropping_and_resuming_receives_the_exact_log(
     watcher = asyncio.create_task(watch_with_reconnects())
     await asyncio.gather(*(write(f"writer-{w}", 30) for w in range(4)))
 
-    reference = stored_events(db_path, "@stream")
+    reference = stored_events(daemon, "@stream")
     last_seq.append(reference[-1][0])
     try:
         if not received or received[-1].seq < last_seq[0]:
@@ -167,7 +169,7 @@ async def test_watcher_that_keeps_dropping_and_resuming_receives_the_exact_log(
 
 
 async def test_live_only_watch_delivers_the_events_created_after_it_started_in_seq_order(
-    stub: TaskServiceAsyncStub, coder: AsyncClient, db_path: Path
+    stub: TaskServiceAsyncStub, coder: AsyncClient, daemon: Daemon
 ) -> None:
     before = await coder.create_task("before the watch", labels=["@live"])
     call = stub.WatchTasks(watch_request(["@live"]))  # no after_seq: live events only
@@ -201,7 +203,7 @@ async def test_live_only_watch_delivers_the_events_created_after_it_started_in_s
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     # Nothing on the label was skipped from the first event on.
     assert [logged(e) for e in received] == [
-        e for e in stored_events(db_path, "@live") if e[0] >= received[0].seq
+        e for e in stored_events(daemon, "@live") if e[0] >= received[0].seq
     ]
 
 
@@ -338,13 +340,9 @@ async def test_watch_with_neither_labels_nor_task_ids_follows_the_whole_view(
 
 
 @pytest.fixture
-async def small_buffer(short_tmp: Path) -> AsyncIterator[tuple[str, str]]:
+async def small_buffer(config: Config) -> AsyncIterator[tuple[str, str]]:
     """A daemon cutting watchers off 5 undelivered events behind: (address, admin key)."""
-    config = Config(
-        data_dir=short_tmp / "data",
-        listen=f"unix:{short_tmp}/legato.sock",
-        watch_buffer=SMALL_WATCH_BUFFER,
-    )
+    config = replace(config, watch_buffer=SMALL_WATCH_BUFFER)
     async with Daemon(config) as daemon:
         yield config.address, daemon.admin_key_path.read_text().strip()
 

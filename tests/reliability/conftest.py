@@ -24,16 +24,19 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture
 async def make_daemon(workdir: Path) -> AsyncIterator[MakeDaemon]:
-    """`make_daemon(grace=2.0, args=[...])` → a not yet started `DaemonProcess` in `workdir`.
+    """`make_daemon(grace=2.0, args=[...], database="")` → a not yet started
+    `DaemonProcess` in `workdir`.
 
     Every daemon made is killed at teardown if it still runs, whatever the test did.
     """
     made: list[DaemonProcess] = []
 
-    def make(*, name: str = "d", grace: float = 2.0, args: Sequence[str] = ()) -> DaemonProcess:
+    def make(
+        *, name: str = "d", grace: float = 2.0, args: Sequence[str] = (), database: str = ""
+    ) -> DaemonProcess:
         root = workdir / name
         root.mkdir()
-        daemon = DaemonProcess(root, grace=grace, args=args)
+        daemon = DaemonProcess(root, grace=grace, args=args, database=database)
         made.append(daemon)
         return daemon
 

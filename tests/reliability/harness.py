@@ -76,8 +76,12 @@ class DaemonProcess:
     Its stderr (the daemon's log) is appended across restarts to `root/daemon.log`.
     """
 
-    def __init__(self, root: Path, *, grace: float = 2.0, args: Sequence[str] = ()):
+    def __init__(
+        self, root: Path, *, grace: float = 2.0, args: Sequence[str] = (), database: str = ""
+    ):
         self.root = root
+        # `--database`: "" for the SQLite file in the data dir, else a PostgreSQL URL.
+        self.database = database
         self.data_dir = root / "data"
         self.socket = root / "run" / "legato.sock"
         self.grace = grace
@@ -113,6 +117,7 @@ class DaemonProcess:
             sys.executable, "-m", "legato.server",
             "--data-dir", str(self.data_dir), "--listen", self.address,
             "--grace", str(self.grace), "--log-level", "warning", *self.args,
+            *(["--database", self.database] if self.database else []),
         ]  # fmt: skip
 
     async def start(self) -> float:
@@ -135,7 +140,9 @@ class DaemonProcess:
             self.process = None
             raise AssertionError(f"the daemon did not start: {line!r}\n{self.log_tail()}")
         self.starts += 1
-        self.admin_key = (self.data_dir / "admin.key").read_text().strip()
+        # A daemon joining a shared database that already has an admin writes no key.
+        key_file = self.data_dir / "admin.key"
+        self.admin_key = key_file.read_text().strip() if key_file.exists() else ""
         return time.monotonic() - began
 
     async def kill(self) -> None:

@@ -167,6 +167,10 @@ async def stream_end(
     raise AssertionError("the stream ended without an error")
 
 
+@pytest.mark.sqlite_only(
+    "arms LEGATO_INJECT_FAULT, a hook into the SQLite writer and checkpoint threads; "
+    "the PostgreSQL writer is supervised alike, its loss tested in test_multi_daemon"
+)
 @pytest.mark.parametrize(
     "fault",
     [

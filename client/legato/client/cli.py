@@ -204,6 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"legato: {exc}", file=sys.stderr)
         return 1
     config = Config(
+        database=args.database or os.environ.get("LEGATO_DATABASE_URL", ""),
         durability=Durability(args.durability),
         grace=args.grace,
         listen=args.listen or "",
@@ -215,7 +216,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = replace(config, data_dir=Path(args.data_dir))
     try:
         run_event_loop(serve(config))
-    except (AlreadyRunning, UnsafeAddress, TLSError) as exc:
+    except (AlreadyRunning, UnsafeAddress, TLSError, ValueError) as exc:
         print(f"legato: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -680,6 +681,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="unix:PATH or HOST:PORT (default: a private unix socket)")
     serve.add_argument(
         "--data-dir", help="where the database lives (default: the per-user data dir)"
+    )
+    serve.add_argument(
+        "--database",
+        metavar="URL",
+        help="postgresql://USER@HOST:PORT/DB: a database shared by several daemons "
+        "(default: LEGATO_DATABASE_URL, else the SQLite file in the data dir)",
     )
     serve.add_argument(
         "--durability",

@@ -9,6 +9,11 @@ committed and in commit order, to the agent as it is in memory then, never to
 a copy taken before: two changes in flight at once (a rotation and the
 last-seen bookkeeping of the call that asked for it, an update and a
 revocation) both hold, in memory and on disk.
+
+On a database shared with other daemons, agents also change elsewhere: the
+store hands over each agent as stored when it changed (`_stored`), and says
+when it can no longer vouch for what is in memory (`AgentStore.fresh`); keys
+are then refused rather than trusted.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from legato.server import keys, limits
-from legato.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from legato.server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 from legato.server.model import AgentRecord, Clock, Role
 from legato.server.store import AgentStore
 
@@ -65,7 +77,26 @@ class AgentRegistry:
         registry = cls(store, clock)
         for agent in await store.all():
             registry._remember(agent)
+        store.on_changed = registry._stored
         return registry
+
+    def _stored(self, agent: AgentRecord) -> None:
+        """An agent as stored, changed by another daemon or re-read: memory follows,
+        and whatever depends on its key or its access hears of it."""
+        old = self._by_name.get(agent.name)
+        seen = None if old is None else old.last_seen_at
+        if seen is not None and (agent.last_seen_at is None or agent.last_seen_at < seen):
+            agent = replace(agent, last_seen_at=seen)
+        if old == agent:
+            return
+        self._remember(agent)
+        if old is None:
+            return
+        if (agent.revoked and not old.revoked) or agent.key_id != old.key_id:
+            log.info("agent %s changed elsewhere: its old key no longer works", agent.name)
+            self.on_key_invalidated(agent.name)
+        if agent.labels != old.labels or agent.role != old.role:
+            self.on_access_changed(agent.name)
 
     def _remember(self, agent: AgentRecord) -> AgentRecord:
         old = self._by_name.get(agent.name)
@@ -83,6 +114,12 @@ class AgentRegistry:
 
         Messages never contain the key.
         """
+        if not self._store.fresh():
+            raise Unavailable(
+                "this daemon has not been able to re-read its agents from the shared database "
+                "lately, so it cannot tell whether this key still works; retry in a moment or "
+                "use another daemon"
+            )
         key_id = keys.key_id_of(key)
         if key_id is None:
             raise Unauthenticated(
@@ -98,6 +135,27 @@ class AgentRegistry:
             )
         self._seen(agent)
         return agent
+
+    async def authenticate_anywhere(self, key: str) -> AgentRecord:
+        """`authenticate`, and on a database shared with other daemons, a key this
+        daemon does not know yet (its agent made or given it elsewhere a moment
+        ago) is looked up before it is refused."""
+        try:
+            return self.authenticate(key)
+        except Unauthenticated:
+            key_id = keys.key_id_of(key)
+            if key_id is None or self._key_known(key_id, key):
+                raise
+            stored = await self._store.by_key_id(key_id)
+            if stored is None:
+                raise
+            self._stored(stored)
+        return self.authenticate(key)
+
+    def _key_known(self, key_id: str, key: str) -> bool:
+        name = self._by_key_id.get(key_id)
+        agent = self._by_name.get(name) if name else None
+        return agent is not None and keys.matches(key, agent.key_hash)
 
     def get(self, name: str) -> AgentRecord:
         agent = self._by_name.get(name)
@@ -233,14 +291,17 @@ class AgentRegistry:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def bootstrap_admin(self, data_dir: Path) -> Path:
+    async def bootstrap_admin(self, data_dir: Path, *, shared: bool = False) -> Path:
         """Makes sure `admin.key` in the data dir holds a working admin key.
 
         On first start this creates the `admin` agent. If the file was deleted,
         the admin gets a new key: whoever may start the daemon on this data dir
-        owns its database anyway.
+        owns its database anyway. On a database `shared` with other daemons,
+        see `_join`: the admin is never given a new key there.
         """
         path = data_dir / ADMIN_KEY_FILE
+        if shared:
+            return await self._join(path)
         if path.exists() and ADMIN_NAME in self._by_name:
             return path
         if ADMIN_NAME in self._by_name:
@@ -259,6 +320,27 @@ class AgentRegistry:
         log.info("admin key written to %s", path)
         return path
 
+    async def _join(self, path: Path) -> Path:
+        """The admin bootstrap on a shared database: the first daemon creates the
+        admin and writes its key; every later one uses that admin as it is.
+
+        A new key here would break the key every other daemon's users hold, so
+        a daemon whose data dir has no admin.key only says where to get one.
+        """
+        if ADMIN_NAME not in self._by_name:
+            try:
+                _, key = await self.create(ADMIN_NAME, (), Role.ADMIN)
+            except AlreadyExists:
+                # Another daemon starting at the same moment made it first.
+                for agent in await self._store.all():
+                    self._stored(agent)
+            else:
+                _write_private(path, key + "\n")
+                log.info("admin key written to %s", path)
+                return path
+        _check_joined_key(path, self._by_name.get(ADMIN_NAME))
+        return path
+
     async def flush(self) -> None:
         """Waits for pending last-seen writes (before the database closes)."""
         if self._background:
@@ -273,6 +355,27 @@ def _write_private(path: Path, text: str) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, path)
+
+
+def _check_joined_key(path: Path, admin: AgentRecord | None) -> None:
+    """Says what to do when a daemon joining a shared database has no working admin.key."""
+    if not path.exists():
+        log.warning(
+            "this database already has an admin, made by the first daemon that served it; "
+            "its key is in that daemon's data dir (%s). Copy that file to %s (mode 0600) "
+            "for `legato` commands run against this daemon, or pass --key; any admin can "
+            "issue further keys (`legato agent add NAME --role admin`)",
+            ADMIN_KEY_FILE,
+            path,
+        )
+    elif (
+        admin is None or admin.revoked or not keys.matches(path.read_text().strip(), admin.key_hash)
+    ):
+        log.warning(
+            "%s does not hold the admin's current key (it was rotated or revoked through "
+            "another daemon); copy the current one from wherever it was saved",
+            path,
+        )
 
 
 async def _nothing_held(name: str) -> None:

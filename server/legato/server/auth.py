@@ -49,8 +49,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # every call showed in the profile of a busy daemon.
         self._guarded: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    def _authenticate(self, context: Context) -> AgentRecord:
-        agent = self._agents.authenticate(bearer_key(context))
+    async def _authenticate(self, context: Context) -> AgentRecord:
+        agent = await self._agents.authenticate_anywhere(bearer_key(context))
         current_agent.set(agent)
         return agent
 
@@ -91,7 +91,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def _guard_unary(self, behaviour: Any) -> Any:
         async def guarded(request: Any, context: Context) -> Any:
             try:
-                self._authenticate(context)
+                await self._authenticate(context)
             except DomainError as exc:
                 await context.abort(exc.code, exc.message)
             return await behaviour(request, context)
@@ -101,7 +101,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def _guard_stream(self, behaviour: Any) -> Any:
         async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
             try:
-                self._authenticate(context)
+                await self._authenticate(context)
             except DomainError as exc:
                 await context.abort(exc.code, exc.message)
             async for response in behaviour(request, context):

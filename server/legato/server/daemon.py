@@ -76,6 +76,9 @@ class Config:
 
     data_dir: Path = field(default_factory=default_data_dir)
     listen: str = ""
+    # A postgresql:// URL: the database shared with other daemons; "" for the
+    # SQLite file in the data dir.
+    database: str = ""
     durability: Durability = Durability.NORMAL
     grace: float = 5.0
     # Pending + claimed tasks one agent may have created: a runaway agent loop
@@ -264,6 +267,7 @@ class Daemon:
     async def _start(self, credentials: grpc.ServerCredentials | None) -> None:
         self.tasks = await TaskManager.open(
             self.config.data_dir / DB_NAME,
+            database=self.config.database,
             durability=self.config.durability,
             max_open_tasks=self.config.max_open_tasks,
             watch_buffer=self.config.watch_buffer,
@@ -271,7 +275,9 @@ class Daemon:
         self._supervisor = asyncio.create_task(
             self._supervise(self.tasks), name="legato-supervisor"
         )
-        self.admin_key_path = await self.tasks.agents.bootstrap_admin(self.config.data_dir)
+        self.admin_key_path = await self.tasks.agents.bootstrap_admin(
+            self.config.data_dir, shared=self.tasks.store.shared
+        )
         server = grpc.aio.server(
             options=GRPC_OPTIONS,
             interceptors=[AuthInterceptor(self.tasks.agents), WireFormat()],
@@ -413,11 +419,13 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         # Printed, not logged: --log-level must not be able to hide it.
         print(f"legato: {warning}", file=sys.stderr, flush=True)
     async with Daemon(config) as daemon:
+        assert daemon.tasks is not None
+        database = f"database: {daemon.tasks.store.description}, " if config.database else ""
         tls = ""
         if config.tls is not None:
             tls = ", TLS with client certificates" if config.tls.mutual else ", TLS"
         print(
-            f"legato serving on {daemon.address} (data: {config.data_dir}, "
+            f"legato serving on {daemon.address} (data: {config.data_dir}, {database}"
             f"durability: {config.durability.value}{tls})",
             flush=True,
         )

@@ -45,3 +45,9 @@ class PermissionDenied(DomainError):
 
 class Unauthenticated(DomainError):
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Unavailable(DomainError):
+    """The daemon cannot serve the call right now; retrying later may work."""
+
+    code = grpc.StatusCode.UNAVAILABLE

@@ -136,6 +136,12 @@ class AgentStore(Protocol):
 
     async def all(self) -> list[AgentRecord]: ...
 
+    async def by_key_id(self, key_id: str) -> AgentRecord | None:
+        """The agent as stored holding this key id, when it may be missing from
+        memory (made or given a new key through another daemon a moment ago);
+        None otherwise, without asking the database."""
+        ...
+
     async def insert(self, agent: AgentRecord, *, applied: Callable[[], object]) -> None: ...
 
     async def set_key(
@@ -327,6 +333,10 @@ async def open_store(
         from legato.server.store.sqlite import SqliteStore
 
         return await SqliteStore.open(sqlite_path, durability=durability)
+    if is_postgres_url(database):
+        from legato.server.store.postgres import PostgresStore
+
+        return await PostgresStore.open(database, durability=durability)
     raise ValueError(
         f"--database {database.split('://', 1)[0]}://...: not a database legato knows; "
         "give a postgresql://USER@HOST:PORT/DB URL, or leave it out for the SQLite file "

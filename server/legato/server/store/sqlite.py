@@ -722,6 +722,10 @@ class SqliteAgentStore:
         """Always: every change of these agents is made through this daemon."""
         return True
 
+    async def by_key_id(self, key_id: str) -> AgentRecord | None:
+        """None: every agent of this database is in memory already."""
+        return None
+
     async def all(self) -> list[AgentRecord]:
         def read(conn: sqlite3.Connection) -> list[AgentRecord]:
             rows = conn.execute(f"SELECT {AGENT_COLUMNS} FROM agents ORDER BY created_at")
