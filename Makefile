@@ -8,7 +8,7 @@ PROTOS := $(wildcard proto/legato/v1/*.proto)
 TS      := clients/typescript
 TS_DEPS := $(TS)/node_modules/.package-lock.json
 
-.PHONY: install run demo test lint format proto proto-check bench bench-smoke bench-ladder bench-postgres \
+.PHONY: install run demo test lint format proto proto-check bench bench-smoke bench-ladder bench-postgres bench-mcp \
 	chaos clean test-ts proto-ts proto-check-ts
 
 install: $(STAMP)
@@ -136,6 +136,10 @@ bench-ladder: install
 bench-postgres: install
 	$(BIN)/python -m pip install --quiet pgqueuer
 	$(BIN)/python -m bench.postgres
+
+# `legato mcp` from spawn to its answer to initialize, against a bare stdio server. ~30 s.
+bench-mcp: install
+	$(BIN)/python -m bench.mcp_start
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
