@@ -1,6 +1,10 @@
 """The MCP bridge: every tool through the SDK's client against a real daemon,
 one end-to-end run of `legato mcp` over stdio, and bad inputs that must come
-back as tool errors, never as a crash of the bridge."""
+back as tool errors, never as a crash of the bridge.
+
+The bridge speaks MCP with its own small server (`legato.client.mcp_server`);
+the SDK's client is the reference it is held to: in memory (`mcp_harness`)
+and over stdio in the end-to-end test."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from legato.client import AsyncClient
 from legato.client.mcp_bridge import build_server
 from legato.server.daemon import Daemon
 from mcp import Client, StdioServerParameters
+from mcp_harness import mcp_client
 
 GUARD = 20.0
 
@@ -33,7 +38,7 @@ def bridge(daemon: Daemon, agent_key: Callable[..., Awaitable[str]]) -> Bridge:
 
     async def open_bridge(name: str) -> Client:
         key = await agent_key(name)
-        return Client(build_server(address=daemon.config.address, api_key=key))
+        return mcp_client(build_server(address=daemon.config.address, api_key=key))
 
     return open_bridge
 
@@ -201,18 +206,19 @@ async def test_a_stopped_daemon_and_a_revoked_key_give_useful_tool_errors(
     daemon: Daemon, admin: AsyncClient, agent_key: Callable[..., Awaitable[str]], short_tmp: Path
 ) -> None:
     key = await agent_key("coder")
-    async with Client(build_server(address=f"unix:{short_tmp}/nothing.sock", api_key=key)) as down:
+    nowhere = f"unix:{short_tmp}/nothing.sock"
+    async with mcp_client(build_server(address=nowhere, api_key=key)) as down:
         message = await refused(down, "list_my_tasks")
         assert "not reachable" in message
         assert "legato serve" in message
-    async with Client(build_server(address=daemon.config.address, api_key=key)) as coder:
+    async with mcp_client(build_server(address=daemon.config.address, api_key=key)) as coder:
         await call(coder, "list_my_tasks")
         await admin.revoke_agent("coder")
         message = await refused(coder, "list_my_tasks")
         assert "refused this agent's key" in message
         # The bridge keeps serving: the next call is answered, not crashed.
         assert "refused this agent's key" in await refused(coder, "get_task", id="t_x")
-    async with Client(build_server(address=daemon.config.address, api_key="")) as unset:
+    async with mcp_client(build_server(address=daemon.config.address, api_key="")) as unset:
         assert "LEGATO_AGENT_KEY" in await refused(unset, "list_my_tasks")
 
 

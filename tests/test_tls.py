@@ -29,7 +29,7 @@ from legato.client.mcp_bridge import build_server
 from legato.client.ops import OK, doctor
 from legato.server.daemon import Config, Daemon, listen_warning
 from legato.server.tls import ServerTLS
-from mcp import Client as MCPClient
+from mcp_harness import mcp_client
 
 LEGATO = Path(sys.executable).with_name("legato")
 START_TIMEOUT = 15.0
@@ -679,7 +679,7 @@ async def test_the_mcp_bridge_reaches_a_tls_daemon_through_legato_tls_ca(
         _, key = await admin.create_agent("coder", labels=["@coder"])
     monkeypatch.setenv("LEGATO_TLS_CA", str(pki.server_ca.cert))
 
-    async with MCPClient(build_server(address=daemon.address, api_key=key)) as coder:
+    async with mcp_client(build_server(address=daemon.address, api_key=key)) as coder:
         result = await asyncio.wait_for(
             coder.call_tool("delegate_task", {"label": "@coder", "request": "RPM?"}), GUARD
         )

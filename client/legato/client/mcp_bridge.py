@@ -18,15 +18,14 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 from legato.client._async import AsyncClient, AsyncJob, AsyncTaskHandle
 from legato.client.errors import LegatoError, UnauthenticatedError, UnavailableError
+from legato.client.mcp_server import Context, Server, ToolError
 from legato.client.models import EventType, Task, TaskEvent, TaskStatus
-from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
 
 log = logging.getLogger("legato.mcp")
@@ -57,7 +56,7 @@ class TaskView(BaseModel):
     request: str = Field(description="What was asked")
     labels: list[str]
     context: dict[str, Any]
-    result: dict[str, Any] | None = Field(description="The answer, once done")
+    result: dict[str, Any] | None = Field(default=None, description="The answer, once done")
     error: str = Field(description="Why it failed or was canceled")
     output: str = Field(description="Text the delegate streamed so far (may be cut at the start)")
     question: str = Field(description="A question the delegate asked back, if any")
@@ -65,7 +64,7 @@ class TaskView(BaseModel):
     created_by: str
     claimed_by: str
     parent_id: str
-    deadline: datetime | None
+    deadline: datetime | None = None
 
 
 class TaskList(BaseModel):
@@ -76,7 +75,7 @@ class Claim(BaseModel):
     """What claim_task found."""
 
     claimed: bool = Field(description="False when no task was waiting")
-    task: TaskView | None
+    task: TaskView | None = None
 
 
 class OutputWritten(BaseModel):
@@ -208,19 +207,21 @@ async def _events_until(
         await events.aclose()
 
 
-def build_server(*, address: str | None = None, api_key: str | None = None) -> MCPServer:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("legato")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_server(*, address: str | None = None, api_key: str | None = None) -> Server:
     """The legato MCP server; `address` and `api_key` default to LEGATO_ADDRESS and
     LEGATO_AGENT_KEY."""
     bridge = Bridge(address, api_key)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: MCPServer[None]) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await bridge.close()  # on the server's own loop, while its channel still works
-
-    server: MCPServer[None] = MCPServer("legato", instructions=INSTRUCTIONS, lifespan=lifespan)
+    # On the server's own loop, while its channel still works.
+    server = Server("legato", version=_version(), instructions=INSTRUCTIONS, on_close=bridge.close)
     tool_errors = _tool_errors(bridge)
 
     async def current(task_id: str) -> TaskView:
