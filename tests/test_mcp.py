@@ -322,3 +322,111 @@ async def test_mcp_config_prints_working_snippets_for_each_client(daemon: Daemon
     code, _, err = await run_cli(daemon, "mcp", "config", "--client", "codex")
     assert code == 1
     assert "--agent NAME" in err
+
+
+# -- what the model reads ------------------------------------------------------------
+
+
+async def test_a_label_nobody_holds_is_a_warning_in_the_result_the_model_reads(
+    bridge: Bridge,
+) -> None:
+    async with await bridge("coder") as coder:
+        task = await call(coder, "delegate_task", label="@nobody", request="anyone there?")
+        assert task["status"] == "pending"
+        assert any("@nobody" in warning for warning in task["warnings"]), task
+        child_free = await call(coder, "delegate_task", label="@coder", request="to myself")
+        assert "warnings" not in child_free, child_free
+
+
+async def test_status_filters_read_any_case(bridge: Bridge) -> None:
+    async with await bridge("coder") as coder:
+        task = await call(coder, "delegate_task", label="@coder", request="x")
+        for spelling in ("PENDING", "Pending", " pending "):
+            listed = await call(coder, "list_my_tasks", status=spelling)
+            assert [t["id"] for t in listed["tasks"]] == [task["id"]], spelling
+        assert (await call(coder, "list_my_tasks", status="DONE"))["tasks"] == []
+        assert "input_required" in await refused(coder, "list_my_tasks", status="finished")
+
+
+async def test_errors_name_the_tools_own_parameters(bridge: Bridge) -> None:
+    async with await bridge("coder") as coder:
+        message = await refused(coder, "delegate_task", label="@coder", request="  ")
+        assert message.startswith("request is required"), message
+        assert "content" not in message
+        message = await refused(coder, "delegate_task", label="coder", request="x")
+        assert message.startswith("label: 'coder' is not a label"), message
+        message = await refused(
+            coder, "create_child_task", parent_id="t_x", label="@coder", request=""
+        )
+        assert message.startswith("request is required"), message
+        message = await refused(coder, "delegate_task", label="@coder")
+        assert message.startswith("request:"), message
+        assert "required" in message
+
+
+async def test_a_wait_longer_than_one_call_may_take_says_it_was_clamped(
+    daemon: Daemon, agent_key: Callable[..., Awaitable[str]]
+) -> None:
+    key = await agent_key("coder")
+    server = build_server(address=daemon.config.address, api_key=key, max_wait_seconds=0.2)
+    async with mcp_client(server) as coder:
+        claimed = await call(coder, "claim_task", wait_seconds=5)
+        assert claimed["claimed"] is False
+        assert any("5" in w and "0.2" in w for w in claimed["warnings"]), claimed
+        task = await call(coder, "delegate_task", label="@coder", request="slow")
+        waited = await call(coder, "wait_for_task", id=task["id"], timeout_seconds=30)
+        assert waited["status"] == "pending"
+        assert any("30" in w and "0.2" in w for w in waited["warnings"]), waited
+        # A wait within the limit says nothing.
+        quiet = await call(coder, "wait_for_task", id=task["id"], timeout_seconds=0.1)
+        assert "warnings" not in quiet, quiet
+
+
+async def test_results_are_compact_unless_the_full_task_is_asked_for(bridge: Bridge) -> None:
+    async with await bridge("coder") as coder, await bridge("researcher") as researcher:
+        context = {"files": ["a.py"] * 50}
+        task = await call(
+            coder, "delegate_task", label="@researcher", request="long " * 100, context=context
+        )
+        assert set(task) == {"id", "status"}, task
+        claim = await call(researcher, "claim_task")
+        assert claim["task"]["request"] == "long " * 100  # the claimant needs all of it
+        assert claim["task"]["context"] == context
+        done = await call(researcher, "complete_task", id=task["id"], result={"answer": 1})
+        assert set(done) == {"id", "status", "result"}, done
+
+        compact = await call(coder, "get_task", id=task["id"])
+        assert set(compact) == {"id", "status", "result"}, compact
+        full = await call(coder, "get_task", id=task["id"], full=True)
+        assert full["request"] == "long " * 100
+        assert full["context"] == context
+        assert full["labels"] == ["@researcher"]
+        assert full["claimed_by"] == "researcher"
+        listed = (await call(coder, "list_my_tasks"))["tasks"]
+        assert [set(t) for t in listed] == [{"id", "status", "request", "labels", "result"}]
+        assert len(listed[0]["request"]) < 100  # a preview, not the whole request
+        listed_full = (await call(coder, "list_my_tasks", full=True))["tasks"]
+        assert listed_full[0]["context"] == context
+
+
+async def test_the_output_shown_is_the_current_attempts_real_output(bridge: Bridge) -> None:
+    async with await bridge("coder") as coder, await bridge("researcher") as researcher:
+        task = await call(coder, "delegate_task", label="@researcher", request="x")
+        await call(researcher, "claim_task")
+        await call(researcher, "append_output", id=task["id"], text="first try")
+        await call(researcher, "fail_task", id=task["id"], error="flaky", retryable=True)
+        await call(researcher, "claim_task")
+        await call(researcher, "append_output", id=task["id"], text="second")
+
+        # Views built from a task without its text say how much there is, never "".
+        listed = (await call(coder, "list_my_tasks", full=True))["tasks"]
+        assert listed[0]["output_size"] == len("second")
+        assert "output" not in listed[0], listed[0]
+        done = await call(researcher, "complete_task", id=task["id"], result={"a": 1})
+        assert "output" not in done, done
+
+        for shown in (
+            await call(coder, "get_task", id=task["id"]),
+            await call(coder, "wait_for_task", id=task["id"], timeout_seconds=5),
+        ):
+            assert shown["output"] == "second", shown

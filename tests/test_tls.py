@@ -686,7 +686,7 @@ async def test_the_mcp_bridge_reaches_a_tls_daemon_through_legato_tls_ca(
 
     assert not result.is_error, result.content
     assert isinstance(result.structured_content, dict)
-    assert result.structured_content["created_by"] == "coder"
+    assert result.structured_content["status"] == "pending"
 
 
 # -- doctor -----------------------------------------------------------------------------

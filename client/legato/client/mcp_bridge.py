@@ -6,24 +6,37 @@ tokens of the tasks it claimed and heartbeats them in the background, so a
 model never copies a token around. stdout carries only MCP messages: logs go
 to stderr.
 
+What the model reads is the tool result, so everything it must act on is in
+it: the daemon's warnings (a label nobody holds), a wait cut to the limit,
+errors in the words of the tool's own parameters. Results are compact (the
+id, the status and what changed: result, error, question, output); the
+whole task comes with `full=true`, or with claim_task, whose claimant needs
+all of it.
+
 Waiting tools return well before clients give up on a tool call (Codex waits
 60 s by default): every wait is capped at `MAX_WAIT_SECONDS`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the tools' annotations carry the wait limit
+# of the server being built, so they are evaluated where the tools are defined.
 import asyncio
 import contextlib
 import functools
 import json
 import logging
+import re
 import sys
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 from legato.client._async import AsyncClient, AsyncJob, AsyncTaskHandle
-from legato.client.errors import LegatoError, UnauthenticatedError, UnavailableError
+from legato.client.errors import (
+    InvalidArgumentError,
+    LegatoError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from legato.client.mcp_server import Context, Server, ToolError
 from legato.client.models import EventType, Task, TaskEvent, TaskStatus
 from pydantic import BaseModel, Field
@@ -35,6 +48,8 @@ MAX_WAIT_SECONDS = 45.0
 BRIDGE_LEASE = 120.0
 # Output longer than this is cut in tool results, keeping the end (the freshest part).
 MAX_OUTPUT_CHARS = 32_000
+# A list shows this much of each task's request: enough to tell tasks apart.
+REQUEST_PREVIEW_CHARS = 80
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -45,26 +60,45 @@ labels like @researcher. As a delegator: delegate_task, then later
 wait_for_task or get_task for the result; answer_task if the delegate asks you
 something. As a delegate: claim_task, append_output as you go, ask_creator if
 you must, then complete_task with a structured, sourced result (or fail_task).
+Read a result's `warnings`: they say what went differently from what you asked.
 """
+
+WARNINGS = Field(
+    default=None, description="What went differently from what you asked; read and act on them"
+)
 
 
 class TaskView(BaseModel):
-    """A task as the model sees it."""
+    """A task as the model sees it. Compact by default: the id, the status and the
+    outcome so far; `full=true` adds what was asked, by whom, for whom."""
 
     id: str
     status: str = Field(description="pending, claimed, input_required, done, failed or canceled")
-    request: str = Field(description="What was asked")
-    labels: list[str]
-    context: dict[str, Any]
     result: dict[str, Any] | None = Field(default=None, description="The answer, once done")
-    error: str = Field(description="Why it failed or was canceled")
-    output: str = Field(description="Text the delegate streamed so far (may be cut at the start)")
-    question: str = Field(description="A question the delegate asked back, if any")
-    answer: str = Field(description="The creator's answer to that question")
-    created_by: str
-    claimed_by: str
-    parent_id: str
+    error: str | None = Field(default=None, description="Why it failed or was canceled")
+    question: str | None = Field(
+        default=None, description="A question the delegate asked back, if any"
+    )
+    answer: str | None = Field(default=None, description="The creator's answer to that question")
+    output: str | None = Field(
+        default=None,
+        description="What the current attempt streamed so far (may be cut at the start)",
+    )
+    output_size: int | None = Field(
+        default=None,
+        description="Bytes the current attempt streamed, where `output` is not shown: "
+        "get_task shows the text",
+    )
+    parent_id: str | None = Field(default=None, description="The task this one was delegated under")
+    request: str | None = Field(default=None, description="What was asked")
+    labels: list[str] | None = None
+    context: dict[str, Any] | None = None
+    created_by: str | None = None
+    claimed_by: str | None = None
+    attempt: int | None = None
+    max_attempts: int | None = None
     deadline: datetime | None = None
+    warnings: list[str] | None = WARNINGS
 
 
 class TaskList(BaseModel):
@@ -76,6 +110,7 @@ class Claim(BaseModel):
 
     claimed: bool = Field(description="False when no task was waiting")
     task: TaskView | None = None
+    warnings: list[str] | None = WARNINGS
 
 
 class OutputWritten(BaseModel):
@@ -84,8 +119,9 @@ class OutputWritten(BaseModel):
 
 class Asked(BaseModel):
     answered: bool = Field(description="False if no answer came within the wait")
-    answer: str = Field(description="The creator's answer, when answered")
+    answer: str | None = Field(default=None, description="The creator's answer, when answered")
     task: TaskView
+    warnings: list[str] | None = WARNINGS
 
 
 def _cut(output: str) -> str:
@@ -96,36 +132,71 @@ def _cut(output: str) -> str:
     )
 
 
-def view(task: Task, output: str | None = None) -> TaskView:
-    return TaskView(
+def _preview(text: str) -> str:
+    if len(text) <= REQUEST_PREVIEW_CHARS:
+        return text
+    return text[: REQUEST_PREVIEW_CHARS - 1] + "…"
+
+
+def view(
+    task: Task,
+    *,
+    full: bool = False,
+    listed: bool = False,
+    with_output: bool = False,
+    warnings: Sequence[str] = (),
+) -> TaskView:
+    """The model's view of `task`. `with_output`: `task` came from get_task, the only
+    read that carries the output's text; other views give its size instead, never an
+    empty text that is not the task's. `listed`: one of many, with a preview of its
+    request so the model can tell them apart."""
+    shown = TaskView(
         id=task.id,
         status=task.status.value,
-        request=task.content,
-        labels=list(task.labels),
-        context=task.context,
         result=task.result,
-        error=task.error,
-        output=_cut(task.output if output is None else output),
-        question=task.question,
-        answer=task.answer,
-        created_by=task.created_by,
-        claimed_by=task.claimed_by,
-        parent_id=task.parent_id,
-        deadline=task.deadline,
+        error=task.error or None,
+        question=task.question or None,
+        answer=task.answer or None,
+        parent_id=task.parent_id or None,
+        warnings=list(warnings) or None,
     )
+    if with_output:
+        shown.output = _cut(task.output) if task.output else None
+    elif task.output_size:
+        shown.output_size = task.output_size
+    if full:
+        shown.request = task.content
+        shown.labels = list(task.labels)
+        shown.context = task.context
+        shown.created_by = task.created_by
+        shown.claimed_by = task.claimed_by or None
+        shown.attempt = task.attempt
+        shown.max_attempts = task.max_attempts
+        shown.deadline = task.deadline
+    elif listed:
+        shown.request = _preview(task.content)
+        shown.labels = list(task.labels)
+    return shown
 
 
-def _wait(seconds: float | None) -> float:
-    return max(0.0, min(seconds or 0.0, MAX_WAIT_SECONDS))
+def _status(status: str) -> TaskStatus:
+    """A status as a model may spell it: 'DONE', 'Input-Required', ' done '."""
+    try:
+        return TaskStatus(status.strip().lower().replace("-", "_").replace(" ", "_"))
+    except ValueError:
+        raise ToolError(
+            f"status {status!r} is unknown; use one of " + ", ".join(s.value for s in TaskStatus)
+        ) from None
 
 
 class Bridge:
     """One bridge process: its client of the daemon and the claims it holds."""
 
-    def __init__(self, address: str | None, api_key: str | None):
+    def __init__(self, address: str | None, api_key: str | None, max_wait: float):
         self._address = address
         self._api_key = api_key
         self._client: AsyncClient | None = None
+        self.max_wait = max_wait
         self.jobs: dict[str, AsyncJob] = {}
 
     @property
@@ -149,6 +220,18 @@ class Bridge:
             )
         return job
 
+    def wait(self, seconds: float, parameter: str) -> tuple[float, list[str]]:
+        """How long a call may wait for `seconds` asked in `parameter`, and a warning
+        when that is not what was asked."""
+        if seconds > self.max_wait:
+            return self.max_wait, [
+                f"{parameter}={seconds:g} is more than one call may wait: waited at most "
+                f"{self.max_wait:g} s; call again to wait longer"
+            ]
+        if seconds < 0:
+            return 0.0, [f"{parameter}={seconds:g} is below 0: did not wait"]
+        return seconds, []
+
     async def close(self) -> None:
         """Hands unfinished claims back and closes the connection (reopened on next use)."""
         for job in list(self.jobs.values()):
@@ -160,10 +243,23 @@ class Bridge:
             self._client = None
 
 
+# The daemon names fields as the gRPC contract does; the model knows the tool's parameters.
+DELEGATION_TERMS = {"content": "request", "labels": "label"}
+
+
+def _in_tool_terms(message: str, terms: Mapping[str, str]) -> str:
+    """`message` with a leading contract field name put as the tool's parameter."""
+    match = re.match(r"(\w+)\b", message)
+    if match and match.group(1) in terms:
+        return terms[match.group(1)] + message[match.end() :]
+    return message
+
+
 def _tool_errors(
-    bridge: Bridge,
+    bridge: Bridge, terms: Mapping[str, str] | None = None
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
-    """Turns legato errors into tool errors with a message the model can act on."""
+    """Turns legato errors into tool errors with a message the model can act on,
+    naming the tool's parameters (`terms`: contract field → parameter)."""
 
     def decorate(tool: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(tool)
@@ -180,6 +276,8 @@ def _tool_errors(
                     f"legato refused this agent's key ({exc.message}). Ask the user for a current "
                     "key: `legato mcp config --client ... --agent NAME` prints a new snippet"
                 ) from None
+            except InvalidArgumentError as exc:
+                raise ToolError(_in_tool_terms(exc.message, terms or {})) from None
             except LegatoError as exc:
                 raise ToolError(str(exc)) from None
             except TimeoutError:
@@ -216,28 +314,47 @@ def _version() -> str:
         return "unknown"
 
 
-def build_server(*, address: str | None = None, api_key: str | None = None) -> Server:
+def build_server(
+    *,
+    address: str | None = None,
+    api_key: str | None = None,
+    max_wait_seconds: float = MAX_WAIT_SECONDS,
+) -> Server:
     """The legato MCP server; `address` and `api_key` default to LEGATO_ADDRESS and
-    LEGATO_AGENT_KEY."""
-    bridge = Bridge(address, api_key)
+    LEGATO_AGENT_KEY. No call waits longer than `max_wait_seconds`."""
+    bridge = Bridge(address, api_key, max_wait_seconds)
     # On the server's own loop, while its channel still works.
     server = Server("legato", version=_version(), instructions=INSTRUCTIONS, on_close=bridge.close)
     tool_errors = _tool_errors(bridge)
+    most = f"{max_wait_seconds:g}"
 
-    async def current(task_id: str) -> TaskView:
-        return view(await bridge.client.get_task(task_id))
+    async def current(
+        task_id: str, *, full: bool = False, warnings: Sequence[str] = ()
+    ) -> TaskView:
+        task = await bridge.client.get_task(task_id)
+        return view(task, full=full, with_output=True, warnings=warnings)
 
     async def settled(
-        handle: AsyncTaskHandle, seconds: float, stop: Callable[[TaskEvent], bool], ctx: Context
+        handle: AsyncTaskHandle,
+        seconds: float,
+        stop: Callable[[TaskEvent], bool],
+        ctx: Context,
+        *,
+        full: bool = False,
+        warnings: Sequence[str] = (),
     ) -> TaskView:
-        """Waits up to `seconds` for `stop`, relaying streamed output as progress."""
+        """Waits up to `seconds` for `stop`, relaying the current attempt's output as progress."""
         streamed = 0
+        attempt = 0
         async for event in _events_until(handle, stop, seconds):
-            if event.output is not None:
-                streamed += len(event.output.text)
-                with contextlib.suppress(Exception):  # progress is best effort
-                    await ctx.report_progress(streamed, None, event.output.text)
-        return await current(handle.id)
+            chunk = event.output
+            if chunk is None or chunk.attempt < attempt:
+                continue  # a replayed chunk of an attempt that was set aside
+            attempt = chunk.attempt
+            streamed += len(chunk.text)
+            with contextlib.suppress(Exception):  # progress is best effort
+                await ctx.report_progress(streamed, None, chunk.text)
+        return await current(handle.id, full=full, warnings=warnings)
 
     def finished_or_asked(event: TaskEvent) -> bool:
         return event.task.status.terminal or event.type is EventType.INPUT_REQUESTED
@@ -245,13 +362,14 @@ def build_server(*, address: str | None = None, api_key: str | None = None) -> S
     @server.tool(
         description=(
             "Hand a task to another agent by its label (e.g. '@researcher') and keep working. "
-            "Returns the task at once (status 'pending'), or, with wait_seconds, waits up to that "
-            "long (max 45) and returns the result if it finished or the question if the delegate "
-            "asked one back. Streamed output arrives as progress notifications meanwhile. Pick "
-            "the result up later with wait_for_task or get_task."
+            "Returns the task's id at once (status 'pending'), or, with wait_seconds, waits up to "
+            f"that long (max {most}) and returns the result if it finished or the question if "
+            "the delegate asked one back. Streamed output arrives as progress notifications "
+            "meanwhile. Pick the result up later with wait_for_task or get_task. Read the "
+            "result's warnings: e.g. no agent holds the label."
         )
     )
-    @tool_errors
+    @_tool_errors(bridge, DELEGATION_TERMS)
     async def delegate_task(
         label: Annotated[str, Field(description="Who should do it, e.g. '@researcher'")],
         request: Annotated[str, Field(description="What to do, self-contained")],
@@ -260,31 +378,37 @@ def build_server(*, address: str | None = None, api_key: str | None = None) -> S
             Field(description="Structured input: files, constraints, what you already know"),
         ] = None,
         wait_seconds: Annotated[
-            float, Field(description="Wait this long for the result (0 to 45)")
+            float, Field(description=f"Wait this long for the result (0 to {most})")
         ] = 0,
         ctx: Context = None,  # type: ignore[assignment]
     ) -> TaskView:
+        wait, notes = bridge.wait(wait_seconds, "wait_seconds")
         handle = await bridge.client.delegate(label, request, context=context)
         assert handle.task is not None
+        warnings = [*handle.task.warnings, *notes]
         for warning in handle.task.warnings:
-            await ctx.warning(warning)
-        if _wait(wait_seconds) == 0:
-            return view(handle.task)
-        return await settled(handle, _wait(wait_seconds), finished_or_asked, ctx)
+            await ctx.warning(warning)  # for the user's log too
+        if wait == 0:
+            return view(handle.task, warnings=warnings)
+        return await settled(handle, wait, finished_or_asked, ctx, warnings=warnings)
 
     @server.tool(
         description=(
             "The current state of a task you can see: status, result, error, the output "
-            "streamed so far, and any question asked back."
+            "streamed so far, and any question asked back. full=true adds the request, its "
+            "context, labels, creator, claimant and attempts."
         )
     )
     @tool_errors
-    async def get_task(id: Annotated[str, Field(description="The task id")]) -> TaskView:
-        return await current(id)
+    async def get_task(
+        id: Annotated[str, Field(description="The task id")],
+        full: Annotated[bool, Field(description="The whole task, not only its outcome")] = False,
+    ) -> TaskView:
+        return await current(id, full=full)
 
     @server.tool(
         description=(
-            "Wait (up to timeout_seconds, max 45) until a task needs you: for a task you "
+            f"Wait (up to timeout_seconds, max {most}) until a task needs you: for a task you "
             "delegated, until it finishes or its delegate asks a question (answer it with "
             "answer_task); for a task you claimed and asked about, until the answer arrives. "
             "Returns the task as it is then; if still running, call it again."
@@ -293,14 +417,18 @@ def build_server(*, address: str | None = None, api_key: str | None = None) -> S
     @tool_errors
     async def wait_for_task(
         id: Annotated[str, Field(description="The task id")],
-        timeout_seconds: Annotated[float, Field(description="How long to wait (0 to 45)")] = 30,
+        timeout_seconds: Annotated[
+            float, Field(description=f"How long to wait (0 to {most})")
+        ] = 30,
+        full: Annotated[bool, Field(description="The whole task, not only its outcome")] = False,
         ctx: Context = None,  # type: ignore[assignment]
     ) -> TaskView:
+        wait, warnings = bridge.wait(timeout_seconds, "timeout_seconds")
         handle = bridge.client.get_handle(id)
         task = await bridge.client.get_task(id)
         claimant = id in bridge.jobs
         if task.status.terminal or (task.status is TaskStatus.INPUT_REQUIRED and not claimant):
-            return view(task)
+            return view(task, full=full, with_output=True)
         version = task.version
 
         def needs_attention(event: TaskEvent) -> bool:
@@ -310,30 +438,26 @@ def build_server(*, address: str | None = None, api_key: str | None = None) -> S
                 return event.task.status.terminal or event.type is EventType.INPUT_PROVIDED
             return finished_or_asked(event)
 
-        return await settled(handle, _wait(timeout_seconds), needs_attention, ctx)
+        return await settled(handle, wait, needs_attention, ctx, full=full, warnings=warnings)
 
     @server.tool(
         description=(
             "Tasks in your view: those you created, those for your labels, those you claimed. "
-            "Filter by status (pending, claimed, input_required, done, failed, canceled) and label."
+            "Filter by status (pending, claimed, input_required, done, failed, canceled; any "
+            "case) and label. Each shows a preview of its request; full=true shows all of it."
         )
     )
-    @tool_errors
+    @_tool_errors(bridge, {"labels": "label", "statuses": "status"})
     async def list_my_tasks(
         status: Annotated[str | None, Field(description="Only tasks in this state")] = None,
         label: Annotated[str | None, Field(description="Only tasks with this label")] = None,
+        full: Annotated[bool, Field(description="Whole tasks, not previews")] = False,
     ) -> TaskList:
-        try:
-            statuses = [TaskStatus(status)] if status else []
-        except ValueError:
-            raise ToolError(
-                f"status {status!r} is unknown; use one of "
-                + ", ".join(s.value for s in TaskStatus)
-            ) from None
+        statuses = [_status(status)] if status else []
         page = await bridge.client.list_tasks(
             labels=[label] if label else [], statuses=statuses, page_size=200
         )
-        return TaskList(tasks=[view(t) for t in page.tasks])
+        return TaskList(tasks=[view(t, full=full, listed=True) for t in page.tasks])
 
     @server.tool(description="Cancel a task you created, and the tasks delegated under it.")
     @tool_errors
@@ -358,9 +482,10 @@ def build_server(*, address: str | None = None, api_key: str | None = None) -> S
 
     @server.tool(
         description=(
-            "Take the oldest task waiting for your labels (or the given ones) and start on it. "
-            "With wait_seconds (max 45), waits for one to arrive. Returns claimed=false if none. "
-            "This session keeps the claim alive until you complete_task or fail_task."
+            "Take the oldest task waiting for your labels (or the given ones) and start on it: "
+            f"the whole task. With wait_seconds (max {most}), waits for one to arrive. Returns "
+            "claimed=false if none. This session keeps the claim alive until you complete_task "
+            "or fail_task."
         )
     )
     @tool_errors
@@ -368,15 +493,17 @@ def build_server(*, address: str | None = None, api_key: str | None = None) -> S
         labels: Annotated[
             list[str] | None, Field(description="Claim from these labels; default: all yours")
         ] = None,
-        wait_seconds: Annotated[float, Field(description="Wait this long for a task")] = 0,
+        wait_seconds: Annotated[
+            float, Field(description=f"Wait this long for a task (0 to {most})")
+        ] = 0,
     ) -> Claim:
-        wait = _wait(wait_seconds)
+        wait, warnings = bridge.wait(wait_seconds, "wait_seconds")
         job = await bridge.client.claim(labels or (), lease=BRIDGE_LEASE, wait=wait or None)
         if job is None:
-            return Claim(claimed=False, task=None)
+            return Claim(claimed=False, warnings=warnings or None)
         job._start_heartbeats(BRIDGE_LEASE)
         bridge.jobs[job.id] = job
-        return Claim(claimed=True, task=view(job.task))
+        return Claim(claimed=True, task=view(job.task, full=True), warnings=warnings or None)
 
     @server.tool(
         description=(
@@ -395,22 +522,25 @@ def build_server(*, address: str | None = None, api_key: str | None = None) -> S
     @server.tool(
         description=(
             "Ask the creator of a task you claimed a question you cannot decide alone, and wait "
-            "up to wait_seconds (max 45) for the answer. If it has not come, call wait_for_task "
-            "later; the task waits for the answer meanwhile."
+            f"up to wait_seconds (max {most}) for the answer. If it has not come, call "
+            "wait_for_task later; the task waits for the answer meanwhile."
         )
     )
     @tool_errors
     async def ask_creator(
         id: Annotated[str, Field(description="The id of a task you claimed")],
         question: Annotated[str, Field(description="The question, self-contained")],
-        wait_seconds: Annotated[float, Field(description="Wait this long (0 to 45)")] = 30,
+        wait_seconds: Annotated[float, Field(description=f"Wait this long (0 to {most})")] = 30,
     ) -> Asked:
         job = bridge.job(id)
+        wait, warnings = bridge.wait(wait_seconds, "wait_seconds")
         try:
-            answer = await job.ask(question, timeout=_wait(wait_seconds) or 0.001)
+            answer = await job.ask(question, timeout=wait or 0.001)
         except TimeoutError:
-            return Asked(answered=False, answer="", task=await current(id))
-        return Asked(answered=True, answer=answer, task=await current(id))
+            return Asked(answered=False, task=await current(id), warnings=warnings or None)
+        return Asked(
+            answered=True, answer=answer, task=await current(id), warnings=warnings or None
+        )
 
     @server.tool(
         description=(
@@ -445,10 +575,11 @@ def build_server(*, address: str | None = None, api_key: str | None = None) -> S
     @server.tool(
         description=(
             "Delegate part of a task you claimed to another agent (a child task). Its creator "
-            "sees only your final result; you get the child's with wait_for_task."
+            "sees only your final result; you get the child's with wait_for_task. Read the "
+            "result's warnings: e.g. no agent holds the label."
         )
     )
-    @tool_errors
+    @_tool_errors(bridge, DELEGATION_TERMS)
     async def create_child_task(
         parent_id: Annotated[str, Field(description="The id of the task you claimed")],
         label: Annotated[str, Field(description="Who should do it, e.g. '@specialist'")],
@@ -457,7 +588,7 @@ def build_server(*, address: str | None = None, api_key: str | None = None) -> S
     ) -> TaskView:
         handle = await bridge.client.delegate(label, request, context=context, parent_id=parent_id)
         assert handle.task is not None
-        return view(handle.task)
+        return view(handle.task, warnings=handle.task.warnings)
 
     return server
 
