@@ -430,3 +430,149 @@ async def test_the_output_shown_is_the_current_attempts_real_output(bridge: Brid
             await call(coder, "wait_for_task", id=task["id"], timeout_seconds=5),
         ):
             assert shown["output"] == "second", shown
+
+
+# -- the protocol, spoken raw to a real `legato mcp` ------------------------------------
+
+
+class RawBridge:
+    """`legato mcp` as a subprocess, spoken to in raw JSON-RPC lines."""
+
+    def __init__(self, process: asyncio.subprocess.Process):
+        self.process = process
+        self.answers: dict[Any, dict[str, Any]] = {}
+
+    @classmethod
+    async def start(cls, env: dict[str, str]) -> RawBridge:
+        process = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("legato")),
+            "mcp",
+            env={"PATH": os.environ["PATH"], **env},
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return cls(process)
+
+    async def send(self, message: dict[str, Any] | str) -> None:
+        assert self.process.stdin is not None
+        line = message if isinstance(message, str) else json.dumps(message)
+        self.process.stdin.write(line.encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def request(self, request_id: Any, method: str, **params: Any) -> dict[str, Any]:
+        await self.send({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+        return await self.answer(request_id)
+
+    async def answer(self, request_id: Any) -> dict[str, Any]:
+        """The answer to `request_id`; answers to others that arrive first are kept."""
+        assert self.process.stdout is not None
+        while request_id not in self.answers:
+            line = await asyncio.wait_for(self.process.stdout.readline(), GUARD)
+            assert line, "legato mcp closed stdout"
+            message = json.loads(line)
+            assert message["jsonrpc"] == "2.0", message
+            if "id" in message:
+                self.answers[message["id"]] = message
+        return self.answers.pop(request_id)
+
+    async def close(self) -> tuple[int, str]:
+        """Closes stdin (the client going away); the exit code and stderr."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        out, err = await asyncio.wait_for(self.process.communicate(), GUARD)
+        for line in out.splitlines():  # what it still said before it ended
+            message = json.loads(line)
+            if "id" in message:
+                self.answers[message["id"]] = message
+        assert self.process.returncode is not None
+        return self.process.returncode, err.decode()
+
+
+async def test_the_handshake_and_json_rpc_errors_as_the_protocol_says(
+    daemon: Daemon, agent_key: Callable[..., Awaitable[str]]
+) -> None:
+    env = {"LEGATO_AGENT_KEY": await agent_key("coder"), "LEGATO_ADDRESS": daemon.config.address}
+    raw = await RawBridge.start(env)
+    old = await raw.request(1, "initialize", protocolVersion="2024-11-05", capabilities={})
+    assert old["result"]["protocolVersion"] == "2024-11-05"  # a revision it speaks: kept
+    assert old["result"]["serverInfo"]["name"] == "legato"
+    assert "tools" in old["result"]["capabilities"]
+    unknown = await raw.request(2, "initialize", protocolVersion="1999-01-01", capabilities={})
+    assert unknown["result"]["protocolVersion"] == "2025-11-25"  # else its newest
+    await raw.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    assert (await raw.request("p", "ping"))["result"] == {}
+
+    await raw.send("this is not json")
+    assert (await raw.answer(None))["error"]["code"] == -32700
+    assert (await raw.request(3, "resources/list"))["error"]["code"] == -32601
+    no_tool = await raw.request(4, "tools/call", name="no_such_tool", arguments={})
+    assert no_tool["error"]["code"] == -32602
+    assert "delegate_task" in no_tool["error"]["message"]
+    wrong = await raw.request(5, "tools/call", name="delegate_task", arguments={"content": "x"})
+    assert wrong["result"]["isError"] is True
+    assert "content is not a parameter of delegate_task" in wrong["result"]["content"][0]["text"]
+
+    code, err = await raw.close()
+    assert code == 0, err
+
+
+async def test_calls_run_side_by_side_and_a_cancelled_call_gets_no_answer(
+    daemon: Daemon, agent_key: Callable[..., Awaitable[str]], admin: AsyncClient
+) -> None:
+    env = {"LEGATO_AGENT_KEY": await agent_key("coder"), "LEGATO_ADDRESS": daemon.config.address}
+    raw = await RawBridge.start(env)
+    await raw.request(1, "initialize", protocolVersion="2025-11-25", capabilities={})
+    await raw.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    created = await raw.request(
+        2, "tools/call", name="delegate_task", arguments={"label": "@coder", "request": "x"}
+    )
+    task_id = created["result"]["structuredContent"]["id"]
+
+    # A long wait is under way; other calls are answered meanwhile.
+    wait = {"id": task_id, "timeout_seconds": 40}
+    await raw.send(
+        {
+            "jsonrpc": "2.0",
+            "id": "wait",
+            "method": "tools/call",
+            "params": {"name": "wait_for_task", "arguments": wait},
+        }
+    )
+    got = await raw.request(3, "tools/call", name="get_task", arguments={"id": task_id})
+    assert got["result"]["structuredContent"]["status"] == "pending"
+
+    await raw.send(
+        {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "wait"}}
+    )
+    assert (await raw.request(4, "ping"))["result"] == {}
+    # What the wait waited for happens; a wait still running would answer now.
+    await admin.cancel_task(task_id, "no longer needed")
+    shown = await raw.request(5, "tools/call", name="get_task", arguments={"id": task_id})
+    assert shown["result"]["structuredContent"]["status"] == "canceled"
+    code, err = await raw.close()
+    assert code == 0, err
+    assert "wait" not in raw.answers
+
+
+async def test_a_bridge_told_to_stop_hands_its_claims_back(
+    daemon: Daemon, agent_key: Callable[..., Awaitable[str]], admin: AsyncClient
+) -> None:
+    """SIGTERM (what MCP clients send after closing stdin) ends the bridge the same way
+    as a closed stdin: unfinished claims go back to pending, not after the lease."""
+    coder_key, researcher_key = await agent_key("coder"), await agent_key("researcher")
+    async with AsyncClient(daemon.config.address, api_key=coder_key) as coder:
+        handle = await coder.delegate("@researcher", "x")
+        raw = await RawBridge.start(
+            {"LEGATO_AGENT_KEY": researcher_key, "LEGATO_ADDRESS": daemon.config.address}
+        )
+        await raw.request(1, "initialize", protocolVersion="2025-11-25", capabilities={})
+        claim = await raw.request(2, "tools/call", name="claim_task", arguments={})
+        assert claim["result"]["structuredContent"]["task"]["id"] == handle.id
+        assert (await coder.get_task(handle.id)).status.value == "claimed"
+
+        raw.process.terminate()
+        assert await asyncio.wait_for(raw.process.wait(), GUARD) == 0
+        task = await coder.get_task(handle.id)
+        assert task.status.value == "pending"
+        assert task.released == 1

@@ -365,22 +365,27 @@ class Server:
         protocol = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
         sys.stdout.flush()
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-        stdin = sys.stdin.buffer
-        asyncio.run(self._serve_stdio(stdin.readline, protocol))
+        asyncio.run(self._serve_stdio(sys.stdin.fileno(), protocol))
 
-    async def _serve_stdio(self, readline: Callable[[], bytes], protocol: typing.BinaryIO) -> None:
+    async def _serve_stdio(self, stdin: int, protocol: typing.BinaryIO) -> None:
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue[bytes | None] = asyncio.Queue()
 
         def read() -> None:
             # A daemon thread, not the loop's executor: a read blocked on a silent
-            # client must not hold up the process's exit.
+            # client must not hold up the process's exit. Raw reads, not sys.stdin:
+            # a daemon thread inside a buffered read at exit aborts the interpreter.
+            pending = b""
             try:
-                while line := readline():
-                    loop.call_soon_threadsafe(lines.put_nowait, line)
-            except (OSError, ValueError):
+                while chunk := os.read(stdin, 65536):
+                    *complete, pending = (pending + chunk).split(b"\n")
+                    for line in complete:
+                        loop.call_soon_threadsafe(lines.put_nowait, line)
+            except OSError:
                 pass
             with contextlib.suppress(RuntimeError):  # the loop closed first
+                if pending:
+                    loop.call_soon_threadsafe(lines.put_nowait, pending)
                 loop.call_soon_threadsafe(lines.put_nowait, None)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
