@@ -505,6 +505,10 @@ async def test_the_handshake_and_json_rpc_errors_as_the_protocol_says(
 
     await raw.send("this is not json")
     assert (await raw.answer(None))["error"]["code"] == -32700
+    await raw.send({"jsonrpc": "2.0", "id": [1], "method": "ping"})
+    assert (await raw.answer(None))["error"]["code"] == -32600
+    await raw.send({"jsonrpc": "2.0", "id": 6, "method": "ping", "params": [1]})
+    assert (await raw.answer(6))["error"]["code"] == -32602
     assert (await raw.request(3, "resources/list"))["error"]["code"] == -32601
     no_tool = await raw.request(4, "tools/call", name="no_such_tool", arguments={})
     assert no_tool["error"]["code"] == -32602

@@ -252,16 +252,29 @@ class Server:
         params = message.get("params") or {}
         if not isinstance(method, str):
             return  # a response: this server sends no requests, so it expects none
+        if request_id is not None and not isinstance(request_id, str | int):
+            await self._refuse(None, INVALID_REQUEST, "id must be a string or a number")
+            return
+        if not isinstance(params, dict):
+            if request_id is not None:
+                await self._refuse(request_id, INVALID_PARAMS, "params must be an object")
+            return
         if request_id is None:
             self._notified(method, params)
             return
         call = asyncio.create_task(self._request(request_id, method, params))
         self._calls[request_id] = call
-        call.add_done_callback(lambda _: self._calls.pop(request_id, None))
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._calls.get(request_id) is done:  # not a later call reusing the id
+                del self._calls[request_id]
+
+        call.add_done_callback(forget)
 
     def _notified(self, method: str, params: Message) -> None:
         if method == "notifications/cancelled":
-            call = self._calls.get(params.get("requestId"))  # type: ignore[arg-type]
+            request_id = params.get("requestId")
+            call = self._calls.get(request_id) if isinstance(request_id, str | int) else None
             if call is not None:
                 call.cancel()
         # notifications/initialized and the rest need nothing from a tools-only server.
@@ -362,8 +375,8 @@ class Server:
         copy of it, and fd 1 is pointed at stderr, so a stray print anywhere in
         the process lands in the log instead of corrupting the stream.
         """
-        protocol = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
         sys.stdout.flush()
+        protocol = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
         asyncio.run(self._serve_stdio(sys.stdin.fileno(), protocol))
 
