@@ -334,8 +334,13 @@ async def test_a_label_nobody_holds_is_a_warning_in_the_result_the_model_reads(
         task = await call(coder, "delegate_task", label="@nobody", request="anyone there?")
         assert task["status"] == "pending"
         assert any("@nobody" in warning for warning in task["warnings"]), task
-        child_free = await call(coder, "delegate_task", label="@coder", request="to myself")
-        assert "warnings" not in child_free, child_free
+        held = await call(coder, "delegate_task", label="@coder", request="to myself")
+        assert "warnings" not in held, held
+        await call(coder, "claim_task", labels=["@coder"])
+        child = await call(
+            coder, "create_child_task", parent_id=held["id"], label="@nobody", request="part"
+        )
+        assert any("@nobody" in warning for warning in child["warnings"]), child
 
 
 async def test_status_filters_read_any_case(bridge: Bridge) -> None:
@@ -362,6 +367,8 @@ async def test_errors_name_the_tools_own_parameters(bridge: Bridge) -> None:
         message = await refused(coder, "delegate_task", label="@coder")
         assert message.startswith("request:"), message
         assert "required" in message
+        message = await refused(coder, "list_my_tasks", label="coder")
+        assert message.startswith("label: 'coder' is not a label"), message
 
 
 async def test_a_wait_longer_than_one_call_may_take_says_it_was_clamped(
