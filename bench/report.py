@@ -162,7 +162,7 @@ def targets(results: Results, profile: Profile) -> list[Target]:
             "below",
             " s",
         ),
-        Target("legato mcp → initialize answer", r.median("startup.mcp"), 1.0, "below", " s"),
+        Target("legato mcp → initialize answer", r.median("startup.mcp"), 0.5, "below", " s"),
     ]
     return found
 
