@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -437,6 +438,20 @@ async def test_the_output_shown_is_the_current_attempts_real_output(bridge: Brid
             await call(coder, "wait_for_task", id=task["id"], timeout_seconds=5),
         ):
             assert shown["output"] == "second", shown
+
+
+def test_legato_mcp_starts_without_importing_the_mcp_sdk() -> None:
+    """The SDK's import was most of the bridge's start (0.6-0.7 s): it is the tests'
+    reference client, and a runtime dependency no more."""
+    probe = (
+        "import sys, legato.client.cli, legato.client.mcp_bridge as bridge\n"
+        "bridge.build_server()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mcp', 'mcp_types')))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=GUARD
+    )
+    assert found.stdout.strip() == "[]", found.stdout
 
 
 # -- the protocol, spoken raw to a real `legato mcp` ------------------------------------
