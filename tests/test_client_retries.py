@@ -271,3 +271,15 @@ async def test_a_number_json_cannot_carry_exactly_is_refused_not_rounded(
     with pytest.raises(InexactValueError):
         await coder.create_task("q", labels=["@researcher"], context={"id": value})
     assert (await job.heartbeat()) is False, "the refused result still finished the task"
+
+
+async def test_the_blocking_client_has_the_same_timeouts(daemon: Daemon, coder_key: str) -> None:
+    def calls() -> None:
+        with Client(daemon.config.address, api_key=coder_key, timeout=10) as coder:
+            with pytest.raises(DeadlineExceededError):
+                coder.get_cursor(timeout=0)
+            handle = coder.create_task("q", labels=["@researcher"])
+            with pytest.raises(TimeoutError):
+                handle.result(timeout=0.05)
+
+    await asyncio.to_thread(calls)

@@ -249,10 +249,10 @@ async def test_sigterm_stops_run_worker_gracefully_and_hands_the_job_back(
         line = await asyncio.wait_for(process.stdout.readline(), GUARD)
         assert line.decode().split() == ["holding", handle.id]
         process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), GUARD) == 0
+        status = await asyncio.wait_for(process.wait(), GUARD)
         rest = (await process.stdout.read()).decode()
-        assert rest == "stopped\n"
-        assert (await process.stderr.read()) == b""
+        stderr = (await process.stderr.read()).decode()
+        assert (status, rest, stderr) == (0, "stopped\n", "")
     finally:
         if process.returncode is None:
             process.kill()

@@ -40,6 +40,7 @@ from legato.client._core import (
     TRANSIENT,
     WORKER_STOPPING,
     Backoff,
+    ClaimRetry,
     ClientCore,
     Deadline,
     LeaseClock,
@@ -464,25 +465,15 @@ class AsyncClient(ClientCore):
         when the agent's key no longer works). For handlers run concurrently,
         with a graceful stop, use `AsyncWorker`.
         """
-        backoff = Backoff()
-        failures = 0
+        retry = ClaimRetry()
         while True:
             try:
                 job = await self.claim(labels, lease=lease, wait=wait)
             except RPCError as exc:
                 self._check_open()  # closed while the claim waited
-                if exc.code not in TRANSIENT:
-                    raise
-                delay = backoff.next()
-                failures += 1
-                level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(level, "claiming failed with %s; trying again in %.2f s", exc, delay)
-                await async_sleep(delay)  # backoff while the daemon comes back
+                await async_sleep(retry.failed(exc))  # backoff while the daemon comes back
                 continue
-            if failures:
-                log.info("claims go through again after %d failed", failures)
-                failures = 0
-            backoff.reset()
+            retry.succeeded()
             if job is None:
                 continue
             job._start_heartbeats(lease)
@@ -1204,8 +1195,8 @@ class AsyncWorker:
     def __init__(
         self,
         client: AsyncClient,
-        *,
         handler: Handler,
+        *,
         labels: Sequence[str] = (),
         max_concurrent: int = 1,
         lease: float = DEFAULT_WORK_LEASE,
@@ -1272,8 +1263,7 @@ class AsyncWorker:
             raise self._fatal
 
     async def _claim_loop(self) -> None:
-        backoff = Backoff()
-        failures = 0
+        retry = ClaimRetry()
         while True:
             self._changed.clear()
             with self._guard:
@@ -1291,21 +1281,13 @@ class AsyncWorker:
                 continue  # stop() ended the long-poll
             except RPCError as exc:
                 self.client._check_open()  # closed while the claim waited
-                if exc.code not in TRANSIENT:
-                    raise
-                delay = backoff.next()
-                failures += 1
-                level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(level, "claiming failed with %s; trying again in %.2f s", exc, delay)
-                await self._changed.wait(delay)  # backoff while the daemon comes back
+                # Backoff while the daemon comes back, cut short by a stop.
+                await self._changed.wait(retry.failed(exc))
                 continue
             finally:
                 with self._guard:
                     self._claim_call = None
-            if failures:
-                log.info("claims go through again after %d failed", failures)
-                failures = 0
-            backoff.reset()
+            retry.succeeded()
             if job is None:
                 continue
             job._start_heartbeats(self.lease)

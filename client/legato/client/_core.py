@@ -6,6 +6,7 @@ policy live here once; `Client` and `AsyncClient` only make the calls.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -28,6 +29,8 @@ from legato.client.models import EventType, Role, Task, TaskEvent, TaskStatus, d
 from legato.server.paths import default_address
 from legato.server.tls import TLSError, read_certificates, read_key_pair
 from legato.v1 import agents_pb2, tasks_pb2
+
+log = logging.getLogger("legato.client")
 
 # Message limits match the daemon's.
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
@@ -157,6 +160,32 @@ class Backoff:
         delay = self._delay
         self._delay = min(self._delay * 2, RESUME_MAX_DELAY)
         return delay
+
+
+class ClaimRetry:
+    """How a work loop rides out claims that fail for a while (the daemon
+    restarting, slow to answer): backoff between tries, a warning for the first
+    failure and a line when claims go through again."""
+
+    def __init__(self) -> None:
+        self._backoff = Backoff()
+        self._failures = 0
+
+    def failed(self, error: RPCError) -> float:
+        """Seconds to wait before the next claim; re-raises what is no passing failure."""
+        if error.code not in TRANSIENT:
+            raise error
+        delay = self._backoff.next()
+        self._failures += 1
+        level = logging.WARNING if self._failures == 1 else logging.DEBUG
+        log.log(level, "claiming failed with %s; trying again in %.2f s", error, delay)
+        return delay
+
+    def succeeded(self) -> None:
+        if self._failures:
+            log.info("claims go through again after %d failed", self._failures)
+            self._failures = 0
+        self._backoff.reset()
 
 
 class Resume(Backoff):

@@ -42,6 +42,7 @@ from legato.client._core import (
     TRANSIENT,
     WORKER_STOPPING,
     Backoff,
+    ClaimRetry,
     ClientCore,
     Deadline,
     LeaseClock,
@@ -462,25 +463,15 @@ class Client(ClientCore):
         when the agent's key no longer works). For handlers run concurrently,
         with a graceful stop, use `Worker`.
         """
-        backoff = Backoff()
-        failures = 0
+        retry = ClaimRetry()
         while True:
             try:
                 job = self.claim(labels, lease=lease, wait=wait)
             except RPCError as exc:
                 self._check_open()  # closed while the claim waited
-                if exc.code not in TRANSIENT:
-                    raise
-                delay = backoff.next()
-                failures += 1
-                level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(level, "claiming failed with %s; trying again in %.2f s", exc, delay)
-                sleep(delay)  # backoff while the daemon comes back
+                sleep(retry.failed(exc))  # backoff while the daemon comes back
                 continue
-            if failures:
-                log.info("claims go through again after %d failed", failures)
-                failures = 0
-            backoff.reset()
+            retry.succeeded()
             if job is None:
                 continue
             job._start_heartbeats(lease)
@@ -1198,8 +1189,8 @@ class Worker:
     def __init__(
         self,
         client: Client,
-        *,
         handler: Handler,
+        *,
         labels: Sequence[str] = (),
         max_concurrent: int = 1,
         lease: float = DEFAULT_WORK_LEASE,
@@ -1266,8 +1257,7 @@ class Worker:
             raise self._fatal
 
     def _claim_loop(self) -> None:
-        backoff = Backoff()
-        failures = 0
+        retry = ClaimRetry()
         while True:
             self._changed.clear()
             with self._guard:
@@ -1285,21 +1275,13 @@ class Worker:
                 continue  # stop() ended the long-poll
             except RPCError as exc:
                 self.client._check_open()  # closed while the claim waited
-                if exc.code not in TRANSIENT:
-                    raise
-                delay = backoff.next()
-                failures += 1
-                level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(level, "claiming failed with %s; trying again in %.2f s", exc, delay)
-                self._changed.wait(delay)  # backoff while the daemon comes back
+                # Backoff while the daemon comes back, cut short by a stop.
+                self._changed.wait(retry.failed(exc))
                 continue
             finally:
                 with self._guard:
                     self._claim_call = None
-            if failures:
-                log.info("claims go through again after %d failed", failures)
-                failures = 0
-            backoff.reset()
+            retry.succeeded()
             if job is None:
                 continue
             job._start_heartbeats(self.lease)
