@@ -93,27 +93,31 @@ def formatted(text: str) -> str:
     return _ruff("format", "--quiet", text=text)
 
 
-def main() -> int:
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if _sync.py is stale")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     expected = formatted(unasync(SOURCE.read_text()))
     if not args.check:
         TARGET.write_text(expected)
-        print(f"unasync: wrote {TARGET.relative_to(ROOT)}")
+        print(f"unasync: wrote {_shown(TARGET)}")
         return 0
     actual = TARGET.read_text() if TARGET.exists() else ""
     if actual == expected:
-        print(f"sync-check: {TARGET.relative_to(ROOT)} matches {SOURCE.relative_to(ROOT)}")
+        print(f"sync-check: {_shown(TARGET)} matches {_shown(SOURCE)}")
         return 0
     diff = difflib.unified_diff(
         actual.splitlines(keepends=True),
         expected.splitlines(keepends=True),
-        f"{TARGET.relative_to(ROOT)} (committed)",
-        f"{TARGET.relative_to(ROOT)} (generated)",
+        f"{_shown(TARGET)} (committed)",
+        f"{_shown(TARGET)} (generated)",
     )
     sys.stdout.writelines(list(diff)[:60])
-    print(f"sync-check: {TARGET.relative_to(ROOT)} is out of date; run 'make sync'")
+    print(f"sync-check: {_shown(TARGET)} is out of date; run 'make sync'")
     return 1
 
 
