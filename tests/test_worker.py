@@ -211,7 +211,10 @@ async def hold(job):
 
 async def main():
     async with AsyncClient() as client:
-        await client.run_worker(hold, ["@researcher"])
+        # Two workers in one program: the signal stops both.
+        await asyncio.gather(
+            client.run_worker(hold, ["@researcher"]), client.run_worker(hold, ["@researcher"])
+        )
     print("stopped", flush=True)
 
 asyncio.run(main())

@@ -1137,12 +1137,16 @@ class AsyncJob:
         self, reason: str = "the worker stopped before finishing the task"
     ) -> None:
         with self._lock:
+            # Not while complete/fail is on its way: its outcome decides, and if
+            # it fails the job's own runner hands the job back after it.
             release = not (
                 self.finished
+                or self._finishing
                 or self._handed_back
                 or (self.interruption is not None and not self._hand_back)
             )
-            self._handed_back = True
+            if release:
+                self._handed_back = True
         if release:
             try:
                 await self.release(reason)

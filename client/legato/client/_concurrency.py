@@ -183,6 +183,16 @@ async def async_unary(
         raise CallCancelledError from None
 
 
+# The stops SIGTERM and SIGINT call, every worker's in the process (several may
+# run in one program); the handlers are installed for the first, removed after the last.
+_stops: list[Callable[[], None]] = []
+
+
+def _stop_all(*_: object) -> None:
+    for stop in list(_stops):
+        stop()
+
+
 @contextlib.contextmanager
 def async_on_signals(stop: Callable[[], None]) -> Iterator[None]:
     """SIGTERM and SIGINT call `stop` while the block runs, where the loop runs in
@@ -192,15 +202,18 @@ def async_on_signals(stop: Callable[[], None]) -> Iterator[None]:
         return
     loop = asyncio.get_running_loop()
     installed = []
-    try:
+    if not _stops:
         for signum in _unclaimed_signals():
             try:
-                loop.add_signal_handler(signum, stop)
+                loop.add_signal_handler(signum, _stop_all)
             except (NotImplementedError, RuntimeError):  # not on this platform or loop
                 continue
             installed.append(signum)
+    _stops.append(stop)
+    try:
         yield
     finally:
+        _stops.remove(stop)
         for signum in installed:
             loop.remove_signal_handler(signum)
 
@@ -276,15 +289,15 @@ def on_signals(stop: Callable[[], None]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.getsignal(signum) for signum in _unclaimed_signals()}
-
-    def handle(signum: int, frame: object) -> None:
-        stop()
-
-    try:
+    previous = {}
+    if not _stops:
+        previous = {signum: signal.getsignal(signum) for signum in _unclaimed_signals()}
         for signum in previous:
-            signal.signal(signum, handle)
+            signal.signal(signum, _stop_all)
+    _stops.append(stop)
+    try:
         yield
     finally:
+        _stops.remove(stop)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
