@@ -283,3 +283,16 @@ async def test_the_blocking_client_has_the_same_timeouts(daemon: Daemon, coder_k
                 handle.result(timeout=0.05)
 
     await asyncio.to_thread(calls)
+
+
+async def test_a_short_wait_for_an_answer_still_asks_the_question(
+    coder: AsyncClient, researcher: AsyncClient
+) -> None:
+    """The timeout of `ask` bounds the wait for the answer, not the asking."""
+    handle = await coder.create_task("q", labels=["@researcher"])
+    job = await researcher.claim(["@researcher"])
+    assert job is not None
+    with pytest.raises(DeadlineExceededError):
+        await job.ask("Tier 1 or Tier 2?", timeout=0.001)
+    task = await handle.get()
+    assert (task.status, task.question) == (TaskStatus.INPUT_REQUIRED, "Tier 1 or Tier 2?")

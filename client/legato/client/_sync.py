@@ -729,8 +729,8 @@ class TaskHandle:
         deadline = Deadline(timeout, f"following the output of task {self.id}")
         # The cursor first, then the task: a chunk committed in between is both
         # in the task's output and after the cursor, and is skipped below.
-        cursor = self._client.get_cursor(timeout=deadline.remaining())
-        task = self.get(timeout=deadline.remaining())
+        cursor = self._client.get_cursor()
+        task = self.get()
         if task.output:
             yield OutputChunk(0, task.output, task.attempt)
         if task.status.terminal:
@@ -853,10 +853,9 @@ class Job:
         Raises `TaskCanceledError` or `TaskFailedError` if the task ends instead.
         """
         self._check_interrupted()
+        # The question is sent whatever the wait: `timeout` bounds the wait for the answer.
+        asked = self._client.request_input(self.id, self.lease_token, question)
         deadline = Deadline(timeout, f"waiting for the answer to task {self.id}")
-        asked = self._client.request_input(
-            self.id, self.lease_token, question, timeout=deadline.remaining()
-        )
         with closing(self._client._watch((), (self.id,), 0, deadline)) as events:
             for event in events:
                 answer = answer_after(event, asked.version)
