@@ -161,12 +161,11 @@ class Client(ClientCore):
         method: Callable[..., Response],
         request: Any,
         timeout: float | None = None,
-        *,
-        on_call: OnCall | None = None,
     ) -> Response:
-        """The one choke point of unary calls; `timeout` None is the client's."""
+        """A unary call; `timeout` None is the client's. Every unary call passes
+        through `_call_until`, the one place they are made."""
         deadline = Deadline(self._timeout_for(timeout), method_name(method))
-        return self._call_until(method, request, deadline, on_call)
+        return self._call_until(method, request, deadline)
 
     def _call_until(
         self,
