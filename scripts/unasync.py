@@ -72,10 +72,19 @@ def _drop_awaitable(text: str) -> str:
 
 
 def unasync(source: str) -> str:
+    text, _ = _unasync(source)
+    return text
+
+
+def _unasync(source: str) -> tuple[str, list[str]]:
+    """The blocking text, and the patterns that matched nothing (stale rules)."""
     text = _drop_awaitable(source)
+    unused = []
     for pattern, replacement in SUBSTITUTIONS:
-        text = re.sub(pattern, replacement, text)
-    return HEADER + text
+        text, count = re.subn(pattern, replacement, text)
+        if not count:
+            unused.append(pattern)
+    return HEADER + text, unused
 
 
 def _ruff(*args: str, text: str) -> str:
@@ -101,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if _sync.py is stale")
     args = parser.parse_args(argv)
-    expected = formatted(unasync(SOURCE.read_text()))
+    text, unused = _unasync(SOURCE.read_text())
+    if unused:
+        # A rule nothing needs hides what the rewrite really does: drop it.
+        print(f"unasync: these patterns match nothing in {_shown(SOURCE)}: {unused}")
+        return 1
+    expected = formatted(text)
     if not args.check:
         TARGET.write_text(expected)
         print(f"unasync: wrote {_shown(TARGET)}")
