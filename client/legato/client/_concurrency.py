@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import signal
 import threading
 import time
@@ -285,15 +286,31 @@ def unary(
 @contextlib.contextmanager
 def on_signals(stop: Callable[[], None]) -> Iterator[None]:
     """SIGTERM and SIGINT call `stop` while the block runs, in the main thread;
-    elsewhere signals are left as they are."""
+    elsewhere signals are left as they are.
+
+    The handler only puts the signal on a SimpleQueue (whose put is safe in a
+    signal handler) and a thread of its own calls the stops: a stop takes locks,
+    and a handler runs in the main thread between any two bytecodes, maybe while
+    that thread holds one of them (setting an Event from the handler while the
+    main thread clears it deadlocks).
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {}
+    signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    relay: threading.Thread | None = None
     if not _stops:
         previous = {signum: signal.getsignal(signum) for signum in _unclaimed_signals()}
+
+        def relay_signals() -> None:
+            while signals.get() is not None:
+                _stop_all()
+
+        relay = threading.Thread(target=relay_signals, name="legato stop signals", daemon=True)
+        relay.start()
         for signum in previous:
-            signal.signal(signum, _stop_all)
+            signal.signal(signum, lambda signum, frame: signals.put(signum))
     _stops.append(stop)
     try:
         yield
@@ -301,3 +318,6 @@ def on_signals(stop: Callable[[], None]) -> Iterator[None]:
         _stops.remove(stop)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if relay is not None:
+            signals.put(None)
+            relay.join()
