@@ -8,7 +8,7 @@ PROTOS := $(wildcard proto/legato/v1/*.proto)
 TS      := clients/typescript
 TS_DEPS := $(TS)/node_modules/.package-lock.json
 
-.PHONY: install run demo test lint format proto proto-check bench bench-smoke bench-ladder bench-postgres bench-mcp \
+.PHONY: install run demo test lint format proto proto-check sync sync-check bench bench-smoke bench-ladder bench-postgres bench-mcp \
 	chaos clean test-ts proto-ts proto-check-ts
 
 install: $(STAMP)
@@ -63,6 +63,14 @@ proto-check: install
 	for f in $$(cd proto && find . -name __pycache__ -prune -o -type f \( -name '*_pb2*.py' -o -name '*_pb2*.pyi' \) -print | sort); do \
 		test -e "$$tmp/$$f" || { echo "proto-check: proto/$$f has no .proto source; delete it"; exit 1; }; \
 	done && echo "proto-check: generated code matches proto/"
+
+# The blocking client (_sync.py) is generated from the asyncio one (_async.py),
+# as httpcore does with unasync; never edit _sync.py by hand.
+sync: install
+	$(BIN)/python scripts/unasync.py
+
+sync-check: install
+	$(BIN)/python scripts/unasync.py --check
 
 # The TypeScript client (clients/typescript) needs Node.js 20 or newer. Under CI=true
 # a missing Node fails the run; elsewhere its targets say how to get it and stop there.

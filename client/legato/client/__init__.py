@@ -6,11 +6,12 @@
         handle = await coder.create_task("current RPM for Tier 1?", labels=["@researcher"])
         task = await handle.result(timeout=60)
 
-`Client` is the same API, blocking.
+`Client` is the same API, blocking. `AsyncWorker` / `Worker` run a handler on
+every task for some labels, several at once, and stop gracefully.
 """
 
-from legato.client._async import AsyncClient, AsyncJob, AsyncTaskHandle
-from legato.client._sync import Client, Job, TaskHandle
+from legato.client._async import AsyncClient, AsyncJob, AsyncTaskHandle, AsyncWorker
+from legato.client._sync import Client, Job, TaskHandle, Worker
 from legato.client.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -18,6 +19,7 @@ from legato.client.errors import (
     DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
+    InexactValueError,
     InternalError,
     InvalidArgumentError,
     JobInterruptedError,
@@ -53,12 +55,14 @@ __all__ = [
     "AsyncClient",
     "AsyncJob",
     "AsyncTaskHandle",
+    "AsyncWorker",
     "CancelledError",
     "Client",
     "DataLossError",
     "DeadlineExceededError",
     "EventType",
     "FailedPreconditionError",
+    "InexactValueError",
     "InternalError",
     "InvalidArgumentError",
     "Job",
@@ -83,4 +87,5 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "UnknownError",
+    "Worker",
 ]

@@ -6,8 +6,10 @@ policy live here once; `Client` and `AsyncClient` only make the calls.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,6 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 from legato.client.errors import (
+    DeadlineExceededError,
     RPCError,
     TaskCanceledError,
     TaskFailedError,
@@ -26,6 +29,8 @@ from legato.client.models import EventType, Role, Task, TaskEvent, TaskStatus, d
 from legato.server.paths import default_address
 from legato.server.tls import TLSError, read_certificates, read_key_pair
 from legato.v1 import agents_pb2, tasks_pb2
+
+log = logging.getLogger("legato.client")
 
 # Message limits match the daemon's.
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
@@ -52,6 +57,28 @@ CLAIM_WAIT_MARGIN = 10.0
 HEARTBEATS_PER_LEASE = 3
 DEFAULT_WORK_LEASE = 60.0
 DEFAULT_WORK_WAIT = 30.0
+# Calls whose repeat cannot do their work twice (CreateTask with an idempotency
+# key, CompleteTask with its claim token) are made this many times at most while
+# the daemon is UNAVAILABLE, within the call's timeout.
+RETRY_ATTEMPTS = 8
+# When a stopping worker has handed its jobs back, how long it waits for their
+# handlers to return before it leaves them behind (a blocking one may never look).
+HANDLER_STOP_WAIT = 5.0
+WORKER_STOPPING = "the worker is stopping"
+
+
+def method_name(method: object) -> str:
+    """The RPC's name (`CreateTask`) of a grpc stub method, for messages."""
+    path = getattr(method, "_method", b"")
+    if isinstance(path, bytes):
+        path = path.decode()
+    return str(path).rsplit("/", 1)[-1] or "the call"
+
+
+def new_idempotency_key() -> str:
+    """A key for a create that the caller gave none: unique, so that only a
+    repeat of this very call (a retry after a lost reply) finds the same task."""
+    return f"auto-{uuid.uuid4().hex}"
 
 
 def duration(seconds: float | None) -> duration_pb2.Duration | None:
@@ -87,23 +114,36 @@ def outcome(task: Task) -> Task:
 
 
 class Deadline:
-    """An optional point in time after which waiting stops."""
+    """An optional point in time after which waiting stops.
 
-    def __init__(self, timeout: float | None):
+    `timeout` is in seconds from now; None never ends, 0 has already passed.
+    """
+
+    def __init__(self, timeout: float | None, what: str = "the call"):
         self._at = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
+        self.what = what
 
     @property
     def bounded(self) -> bool:
         return self._at is not None
 
+    def left(self) -> float | None:
+        """Seconds left, 0 or less once passed (None: no deadline)."""
+        return None if self._at is None else self._at - time.monotonic()
+
     def remaining(self) -> float | None:
-        """Seconds left (None: no deadline); raises TimeoutError once passed."""
-        if self._at is None:
-            return None
-        left = self._at - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("timed out waiting for the task")
+        """Seconds left (None: no deadline); raises DeadlineExceededError (a
+        TimeoutError) once passed."""
+        left = self.left()
+        if left is not None and left <= 0:
+            raise self.exceeded()
         return left
+
+    def exceeded(self) -> DeadlineExceededError:
+        return DeadlineExceededError(
+            f"{self.what} did not finish within its timeout of {self.timeout:g} s"
+        )
 
 
 class Backoff:
@@ -122,6 +162,32 @@ class Backoff:
         return delay
 
 
+class ClaimRetry:
+    """How a work loop rides out claims that fail for a while (the daemon
+    restarting, slow to answer): backoff between tries, a warning for the first
+    failure and a line when claims go through again."""
+
+    def __init__(self) -> None:
+        self._backoff = Backoff()
+        self._failures = 0
+
+    def failed(self, error: RPCError) -> float:
+        """Seconds to wait before the next claim; re-raises what is no passing failure."""
+        if error.code not in TRANSIENT:
+            raise error
+        delay = self._backoff.next()
+        self._failures += 1
+        level = logging.WARNING if self._failures == 1 else logging.DEBUG
+        log.log(level, "claiming failed with %s; trying again in %.2f s", error, delay)
+        return delay
+
+    def succeeded(self) -> None:
+        if self._failures:
+            log.info("claims go through again after %d failed", self._failures)
+            self._failures = 0
+        self._backoff.reset()
+
+
 class Resume(Backoff):
     """When a dropped watch stream reconnects: resumable codes only, with backoff."""
 
@@ -131,7 +197,7 @@ class Resume(Backoff):
     def delay_after(self, error: RPCError, deadline: Deadline) -> float:
         """Seconds to wait before reconnecting; re-raises what cannot be resumed."""
         if error.code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline.bounded:
-            raise TimeoutError("timed out waiting for the task") from error
+            raise deadline.exceeded() from error
         if error.code not in RESUMABLE:
             raise error
         delay = self.next()
@@ -330,6 +396,10 @@ class ClientCore:
                 return type(error)(f"{error.message}. {hint}", code=error.code)
         return error
 
+    def _timeout_for(self, timeout: float | None) -> float | None:
+        """A call's timeout: its own, or the client's when None."""
+        return self.timeout if timeout is None else timeout
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this legato client is closed; create a new one")
@@ -389,8 +459,11 @@ class ClientCore:
             wait=duration(wait),
         )
 
-    def _claim_timeout(self, wait: float | None) -> float | None:
-        # A long-poll claim must outlive its wait, whatever the unary timeout is.
+    def _claim_timeout(self, wait: float | None, timeout: float | None) -> float | None:
+        # A long-poll claim must outlive its wait, whatever the client's timeout
+        # is; a timeout given to the call itself is the caller's to choose.
+        if timeout is not None:
+            return timeout
         if not wait or self.timeout is None:
             return self.timeout
         return max(self.timeout, wait + CLAIM_WAIT_MARGIN)

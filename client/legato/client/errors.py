@@ -5,7 +5,8 @@ LegatoError
 │   ├── CancelledError            CANCELLED
 │   ├── UnknownError              UNKNOWN
 │   ├── InvalidArgumentError      INVALID_ARGUMENT
-│   ├── DeadlineExceededError     DEADLINE_EXCEEDED
+│   ├── DeadlineExceededError     DEADLINE_EXCEEDED, or a timeout= ran out before
+│   │                             the answer came; also a builtin TimeoutError
 │   ├── NotFoundError             NOT_FOUND
 │   ├── AlreadyExistsError        ALREADY_EXISTS
 │   ├── PermissionDeniedError     PERMISSION_DENIED
@@ -21,8 +22,10 @@ LegatoError
 ├── TaskOutcomeError              a task ended without a result; `.task` is it
 │   ├── TaskFailedError           FAILED
 │   └── TaskCanceledError         CANCELED
-└── JobInterruptedError           a worker must stop work on a job it claimed
-                                  (canceled, deadline passed, lease lost); `.reason`
+├── JobInterruptedError           a worker must stop work on a job it claimed
+│                                 (canceled, deadline passed, lease lost); `.reason`
+└── InexactValueError             a result or context value JSON cannot carry
+                                  exactly (also a builtin ValueError)
 """
 
 from __future__ import annotations
@@ -66,7 +69,10 @@ class InvalidArgumentError(RPCError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class DeadlineExceededError(RPCError):
+class DeadlineExceededError(RPCError, TimeoutError):
+    """A call or a wait took longer than its `timeout`; every timeout of the
+    client raises this, so `except TimeoutError` catches them too."""
+
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -169,3 +175,12 @@ class JobInterruptedError(LegatoError):
         super().__init__(reason)
         self.task = task
         self.reason = reason
+
+
+class InexactValueError(LegatoError, ValueError):
+    """A value in a task's context or result that the wire cannot carry exactly.
+
+    Context and results travel as JSON numbers (doubles): an integer beyond
+    ±(2**53 - 1) would come back rounded and NaN or infinity not at all, so
+    they are refused before anything is sent. Send such a number as a string.
+    """

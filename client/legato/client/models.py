@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -9,11 +10,13 @@ from enum import StrEnum
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from legato.client.errors import InexactValueError
 from legato.v1 import agents_pb2, tasks_pb2
 
 JSON = dict[str, Any]
 
-_SAFE_INT = 2**53
+# The largest integer a JSON number (a double) holds exactly, with all below it.
+MAX_EXACT_INT = 2**53 - 1
 
 
 class TaskStatus(StrEnum):
@@ -53,8 +56,9 @@ class EventType(StrEnum):
 
 
 def _plain(value: Any) -> Any:
-    # Struct numbers are JSON doubles; give whole ones back as int for readability.
-    if isinstance(value, float) and value.is_integer() and abs(value) < _SAFE_INT:
+    # Struct numbers are JSON doubles: an int sent comes back as a whole float,
+    # and is given back as the int it was (JSON does not tell 2 from 2.0).
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_EXACT_INT:
         return int(value)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -73,6 +77,7 @@ def dict_to_struct(value: Mapping[str, Any] | None, field: str) -> struct_pb2.St
         return None
     if not isinstance(value, Mapping):
         raise TypeError(f"{field} must be a dict of JSON values, not {type(value).__name__}")
+    _check_exact(value, field)
     message = struct_pb2.Struct()
     try:
         message.update(value)
@@ -81,6 +86,25 @@ def dict_to_struct(value: Mapping[str, Any] | None, field: str) -> struct_pb2.St
             f"{field} must hold only JSON values (str, number, bool, None, list, dict): {exc}"
         ) from None
     return message
+
+
+def _check_exact(value: Any, where: str) -> None:
+    """Refuses numbers a double cannot carry exactly: they would be rounded, not refused."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int) and abs(value) > MAX_EXACT_INT:
+        raise InexactValueError(
+            f"{where} is {value}, an integer beyond ±{MAX_EXACT_INT} (2**53 - 1): JSON "
+            "numbers are doubles and would round it; send it as a string"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InexactValueError(f"{where} is {value}: JSON has no NaN or infinity")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_exact(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_exact(item, f"{where}[{index}]")
 
 
 def _time(message: timestamp_pb2.Timestamp) -> datetime:

@@ -112,8 +112,21 @@ def ended_under(task: TaskRecord, lease_token: str) -> bool:
     return task.status in (Status.CANCELED, Status.FAILED) and _holds(task, lease_token)
 
 
-def complete(task: TaskRecord, *, lease_token: str, result: bytes, now: int) -> Change:
-    """CLAIMED (or INPUT_REQUIRED) → DONE with the worker's result."""
+def complete(task: TaskRecord, *, lease_token: str, result: bytes, now: int) -> Change | None:
+    """CLAIMED (or INPUT_REQUIRED) → DONE with the worker's result.
+
+    A repeat of the call that completed the task (the same claim's token, the
+    same result), sent again because its reply was lost, changes nothing and is
+    answered with the DONE task: the worker cannot tell a lost reply from a
+    lost request, so it must be able to ask again.
+    """
+    if task.status is Status.DONE and _holds(task, lease_token):
+        if task.result == result:  # both serialized deterministically
+            return None
+        raise FailedPrecondition(
+            f"task {task.id} is DONE already, completed under this claim with another "
+            "result; a task is completed once"
+        )
     _require_lease(task, lease_token, now, "completed")
     done = _changed(task, now, status=Status.DONE, result=result, error="", lease_expires_at=None)
     return Change(done, EventType.COMPLETED)

@@ -453,7 +453,7 @@ class TaskManager:
         limits.check_blob("result", result)
         now = self._clock()
 
-        def decide(task: TaskRecord) -> Change:
+        def decide(task: TaskRecord) -> Change | None:
             access.require_visible(caller, task)
             change = lifecycle.complete(task, lease_token=lease_token, result=result, now=now)
             access.require_claimant(caller, task, "complete")
