@@ -246,13 +246,15 @@ def detach(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
             flush=True,
         )
         return 0
-    if child.poll() is None:
+    if address is None:
         print(
             f"legato: the daemon (pid {child.pid}) did not report SERVING within "
             f"{DETACH_TIMEOUT:g} s; it is still running: see {log_path}",
             file=sys.stderr,
         )
         return 1
+    # End of file: the child is exiting, or has; its status is coming.
+    child.wait()
     with log_path.open("rb") as log_file:
         log_file.seek(started_at)
         tail = log_file.read().decode(errors="replace").strip().splitlines()[-5:]
@@ -263,14 +265,14 @@ def detach(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
     return child.returncode or 1
 
 
-def _read_ready(fd: int, timeout: float) -> str:
-    """The line the daemon writes once SERVING, or "" at end of file or timeout."""
+def _read_ready(fd: int, timeout: float) -> str | None:
+    """The line the daemon writes once SERVING; "" at end of file, None on timeout."""
     received = b""
     give_up_at = time.monotonic() + timeout
     while b"\n" not in received:
         left = give_up_at - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return ""
+            return None
         chunk = os.read(fd, 4096)
         if not chunk:
             return ""
