@@ -27,7 +27,13 @@ from typing import Any
 from legato.client._sync import Client
 from legato.client.cli.output import Output, tree_lines
 from legato.client.errors import LegatoError
-from legato.client.local import DaemonNotStarted, ensure_daemon, resolve_key
+from legato.client.local import (
+    DaemonNotStarted,
+    ensure_daemon,
+    key_file,
+    read_agent_key,
+    resolve_key,
+)
 
 __all__ = ["build_parser", "main", "tree_lines"]
 
@@ -119,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     connection.add_argument(
         "--key", help="API key (default: LEGATO_AGENT_KEY, else the admin key of your daemon)"
     )
+    connection.add_argument(
+        "--as",
+        dest="as_agent",
+        metavar="NAME",
+        help="act as agent NAME, with the key kept in its key file (`legato agent add` and "
+        "`legato mcp config` keep it)",
+    )
     add_client_tls(connection)
     common = argparse.ArgumentParser(add_help=False, parents=[connection])
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -135,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.register(commands, parents)
     agents.register(commands, parents)
     return parser
+
+
+def agent_key(agent: str) -> str:
+    """The key in the key file of `agent` (`--as NAME`), or one line on how to get one."""
+    key = read_agent_key(agent)
+    if key is None:
+        raise SystemExit(
+            f"legato: no key file for agent {agent} at {key_file(agent)}; `legato agent add "
+            f"{agent}` creates the agent and keeps its key there (`legato mcp config --agent "
+            f"{agent} --new-key` issues an existing agent a new one)"
+        )
+    return key
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -167,7 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.run(args))
         if getattr(args, "autostart", True):
             ensure_daemon(args.address)
-        key = args.resolve_key(args.key) if hasattr(args, "resolve_key") else resolve_key(args.key)
+        if args.as_agent:
+            key = agent_key(args.as_agent)
+        elif hasattr(args, "resolve_key"):  # `legato demo` says how to start a daemon
+            key = args.resolve_key(args.key)
+        else:
+            key = resolve_key(args.key)
         args.api_key = key  # `legato work` hands it on to the command it runs
         with Client(
             args.address,

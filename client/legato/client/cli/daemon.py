@@ -202,12 +202,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """`legato ui`: the web UI, a client of the daemon (see `legato.ui`)."""
+    from legato.client.cli import agent_key
     from legato.client.local import ensure_daemon, resolve_key
     from legato.ui import DEFAULT_LISTEN, UIConfig, run
 
     ensure_daemon(args.address)
     config = UIConfig(
-        api_key=resolve_key(args.key),
+        api_key=agent_key(args.as_agent) if args.as_agent else resolve_key(args.key),
         address=args.address,
         listen=args.listen or DEFAULT_LISTEN,
         open_browser=args.open,
