@@ -292,3 +292,88 @@ async def test_task_commands_read_well(user: User) -> None:
 
     version = await user.legato("--version")
     assert version.code == 0 and version.stdout.startswith("legato ")
+
+
+def readme_sh_blocks(*headings: str) -> list[str]:
+    """The ```sh blocks under the README's `## <heading>` sections, in order."""
+    text = (ROOT / "README.md").read_text()
+    blocks = []
+    for heading in headings:
+        section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+        blocks += [part.split("```", 1)[0] for part in section.split("```sh\n")[1:]]
+    assert blocks, headings
+    return blocks
+
+
+async def test_the_readme_shell_quick_start_runs_as_written(user: User) -> None:
+    """The README from `make install` on, in one shell: no `legato serve`, no key pasted.
+    What a test cannot do is replaced: `codex` is not run, the lease token the claim
+    printed stands for `l_...`, and the last wait is short (it then exits 1, as told)."""
+    script = "\n".join(
+        readme_sh_blocks("Two commands", "Two agents in one minute (Claude Code, Codex, Cursor)",
+                         "The same from a shell")
+    )  # fmt: skip
+    lines = [line for line in script.splitlines() if not line.startswith(("make ", "codex "))]
+    script = "\n".join(lines)
+    script = script.replace("legato status ", "{ legato status || [ $? -eq 3 ]; } ", 1)
+    script = script.replace(
+        "legato task claim --as researcher ", "legato task claim --as researcher | tee claimed "
+    )
+    script = script.replace("l_...", "\"$(sed -n 's/.*lease token: //p' claimed)\"")
+    script = script.replace("--wait 600 --as coder", "--wait 1 --as coder || [ $? -eq 1 ]")
+    assert "--wait 1" in script and "claimed" in script, "the README's shell section changed"
+    home = user.home / "home"
+    (home / ".codex").mkdir(parents=True)
+    shell = await asyncio.create_subprocess_exec(
+        "bash", "-c", f"set -euo pipefail\n{script}\nlegato task get \"$id\" --json\nkill %1\n",
+        cwd=user.home, env={**user.env, "HOME": str(home),
+                            "PATH": f"{LEGATO.parent}{os.pathsep}{os.environ['PATH']}"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(shell.communicate(), GUARD)
+    assert shell.returncode == 0, err.decode()[-3000:]
+    done = json.loads(out.decode().strip().splitlines()[-1])
+    assert (done["status"], done["result"]["rpm"]) == ("done", 500)
+    assert "lgt_" not in (home / ".codex" / "config.toml").read_text()
+    assert "started the daemon" in err.decode()
+
+
+async def test_work_says_when_the_daemon_is_unreachable_and_that_it_keeps_trying(
+    user: User,
+) -> None:
+    """Before, `legato work` printed the client's raw log line ("claiming failed with
+    ...; trying again in 0.05 s"), if anything, and never that the daemon was back."""
+    address = f"unix:{user.home / 'w.sock'}"  # an address of its own: nothing starts by itself
+    on = ("--address", address)
+    assert (await user.legato("serve", "--detach", "--listen", address)).code == 0
+    assert (await user.legato("agent", "add", "worker", *on)).code == 0
+    assert (await user.legato("stop", *on)).code == 0
+
+    work = await asyncio.create_subprocess_exec(
+        str(LEGATO), "work", "--as", "worker", *on, "--wait", "1", "--once", "--", "cat",
+        env=user.env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stderr = work.stderr
+    assert stderr is not None
+
+    async def said(words: str) -> str:
+        while True:
+            line = (await asyncio.wait_for(stderr.readline(), GUARD)).decode()
+            assert line, f"legato work ended before saying {words!r}"
+            if words in line:
+                return line
+
+    try:
+        line = await said("unreachable")
+        assert address in line and "retrying" in line
+        assert (await user.legato("serve", "--detach", "--listen", address)).code == 0
+        await said("answers again")
+        created = await user.legato("task", "create", "echo me", "-l", "@worker", *on)
+        assert created.code == 0, created.stderr
+        assert await asyncio.wait_for(work.wait(), GUARD) == 0
+    finally:
+        if work.returncode is None:
+            work.kill()
+            await work.wait()
+        await user.legato("stop", *on)
