@@ -177,7 +177,11 @@ async def test_two_agents_from_a_shell_with_no_daemon_started_and_no_key_pasted(
                  **entry["env"]},
         )  # fmt: skip
 
+    # After a reboot, say: the first bridge an MCP client starts starts the daemon.
+    assert (await user.legato("stop")).code == 0
+    assert user.daemon_pid() is None
     async with Client(bridge(claude)) as coder_mcp, Client(bridge(codex)) as researcher_mcp:
+        assert user.daemon_pid() is not None
         delegated = await asyncio.wait_for(
             coder_mcp.call_tool(
                 "delegate_task", {"label": "@researcher", "request": "RPM for Tier 1?"}
