@@ -381,3 +381,25 @@ async def test_work_says_when_the_daemon_is_unreachable_and_that_it_keeps_trying
             work.kill()
             await work.wait()
         await user.legato("stop", *on)
+
+
+async def test_demo_cut_short_leaves_no_open_task_and_no_live_agent(user: User) -> None:
+    """Ctrl-C in the middle of `legato demo`: before, its agents were revoked but the
+    coder's task stayed open for good on a label nobody would ever hold."""
+    demo = await asyncio.create_subprocess_exec(
+        str(LEGATO), "demo", "--pace", "3", env=user.env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert demo.stdout is not None
+    while b"claimed" not in (line := await asyncio.wait_for(demo.stdout.readline(), GUARD)):
+        assert line, (await demo.communicate())[1].decode()
+    demo.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(demo.communicate(), GUARD)
+    assert demo.returncode == 130, err.decode()
+    assert b"revoked the demo agents" in out
+    admin_key = (user.data_dir / "admin.key").read_text().strip()
+    async with AsyncClient(user.address, api_key=admin_key) as admin:
+        tasks = (await admin.list_tasks()).tasks
+        agents = [a for a in await admin.list_agents(include_revoked=True) if a.name != "admin"]
+    assert tasks and all(task.status.terminal for task in tasks), tasks
+    assert agents and all(agent.revoked for agent in agents)
