@@ -225,6 +225,11 @@ async def test_an_existing_agent_keeps_its_key_unless_a_new_one_is_asked_for(use
     assert lost.code == 1
     assert "--new-key" in lost.stderr and lost.stdout == ""
 
+    assert (await user.legato("agent", "add", "doomed")).code == 0
+    assert (user.data_dir / "keys" / "doomed.key").exists()
+    assert (await user.legato("agent", "revoke", "doomed")).code == 0
+    assert not (user.data_dir / "keys" / "doomed.key").exists()  # a dead key is not kept
+
 
 async def test_two_clients_starting_at_once_end_with_one_daemon(user: User) -> None:
     first, second = await asyncio.gather(user.legato("agent", "list"), user.legato("agent", "list"))

@@ -228,6 +228,9 @@ def detach(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
             stderr=log_fd,
             pass_fds=(write_end,),
             env={**os.environ, READY_FD_ENV: str(write_end)},
+            # Not the caller's working directory, which may be deleted or unmounted
+            # long before the daemon stops.
+            cwd=data_dir,
             # Its own session: closing this terminal (SIGHUP) or Ctrl-C here
             # does not reach it.
             start_new_session=True,

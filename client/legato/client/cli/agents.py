@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from legato.client._sync import Client
 from legato.client.cli.output import Output, agent_json, dump
-from legato.client.local import is_local_default, write_agent_key
+from legato.client.local import is_local_default, key_file, write_agent_key
 from legato.client.models import Agent, Role
 
 if TYPE_CHECKING:
@@ -78,6 +78,9 @@ def cmd_agent_update(client: Client, args: argparse.Namespace, out: Output) -> i
 
 def cmd_agent_revoke(client: Client, args: argparse.Namespace, out: Output) -> int:
     out.agent(client.revoke_agent(args.name))
+    if is_local_default(client.address) or os.environ.get("LEGATO_DATA_DIR"):
+        # The key is dead: a file holding it would only mislead `legato mcp --agent`.
+        key_file(args.name).unlink(missing_ok=True)
     return 0
 
 
