@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/legato serve
 
-# Plays a delegation between three throwaway agents on the daemon `make run` started.
+# Plays a delegation between three throwaway agents on your daemon (started if none runs).
 demo: install
 	$(BIN)/legato demo
 

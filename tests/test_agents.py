@@ -221,7 +221,11 @@ def test_no_key_material_in_logs_or_database(short_tmp: Path) -> None:
             server.wait(timeout=10)
     admin_key = (data / "admin.key").read_text().strip()
     secrets = [*keys, admin_key]
-    files = [log, *(p for p in data.iterdir() if p.name != "admin.key")]
+    # admin.key and keys/NAME.key hold keys on purpose (0600, for the CLI and the
+    # MCP bridge); the daemon's log and database never do.
+    files = [log, *(p for p in data.iterdir() if p.is_file() and p.name != "admin.key")]
+    kept = {p.name: p.read_text().strip() for p in (data / "keys").iterdir()}
+    assert kept == {"coder.key": keys[2], "researcher.key": keys[1]}
     assert any(p.name == "legato.db" for p in files)
     for path in files:
         content = path.read_bytes()

@@ -389,8 +389,10 @@ async def test_cli_delegates_a_task_end_to_end(spawn: Spawn) -> None:
 
     listed = await legato(address, data, "task", "list", key=coder)
     assert listed.code == 0
-    [line] = listed.stdout.splitlines()
-    assert line.split()[:3] == [task_id, "pending", "@researcher"]
+    header, line = listed.stdout.splitlines()
+    assert header.split() == ["ID", "STATUS", "AGE", "CREATOR", "LABELS", "CONTENT"]
+    assert line.split()[:2] == [task_id, "pending"]
+    assert line.split()[3:5] == ["coder", "@researcher"]
 
     claimed = await legato(address, data, "task", "claim", "-l", "@researcher", "--json",
                            key=researcher)  # fmt: skip

@@ -294,22 +294,26 @@ async def test_mcp_config_prints_working_snippets_for_each_client(daemon: Daemon
     table = tomllib.loads(out)["mcp_servers"]["legato"]
     assert Path(table["command"]).is_absolute()
     assert Path(table["command"]).exists()
-    assert table["args"] == ["mcp"]
+    assert table["args"] == ["mcp", "--agent", "coder"]
     assert table["env"]["LEGATO_ADDRESS"] == daemon.config.address
-    async with AsyncClient(daemon.config.address, api_key=table["env"]["LEGATO_AGENT_KEY"]) as c:
+    assert "LEGATO_AGENT_KEY" not in table["env"]  # the bridge reads the key file
+    key_file = Path(table["env"]["LEGATO_DATA_DIR"]) / "keys" / "coder.key"
+    key = key_file.read_text().strip()
+    async with AsyncClient(daemon.config.address, api_key=key) as c:
         me = await c.whoami()
         assert (me.name, me.labels) == ("coder", ("@coder",))
 
-    # Asking again issues a new key (keys are never stored): the old one stops working.
+    # Asking again keeps the key: nothing the first snippet started stops working.
     code, out, err = await run_cli(
         daemon, "mcp", "config", "--client", "claude", "--agent", "coder"
     )
     assert code == 0, err
-    assert "new key" in err
+    assert "keeps its key" in err
     entry = json.loads(out)["mcpServers"]["legato"]
     assert entry["type"] == "stdio"
-    assert entry["args"] == ["mcp"]
-    async with AsyncClient(daemon.config.address, api_key=entry["env"]["LEGATO_AGENT_KEY"]) as c:
+    assert entry["args"] == ["mcp", "--agent", "coder"]
+    assert key_file.read_text().strip() == key
+    async with AsyncClient(daemon.config.address, api_key=key) as c:
         assert (await c.whoami()).name == "coder"
 
     code, out, err = await run_cli(
@@ -318,7 +322,7 @@ async def test_mcp_config_prints_working_snippets_for_each_client(daemon: Daemon
     assert code == 0, err
     snippet = json.loads(out[out.index("{") :])
     assert "type" not in snippet["mcpServers"]["legato"]
-    assert snippet["mcpServers"]["legato"]["env"]["LEGATO_AGENT_KEY"] in out.split("export ")[1]
+    assert snippet["mcpServers"]["legato"]["args"] == ["mcp", "--agent", "researcher"]
 
     code, _, err = await run_cli(daemon, "mcp", "config", "--client", "codex")
     assert code == 1

@@ -100,7 +100,7 @@ async def test_cli_task_list_follows_the_pages_of_large_tasks(
         ]
     argv = ["task", "list", "--address", daemon.config.address, "--key", key]
     assert await asyncio.to_thread(cli.main, argv) == 0
-    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
     assert listed == created
 
 

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from legato.server import paths
+from legato.common import paths
 from legato.server.daemon import Config, Daemon
 
 

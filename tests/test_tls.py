@@ -24,10 +24,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from legato.client import AsyncClient, Client, Task, TaskStatus
+from legato.client.cli.daemon import doctor
 from legato.client.errors import UnavailableError
 from legato.client.mcp_bridge import build_server
-from legato.client.ops import OK, doctor
 from legato.server.daemon import Config, Daemon, listen_warning
+from legato.server.ops import OK
 from legato.server.tls import ServerTLS
 from mcp_harness import mcp_client
 
@@ -641,7 +642,8 @@ async def test_mcp_config_for_a_remote_daemon_carries_its_address_and_ca(
     daemon = await serve_tls()
     remote = ["--address", daemon.address, "--tls-ca", pki.server_ca.cert.name]
     # Relative to where the command runs; the snippet must work from anywhere.
-    admin = {"LEGATO_AGENT_KEY": admin_key(daemon)}
+    # The key files go to this machine's data dir, never into the snippet.
+    admin = {"LEGATO_AGENT_KEY": admin_key(daemon), "LEGATO_DATA_DIR": str(pki.directory / "d")}
 
     codex = await legato(
         "mcp", "config", "--client", "codex", "--agent", "coder", *remote,
@@ -659,10 +661,11 @@ async def test_mcp_config_for_a_remote_daemon_carries_its_address_and_ca(
     for env, name in ((codex_env, "coder"), (claude_env, "researcher")):
         assert env["LEGATO_ADDRESS"] == daemon.address
         assert env["LEGATO_TLS_CA"] == str(pki.server_ca.cert)
-        assert set(env) == {"LEGATO_ADDRESS", "LEGATO_TLS_CA", "LEGATO_AGENT_KEY"}
-        # The bridge builds its client from this env alone.
+        assert set(env) == {"LEGATO_ADDRESS", "LEGATO_TLS_CA", "LEGATO_DATA_DIR"}
+        # The bridge builds its client from this env and the agent's key file alone.
+        key = (Path(env["LEGATO_DATA_DIR"]) / "keys" / f"{name}.key").read_text().strip()
         async with AsyncClient(
-            env["LEGATO_ADDRESS"], api_key=env["LEGATO_AGENT_KEY"], tls_ca=env["LEGATO_TLS_CA"]
+            env["LEGATO_ADDRESS"], api_key=key, tls_ca=env["LEGATO_TLS_CA"]
         ) as agent:
             assert (await agent.whoami()).name == name
     for ran in (codex, claude):

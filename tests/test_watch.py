@@ -21,8 +21,8 @@ import psycopg
 import pytest
 from conftest import Connect, keyed_channel
 from legato.client import AsyncClient, EventType, TaskEvent
+from legato.common.paths import DB_NAME
 from legato.server.daemon import Config, Daemon
-from legato.server.paths import DB_NAME
 from legato.v1 import tasks_pb2, tasks_pb2_grpc
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from legato.server.paths import DB_NAME
+from legato.common.paths import DB_NAME
 from legato.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2_grpc
 
 T = TypeVar("T")

@@ -26,8 +26,8 @@ from legato.client.errors import (
     from_rpc_error,
 )
 from legato.client.models import EventType, Role, Task, TaskEvent, TaskStatus, dict_to_struct
-from legato.server.paths import default_address
-from legato.server.tls import TLSError, read_certificates, read_key_pair
+from legato.common.paths import default_address
+from legato.common.tls import TLSError, read_certificates, read_key_pair
 from legato.v1 import agents_pb2, tasks_pb2
 
 log = logging.getLogger("legato.client")

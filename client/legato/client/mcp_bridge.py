@@ -1,7 +1,8 @@
 """The MCP bridge: legato's tools for any MCP client (Claude Code, Codex, Cursor...).
 
-Each agent starts one `legato mcp` over stdio with its own key in the
-environment (`LEGATO_AGENT_KEY`, `LEGATO_ADDRESS`). The bridge keeps the lease
+Each agent starts one `legato mcp --agent NAME` over stdio; its key comes from
+the agent's key file in the data dir (or `LEGATO_AGENT_KEY`), never from the
+MCP client's configuration. The bridge keeps the lease
 tokens of the tasks it claimed and heartbeats them in the background, so a
 model never copies a token around. stdout carries only MCP messages: logs go
 to stderr.
@@ -22,7 +23,6 @@ Waiting tools return well before clients give up on a tool call (Codex waits
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import re
 import sys
@@ -593,46 +593,33 @@ def build_server(
     return server
 
 
-def run() -> None:
-    """`legato mcp`: serve the tools over stdio until the client closes the pipe."""
+def run(*, agent: str | None = None, address: str | None = None) -> int:
+    """`legato mcp`: serve the tools over stdio until the client closes the pipe.
+
+    As `agent`, with the key `legato mcp config` kept in its key file in the
+    data dir; without one, as the agent of `LEGATO_AGENT_KEY`. Starts the
+    daemon in the background when none serves this user's default socket, so
+    that an MCP client is all it takes. Returns the exit status.
+    """
+    from legato.client.local import DaemonNotStarted, ensure_daemon, key_file, read_agent_key
+
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s legato-mcp: %(message)s"
     )
-    build_server().run()
-
-
-CLIENTS = ("claude", "codex", "cursor")
-
-
-def config_snippet(
-    client: str,
-    *,
-    command: str,
-    api_key: str,
-    address: str,
-    tls: Mapping[str, str] | None = None,
-) -> str:
-    """The configuration entry that makes `client` start this bridge as `command mcp`.
-
-    Claude Code (`.mcp.json` or `~/.claude.json`) and Cursor (`.cursor/mcp.json`)
-    take a JSON `mcpServers` entry; Codex (`~/.codex/config.toml`) a TOML table.
-    `tls` holds the `LEGATO_TLS_*` variables of a daemon served with TLS: paths
-    to the files, never their contents.
-    """
-    env = {"LEGATO_AGENT_KEY": api_key, "LEGATO_ADDRESS": address, **(tls or {})}
-    if client == "codex":
-        pairs = ", ".join(f"{name} = {json.dumps(value)}" for name, value in env.items())
-        return (
-            "[mcp_servers.legato]\n"
-            f"command = {json.dumps(command)}\n"
-            'args = ["mcp"]\n'
-            f"env = {{ {pairs} }}\n"
-            # Waiting tools return within 45 s; the default 60 s leaves them room.
-            "tool_timeout_sec = 60\n"
-        )
-    if client not in CLIENTS:
-        raise ValueError(f"unknown MCP client {client!r}; use one of {', '.join(CLIENTS)}")
-    entry: dict[str, Any] = {"command": command, "args": ["mcp"], "env": env}
-    if client == "claude":
-        entry = {"type": "stdio", **entry}
-    return json.dumps({"mcpServers": {"legato": entry}}, indent=2) + "\n"
+    api_key = None
+    if agent:
+        api_key = read_agent_key(agent)
+        if api_key is None:
+            print(
+                f"legato mcp: no key file for agent {agent} at {key_file(agent)}; run `legato "
+                f"mcp config --client ... --agent {agent}` as the user who runs this MCP client",
+                file=sys.stderr,
+            )
+            return 1
+    try:
+        ensure_daemon(address)
+    except DaemonNotStarted as exc:
+        # The tools say the daemon is unreachable, in words the model reads.
+        logging.getLogger(__name__).error("%s", exc)
+    build_server(address=address, api_key=api_key).run()
+    return 0

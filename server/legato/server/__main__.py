@@ -1,8 +1,8 @@
-"""`python -m legato.server`: the same as `legato serve`."""
+"""`python -m legato.server [OPTIONS]`: the same as `legato serve [OPTIONS]`."""
 
 import sys
 
-from legato.client.cli import main
+from legato.server.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main(["serve", *sys.argv[1:]]))

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from legato.common.paths import ADMIN_KEY_FILE
 from legato.server import keys, limits
 from legato.server.errors import (
     AlreadyExists,
@@ -41,7 +42,6 @@ from legato.server.store import AgentStore
 log = logging.getLogger(__name__)
 
 ADMIN_NAME = "admin"
-ADMIN_KEY_FILE = "admin.key"
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 # last_seen_at is kept to the minute: a write per call would cost more than it tells.
 SEEN_RESOLUTION_US = 60 * 1_000_000

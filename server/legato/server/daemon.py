@@ -20,13 +20,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from legato.server import limits
-from legato.server.agent_service import AgentService
-from legato.server.agents import ADMIN_KEY_FILE
-from legato.server.auth import AuthInterceptor
-from legato.server.events import DEFAULT_BUFFER
-from legato.server.health import Health
-from legato.server.paths import (
+from legato.common.paths import (
+    ADMIN_KEY_FILE,
     DB_NAME,
     LOCK_NAME,
     SOCKET_NAME,
@@ -36,6 +31,11 @@ from legato.server.paths import (
     socket_lock_path,
     unix_socket_path,
 )
+from legato.server import limits
+from legato.server.agent_service import AgentService
+from legato.server.auth import AuthInterceptor
+from legato.server.events import DEFAULT_BUFFER
+from legato.server.health import Health
 from legato.server.rpc import WireFormat
 from legato.server.service import TaskService
 from legato.server.store import DatabaseFailed, Durability
@@ -191,9 +191,10 @@ class DaemonLock:
     a file beside it (`legato.sock.lock`) in the same 0700 dir.
     """
 
-    def __init__(self, data_dir: Path, address: str):
+    def __init__(self, data_dir: Path, address: str, *, backend: str = "sqlite"):
         self._data_dir = data_dir
         self._address = address
+        self._backend = backend
         self._socket = unix_socket_path(address)
         self._held: list[_HolderLock] = []
 
@@ -202,6 +203,8 @@ class DaemonLock:
             "pid": os.getpid(),
             "data_dir": str(self._data_dir.absolute()),
             "listen": self._address,
+            # For `legato status`, which reads the holder of the socket's lock.
+            "backend": self._backend,
         }
         data_lock = _HolderLock(self._data_dir / LOCK_NAME)
         other = data_lock.acquire(holder)
@@ -248,7 +251,8 @@ class Daemon:
         self._server: grpc.aio.Server | None = None
         self._bound_port = 0
         self._health = Health()
-        self._lock = DaemonLock(private_dir(config.data_dir), config.address)
+        backend = "postgresql" if config.database else "sqlite"
+        self._lock = DaemonLock(private_dir(config.data_dir), config.address, backend=backend)
         # Why the daemon's database failed, once it has; `serve` then stops it.
         self.failure: DatabaseFailed | None = None
         self._failed = asyncio.Event()

@@ -1,6 +1,7 @@
 """Operator tools: `legato backup` copies the database online, `legato doctor` checks a setup.
 
-Both work on the files of a data dir (`--data-dir`, else `LEGATO_DATA_DIR`,
+They live beside the daemon because they read its files; the daemon itself
+never imports them. Both work on the files of a data dir (`--data-dir`, else `LEGATO_DATA_DIR`,
 else the per-user default) and need no API key: whoever can read the data dir
 owns its database anyway. Neither changes any data; opening the database
 read-only may create its `-wal` and `-shm` files, owner-only, as SQLite does
@@ -13,19 +14,22 @@ import fcntl
 import os
 import sqlite3
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from legato.client._core import ClientTLS, PathLike, unreachable_hint
-from legato.server.paths import DB_NAME, LOCK_NAME, default_address, default_data_dir
-from legato.server.tls import TLSError
+from legato.common.paths import (
+    ADMIN_KEY_FILE,
+    DB_NAME,
+    LOCK_NAME,
+    default_address,
+    default_data_dir,
+)
 from legato.v1 import agents_pb2, agents_pb2_grpc
 
-ADMIN_KEY_FILE = "admin.key"
 DB_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm")
 PROBE_TIMEOUT = 3.0
 
@@ -299,15 +303,15 @@ def _check_socket(address: str) -> list[Check]:
     return checks
 
 
-def _check_health(channel: grpc.Channel, address: str, tls: ClientTLS | None) -> Check:
+def _check_health(channel: grpc.Channel, address: str, hint: Callable[[str], str]) -> Check:
     health = health_pb2_grpc.HealthStub(channel)
     try:
         response = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT)
     except grpc.RpcError as exc:
         fix = "start it with `legato serve` (a socket left by a daemon that died is reused)"
         if exc.code() is grpc.StatusCode.UNAVAILABLE:
-            hint = unreachable_hint(address, tls, exc.details() or "")
-            fix = f"{fix}. {hint}" if hint else fix
+            more = hint(exc.details() or "")
+            fix = f"{fix}. {more}" if more else fix
         return Check(FAIL, "health", f"no daemon answers at {address} ({exc.code().name})", fix)
     if response.status != health_pb2.HealthCheckResponse.SERVING:
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
@@ -373,41 +377,25 @@ def _check_admin_key(data_dir: Path, channel: grpc.Channel | None) -> Check:
     return Check(OK, "admin.key", f"accepted by the daemon (agent {agent.name!r}, admin)")
 
 
-def _check_tls(
-    address: str, ca: PathLike | None, cert: PathLike | None, key: PathLike | None
-) -> tuple[list[Check], ClientTLS | None, grpc.ChannelCredentials | None]:
-    """The client's TLS files (arguments, else `LEGATO_TLS_*`): readable, PEM, the key
-    private and its certificate's. No check when TLS is not configured."""
-    tls = None
-    try:
-        tls = ClientTLS.resolve(ca, cert, key)
-        if tls is None:
-            return [], None, None
-        if address.startswith("unix"):
-            raise TLSError(
-                f"TLS is set (LEGATO_TLS_CA, --tls-ca ...) but {address} is a unix socket, "
-                "which the daemon serves in plaintext; unset it, or check the daemon's HOST:PORT"
-            )
-        credentials = tls.credentials()
-    except TLSError as exc:
-        return [Check(FAIL, "tls", str(exc))], tls, None
-    trusted = f"CA {tls.ca}" if tls.ca is not None else "the system's CAs"
-    mine = f", client certificate {tls.cert} (key private)" if tls.cert is not None else ""
-    return [Check(OK, "tls", f"trusts {trusted}{mine}")], tls, credentials
+def _no_hint(details: str) -> str:
+    return ""
 
 
 def doctor(
     *,
     data_dir: Path | None = None,
     address: str | None = None,
-    tls_ca: PathLike | None = None,
-    tls_cert: PathLike | None = None,
-    tls_key: PathLike | None = None,
+    tls_checks: Sequence[Check] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+    unreachable_hint: Callable[[str], str] = _no_hint,
 ) -> list[Check]:
     """Checks a legato setup; one `Check` per finding, in the order a user would fix them.
 
-    `tls_ca`, `tls_cert` and `tls_key` default to `LEGATO_TLS_CA`, `LEGATO_TLS_CERT`
-    and `LEGATO_TLS_KEY`, as for a client; with any of them the daemon is asked over TLS.
+    How to reach the daemon is the client's business: `tls_checks` are its
+    findings about its TLS files (a failed one skips the health check),
+    `credentials` its channel credentials (None: plaintext), and
+    `unreachable_hint` turns the details of a failed connection into what to
+    change (`legato doctor` passes the client's own rules).
     """
     data_dir = data_dir or default_data_dir()
     address = address or default_address()
@@ -418,7 +406,6 @@ def doctor(
     lock, _ = _check_lock(data_dir)
     checks.append(lock)
     checks += _check_socket(address)
-    tls_checks, tls, credentials = _check_tls(address, tls_ca, tls_cert, tls_key)
     checks += tls_checks
     if any(check.status == FAIL for check in tls_checks):
         checks.append(
@@ -431,7 +418,7 @@ def doctor(
     else:
         channel = grpc.secure_channel(address, credentials)
     with channel:
-        health = _check_health(channel, address, tls)
+        health = _check_health(channel, address, unreachable_hint)
         checks.append(health)
         checks.append(_check_admin_key(data_dir, channel if health.status == OK else None))
     return checks

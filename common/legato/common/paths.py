@@ -1,7 +1,7 @@
 """Where the daemon keeps its files and listens by default.
 
 Shared by the daemon and the client, so that a client run by the same user
-finds the daemon with no configuration.
+finds the daemon, its admin key and the agents' key files with no configuration.
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ DB_NAME = "legato.db"
 LOCK_NAME = "legato.lock"
 # Beside a unix socket, the lock of the daemon serving it: `legato.sock.lock`.
 SOCKET_LOCK_SUFFIX = ".lock"
+# In the data dir: the admin's key, written by the first daemon on a database.
+ADMIN_KEY_FILE = "admin.key"
+# In the data dir: one key file per agent (`keys/NAME.key`), written by
+# `legato agent add` and `legato mcp config`, read by `legato mcp --agent NAME`.
+KEYS_DIR = "keys"
+# In the data dir: what a daemon started in the background (`legato serve
+# --detach`, or by a client that found none) writes to stdout and stderr.
+LOG_NAME = "legato.log"
 
 
 def default_data_dir() -> Path:
@@ -96,3 +104,8 @@ def unix_socket_path(address: str) -> Path | None:
 def socket_lock_path(socket: Path) -> Path:
     """The lock file of the daemon serving `socket`, beside it in the same 0700 dir."""
     return socket.with_name(socket.name + SOCKET_LOCK_SUFFIX)
+
+
+def agent_key_file(data_dir: Path, agent: str) -> Path:
+    """Where the key of `agent` is kept for the MCP bridge: `<data_dir>/keys/<agent>.key`."""
+    return data_dir / KEYS_DIR / f"{agent}.key"

@@ -7,7 +7,9 @@ Three throwaway agents (names with a random suffix, so runs never collide):
                 asks the coder a question back, completes with the specialist's result
     specialist  works the child task
 
-Then the task tree is printed and the three agents are revoked.
+Then the task tree is printed and the demo cleans up: whatever it left
+unfinished (a story cut short by an error or Ctrl-C) is canceled, and the
+three agents are revoked.
 
 One thread drives the story step by step; the coder follows its task's events
 in a second thread. After each step that the coder should see, the driver
@@ -27,13 +29,16 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from legato.client._sync import Client, Job, TaskHandle
-from legato.client.cli import resolve_key, tree_lines
+from legato.client.cli.output import tree_lines
 from legato.client.errors import LegatoError, UnavailableError
-from legato.client.models import EventType, Role
+from legato.client.local import resolve_key
+from legato.client.models import EventType, Role, TaskStatus
 
 # Every wait of the story is bounded: a stuck demo fails instead of hanging.
 STEP_TIMEOUT = 15.0
-START_HINT = "start one with `make run` (or `legato serve`) in another terminal, then run the demo"
+START_HINT = (
+    "start one with `legato serve --detach` (or `make run` in another terminal), then run the demo"
+)
 
 QUESTION = "Which rate limit applies to Tier 1, and how should our client back off?"
 NOTES = (
@@ -129,6 +134,7 @@ def demo_agents(admin: Client, suffix: str) -> Iterator[dict[str, Client]]:
                 clients[role] = stack.enter_context(Client(admin.address, api_key=key))
             yield clients
     finally:
+        _cancel_unfinished(admin, suffix)
         for name in created:
             try:
                 admin.revoke_agent(name)
@@ -136,6 +142,20 @@ def demo_agents(admin: Client, suffix: str) -> Iterator[dict[str, Client]]:
                 print(f"legato demo: could not revoke {name}: {exc}", file=sys.stderr)
         if created:
             print(f"\nrevoked the demo agents: {', '.join(created)}", flush=True)
+
+
+def _cancel_unfinished(admin: Client, suffix: str) -> None:
+    """Cancels the demo's tasks that did not finish, so no worker ever picks them up."""
+    labels = [f"@researcher-{suffix}", f"@specialist-{suffix}"]
+    try:
+        page = admin.list_tasks(
+            labels=labels,
+            statuses=[s for s in TaskStatus if not s.terminal],
+        )
+        for task in page.tasks:
+            admin.cancel_task(task.id, "the demo stopped", keep_children=False)
+    except LegatoError as exc:
+        print(f"legato demo: could not cancel its unfinished tasks: {exc}", file=sys.stderr)
 
 
 def run_demo(admin: Client, *, pace: float = 0.8) -> int:
