@@ -310,7 +310,6 @@ async def serve(kind: Kind, listen: str, answer: bytes, data_dir: Path) -> None:
         handler = guard(handler, authenticate)
     handlers = {"CreateTask": handler}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
     if server.add_insecure_port(listen) == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
