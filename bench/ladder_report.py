@@ -383,7 +383,7 @@ def draw(results: Results, profile: Profile, path: Path, cpu_model: str) -> None
         ax.legend(fontsize=8)
     figure.suptitle(
         f"CreateTask ladder ({profile.name} run, {os.cpu_count()} x {cpu_model}): "
-        "1 echo, 2 +interceptors, 3 +naive commit, 4 +legato's schema, 5 legato"
+        "1 echo, 2 +handler wrapping, 3 +naive commit, 4 +legato's schema, 5 legato"
     )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
