@@ -12,7 +12,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.ladder import IN_FLIGHT, LADDER, OFF_LADDER, Rung, key_of, variant_rungs
+from bench.ladder import (
+    IN_FLIGHT,
+    LADDER,
+    OFF_LADDER,
+    WIRE_VARIANT,
+    Rung,
+    key_of,
+    variant_rungs,
+)
 from bench.profiles import Profile
 from bench.report import Table, number, spread, times
 from bench.stats import Results, Summary
@@ -70,6 +78,8 @@ def _base_of(rung: Rung) -> str:
         return "schema"
     if rung.key == "issue":
         return "echo"
+    if rung.key.endswith(WIRE_VARIANT):  # a variant's own step 2
+        return "wire"
     return "legato"
 
 
