@@ -106,7 +106,7 @@ OFF_LADDER = [
         "issue",
         "ref",
         "the issue's naive server",
-        "no interceptors, asyncio's loop, aiosqlite `await execute(INSERT)` + "
+        "no handler wrapping, asyncio's loop, aiosqlite `await execute(INSERT)` + "
         "`await commit()` on one shared connection",
     ),
 ]

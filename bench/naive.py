@@ -19,7 +19,7 @@ each costs (see `bench.ladder`):
 
 And, off the ladder, the measurement the issue quotes, for reference:
 
-- `issue`: a bare grpc.aio server (no interceptors) on asyncio's own loop
+- `issue`: a bare grpc.aio server (no handler wrapping) on asyncio's own loop
   doing `await db.execute(INSERT)` then `await db.commit()` with aiosqlite on
   one shared connection. With many calls in flight, their statements share the
   connection's one implicit transaction, so a COMMIT often commits the INSERTs
