@@ -5,7 +5,7 @@ CreateTask runs, each on its own with `timeit` (the best of several repeats,
 per call), so that a candidate change can be given an expected gain in
 microseconds. The pieces are legato's real functions on real records and a
 real SQLite file (WAL, synchronous NORMAL), in the order a create runs them;
-what grpc does around them (interceptor chain, (de)serialization hooks, the
+what grpc does around them (handler wrapping, (de)serialization hooks, the
 sockets) is not here: the ladder's steps 1 and 2 measure that.
 
 Run as `python -m bench.components [--scale F]`: prints a JSON list of [piece, thread, µs].

@@ -5,7 +5,7 @@ each round, by the same load-generator process sending the same request
 bytes to a method of the same name (the echo's aside):
 
 1. `echo`: the bare grpc.aio echo (`bench.ceilings`);
-2. `wire`: the echo behind legato's interceptors (`bench.naive`);
+2. `wire`: the echo behind legato's handler wrapping (`bench.naive`);
 3. `naive`: plus one INSERT + COMMIT per call on one database thread;
 4. `schema`: plus legato's schema and statements, still a commit per call;
 5. `legato`: `legato serve` itself.
@@ -13,7 +13,9 @@ bytes to a method of the same name (the echo's aside):
 Off the ladder, in the same rounds: step 4 on legato's own group-committing
 `db.Database` (`grouped`), the issue's aiosqlite server (`issue`), and any
 `--variant NAME=DIR`: `legato serve` run with DIR first on PYTHONPATH, i.e. a
-modified copy of `legato.server` (DIR holds `legato/server/`).
+modified copy of `legato.server` (DIR holds `legato/server/`); and when DIR
+also holds a copy of `bench/`, step 2 run from DIR's copies of both (a change
+to how handlers are wrapped, measured on its own step).
 
 Each rung is measured at 1 and at 32 calls in flight: calls/s, p50/p99, and
 the server's CPU per call (utime + stime of /proc/PID/stat over the run,
@@ -65,9 +67,10 @@ LADDER = [
     Rung(
         "wire",
         "2",
-        "echo behind legato's interceptors",
-        "the real AuthInterceptor (a real AgentRegistry on a temp database) and WireFormat, "
-        "in the daemon's order; the request parsed as a CreateTaskRequest",
+        "echo behind legato's handler wrapping",
+        "legato's wrapping of every handler (rpc.guard): the real Authenticator (a real "
+        "AgentRegistry on a temp database), the wire format and the error mapping; the "
+        "request parsed as a CreateTaskRequest",
     ),
     Rung(
         "naive",
@@ -103,19 +106,36 @@ OFF_LADDER = [
         "issue",
         "ref",
         "the issue's naive server",
-        "no interceptors, asyncio's loop, aiosqlite `await execute(INSERT)` + "
+        "no handler wrapping, asyncio's loop, aiosqlite `await execute(INSERT)` + "
         "`await commit()` on one shared connection",
     ),
 ]
 
 
+WIRE_VARIANT = "_wire"  # the key suffix of a variant's step 2
+
+
 def variant_rungs(variants: list[tuple[str, Path]]) -> list[Rung]:
-    return [
-        Rung(
-            f"variant_{name}", f"5·{name}", f"legato, variant {name}", f"`legato serve` from {path}"
+    rungs = []
+    for name, path in variants:
+        rungs.append(
+            Rung(
+                f"variant_{name}",
+                f"5·{name}",
+                f"legato, variant {name}",
+                f"`legato serve` from {path}",
+            )
         )
-        for name, path in variants
-    ]
+        if (path / "bench" / "naive.py").exists():
+            rungs.append(
+                Rung(
+                    f"variant_{name}{WIRE_VARIANT}",
+                    f"2·{name}",
+                    f"step 2, variant {name}",
+                    f"step 2 run from {path}: its bench.naive over its legato.server",
+                )
+            )
+    return rungs
 
 
 @dataclass
@@ -131,17 +151,28 @@ def key_of(rung: str, in_flight: int) -> str:
     return f"ladder.c{in_flight}.{rung}"
 
 
-async def _start_naive(run: Run, rung: Rung) -> Server:
+async def _start_naive(
+    run: Run, rung: Rung, kind: str = "", pythonpath: Path | None = None
+) -> Server:
+    """A `bench.naive` server of `kind` (default: the rung's key); with
+    `pythonpath`, both `bench` and `legato.server` are imported from there
+    (`-P`: the repository's own copy, the working directory, is not on the path)."""
     assert run.payload_file is not None
     socket = run.socket(f"ladder-{rung.key}")
     socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    env = None
+    isolate: list[str] = []
+    if pythonpath is not None:
+        env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+        isolate = ["-P"]
     proc = run.procs.spawn(
         f"ladder-{rung.key}",
         [
             sys.executable,
+            *isolate,
             "-m",
             "bench.naive",
-            rung.key,
+            kind or rung.key,
             "--listen",
             f"unix:{socket}",
             "--payloads",
@@ -150,6 +181,7 @@ async def _start_naive(run: Run, rung: Rung) -> Server:
             str(run.data_dir(f"ladder-{rung.key}")),
         ],
         stdout=subprocess.PIPE,
+        env=env,
     )
     assert proc.popen.stdout is not None
     line = await asyncio.wait_for(asyncio.to_thread(proc.popen.stdout.readline), 60)
@@ -180,6 +212,9 @@ async def start_servers(run: Run, rungs: list[Rung]) -> list[Server]:
             return Server(rung, echo.proc, echo.address, ceilings.echo_method("CreateTask"), "")
         if rung.key == "legato":
             return await _start_legato(run, rung)
+        if rung.key.startswith("variant_") and rung.key.endswith(WIRE_VARIANT):
+            name = rung.key.removeprefix("variant_").removesuffix(WIRE_VARIANT)
+            return await _start_naive(run, rung, "wire", variants[name])
         if rung.key.startswith("variant_"):
             return await _start_legato(run, rung, variants[rung.key.removeprefix("variant_")])
         return await _start_naive(run, rung)

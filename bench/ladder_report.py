@@ -12,7 +12,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.ladder import IN_FLIGHT, LADDER, OFF_LADDER, Rung, key_of, variant_rungs
+from bench.ladder import (
+    IN_FLIGHT,
+    LADDER,
+    OFF_LADDER,
+    WIRE_VARIANT,
+    Rung,
+    key_of,
+    variant_rungs,
+)
 from bench.profiles import Profile
 from bench.report import Table, number, spread, times
 from bench.stats import Results, Summary
@@ -70,6 +78,8 @@ def _base_of(rung: Rung) -> str:
         return "schema"
     if rung.key == "issue":
         return "echo"
+    if rung.key.endswith(WIRE_VARIANT):  # a variant's own step 2
+        return "wire"
     return "legato"
 
 
@@ -383,7 +393,7 @@ def draw(results: Results, profile: Profile, path: Path, cpu_model: str) -> None
         ax.legend(fontsize=8)
     figure.suptitle(
         f"CreateTask ladder ({profile.name} run, {os.cpu_count()} x {cpu_model}): "
-        "1 echo, 2 +interceptors, 3 +naive commit, 4 +legato's schema, 5 legato"
+        "1 echo, 2 +handler wrapping, 3 +naive commit, 4 +legato's schema, 5 legato"
     )
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -3,10 +3,10 @@
 Each kind adds one thing to the kind before it, so that the ladder shows what
 each costs (see `bench.ladder`):
 
-- `wire`: the echo behind legato's own interceptors, in legato's order: the
-  real `AuthInterceptor` over a real `AgentRegistry` (on a database of its own)
-  and `WireFormat`; the request is parsed as a CreateTaskRequest, as legato
-  parses it. Answers with legato's response bytes.
+- `wire`: the echo behind legato's own handler wrapping (`rpc.guard`: the
+  real `auth.Authenticator` over a real `AgentRegistry` on a database of its
+  own, the wire format, the error mapping); the request is parsed as a
+  CreateTaskRequest, as legato parses it. Answers with legato's response bytes.
 - `naive`: `wire` plus one INSERT of the task into a plain table, committed on
   its own: one `BEGIN IMMEDIATE; INSERT; COMMIT` per call on one shared
   connection, run on one database thread (WAL, synchronous NORMAL, SQLite's
@@ -19,7 +19,7 @@ each costs (see `bench.ladder`):
 
 And, off the ladder, the measurement the issue quotes, for reference:
 
-- `issue`: a bare grpc.aio server (no interceptors) on asyncio's own loop
+- `issue`: a bare grpc.aio server (no handler wrapping) on asyncio's own loop
   doing `await db.execute(INSERT)` then `await db.commit()` with aiosqlite on
   one shared connection. With many calls in flight, their statements share the
   connection's one implicit transaction, so a COMMIT often commits the INSERTs
@@ -47,13 +47,13 @@ from typing import Any, TypeVar
 
 import grpc
 from legato.server.agents import AgentRegistry
-from legato.server.auth import AuthInterceptor, current_agent
+from legato.server.auth import Authenticator, current_agent
 from legato.server.convert import struct_bytes
 from legato.server.daemon import GRPC_OPTIONS
 from legato.server.db import Database, Durability
 from legato.server.limits import check_max_attempts
 from legato.server.model import EventType, Role, TaskRecord, system_clock
-from legato.server.rpc import WireFormat
+from legato.server.rpc import Authenticate, guard
 from legato.server.store import sqlite as store
 from legato.server.store.sqlite import SqliteStore as Store
 from legato.server.tasks import new_task_id
@@ -74,7 +74,8 @@ Handle = Callable[[tasks_pb2.CreateTaskRequest, Context], Awaitable[bytes]]
 class Kind:
     """What one rung's server does for a CreateTask."""
 
-    interceptors: bool
+    # legato's handler wrapping (auth, wire format, errors), as in the daemon.
+    guarded: bool
     # "none", "row" (one plain table) or "schema" (legato's).
     rows: str
     # "per-call" (one transaction per call on a thread), "grouped" (legato's
@@ -85,11 +86,11 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "wire": Kind(interceptors=True, rows="none", commits="none"),
-    "naive": Kind(interceptors=True, rows="row", commits="per-call"),
-    "schema": Kind(interceptors=True, rows="schema", commits="per-call"),
-    "grouped": Kind(interceptors=True, rows="schema", commits="grouped"),
-    "issue": Kind(interceptors=False, rows="row", commits="aiosqlite", loop="asyncio"),
+    "wire": Kind(guarded=True, rows="none", commits="none"),
+    "naive": Kind(guarded=True, rows="row", commits="per-call"),
+    "schema": Kind(guarded=True, rows="schema", commits="per-call"),
+    "grouped": Kind(guarded=True, rows="schema", commits="grouped"),
+    "issue": Kind(guarded=False, rows="row", commits="aiosqlite", loop="asyncio"),
 }
 
 # The naive row: what a task minimally is.
@@ -221,7 +222,7 @@ async def build_handle(kind: Kind, data_dir: Path, answer: bytes) -> tuple[Handl
     closing: list[Any] = []
 
     def creator() -> str:
-        return current_agent.get().name if kind.interceptors else CREATOR
+        return current_agent.get().name if kind.guarded else CREATOR
 
     if kind.rows == "none":
 
@@ -296,24 +297,19 @@ async def serve(kind: Kind, listen: str, answer: bytes, data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (before serving)
     agents_store: Store | None = None
     key = "no-key-needed"
-    interceptors: list[grpc.aio.ServerInterceptor] = []
-    if kind.interceptors:
+    authenticate: Authenticate | None = None
+    if kind.guarded:
         agents_store, registry, key = await open_registry(data_dir)
-        interceptors = [AuthInterceptor(registry), WireFormat()]  # the daemon's order
+        authenticate = Authenticator(registry)
     handle, closing = await build_handle(kind, data_dir, answer)
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors or None)
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                SERVICE,
-                {
-                    "CreateTask": grpc.unary_unary_rpc_method_handler(
-                        handle, request_deserializer=tasks_pb2.CreateTaskRequest.FromString
-                    )
-                },
-            ),
-        )
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    handler = grpc.unary_unary_rpc_method_handler(
+        handle, request_deserializer=tasks_pb2.CreateTaskRequest.FromString
     )
+    if kind.guarded:  # wrapped once, as the daemon registers its methods
+        handler = guard(handler, authenticate)
+    handlers = {"CreateTask": handler}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     if server.add_insecure_port(listen) == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()

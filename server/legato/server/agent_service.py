@@ -7,7 +7,7 @@ from legato.server.auth import current_agent
 from legato.server.convert import agent_proto, role
 from legato.server.errors import InvalidArgument, PermissionDenied
 from legato.server.model import AgentRecord, Role
-from legato.server.rpc import Context, unary
+from legato.server.rpc import Context
 from legato.v1 import agents_pb2, agents_pb2_grpc
 
 UPDATABLE = frozenset({"labels", "role"})
@@ -33,7 +33,6 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     def __init__(self, agents: AgentRegistry):
         self._agents = agents
 
-    @unary
     async def CreateAgent(
         self, request: agents_pb2.CreateAgentRequest, context: Context
     ) -> agents_pb2.CreateAgentResponse:
@@ -43,7 +42,6 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         )
         return agents_pb2.CreateAgentResponse(agent=agent_proto(agent), api_key=key)
 
-    @unary
     async def ListAgents(
         self, request: agents_pb2.ListAgentsRequest, context: Context
     ) -> agents_pb2.ListAgentsResponse:
@@ -51,14 +49,12 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         agents = self._agents.list(include_revoked=request.include_revoked)
         return agents_pb2.ListAgentsResponse(agents=[agent_proto(a) for a in agents])
 
-    @unary
     async def GetAgent(
         self, request: agents_pb2.GetAgentRequest, context: Context
     ) -> agents_pb2.Agent:
         _require_self_or_admin(request.name, "see it")
         return agent_proto(self._agents.get(request.name))
 
-    @unary
     async def UpdateAgent(
         self, request: agents_pb2.UpdateAgentRequest, context: Context
     ) -> agents_pb2.Agent:
@@ -83,7 +79,6 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         )
         return agent_proto(agent)
 
-    @unary
     async def RevokeAgent(
         self, request: agents_pb2.RevokeAgentRequest, context: Context
     ) -> agents_pb2.Agent:
@@ -92,7 +87,6 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
             raise InvalidArgument("an admin cannot revoke itself; use another admin")
         return agent_proto(await self._agents.revoke(request.name))
 
-    @unary
     async def RotateKey(
         self, request: agents_pb2.RotateKeyRequest, context: Context
     ) -> agents_pb2.RotateKeyResponse:
@@ -101,6 +95,5 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         agent, key = await self._agents.rotate(name)
         return agents_pb2.RotateKeyResponse(agent=agent_proto(agent), api_key=key)
 
-    @unary
     async def WhoAmI(self, request: agents_pb2.WhoAmIRequest, context: Context) -> agents_pb2.Agent:
         return agent_proto(self._agents.current(current_agent.get()))

@@ -31,12 +31,11 @@ from legato.common.paths import (
     socket_lock_path,
     unix_socket_path,
 )
-from legato.server import limits
+from legato.server import limits, rpc
 from legato.server.agent_service import AgentService
-from legato.server.auth import AuthInterceptor
+from legato.server.auth import Authenticator
 from legato.server.events import DEFAULT_BUFFER
 from legato.server.health import Health
-from legato.server.rpc import WireFormat
 from legato.server.service import TaskService
 from legato.server.store import DatabaseFailed, Durability
 from legato.server.tasks import DEFAULT_MAX_OPEN_TASKS, TaskManager
@@ -282,13 +281,26 @@ class Daemon:
         self.admin_key_path = await self.tasks.agents.bootstrap_admin(
             self.config.data_dir, shared=self.tasks.store.shared
         )
-        server = grpc.aio.server(
-            options=GRPC_OPTIONS,
-            interceptors=[AuthInterceptor(self.tasks.agents), WireFormat()],
+        # No server interceptors: each handler is wrapped once here (auth, wire
+        # format, errors) instead of on every call (see rpc's docstring).
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        authenticate = Authenticator(self.tasks.agents)
+        rpc.register(
+            server,
+            tasks_pb2_grpc.add_TaskServiceServicer_to_server,
+            TaskService(self.tasks),
+            authenticate=authenticate,
         )
-        tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskService(self.tasks), server)
-        agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(self.tasks.agents), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        rpc.register(
+            server,
+            agents_pb2_grpc.add_AgentServiceServicer_to_server,
+            AgentService(self.tasks.agents),
+            authenticate=authenticate,
+        )
+        # Open: probes carry no key. Reflection (below) is open too.
+        rpc.register(
+            server, health_pb2_grpc.add_HealthServicer_to_server, self._health, authenticate=None
+        )
         reflection.enable_server_reflection(
             [
                 tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,

@@ -1,8 +1,8 @@
 """gRPC health checking (`grpc.health.v1.Health`) for the daemon.
 
 Not grpc's own servicer, for two reasons: its Watch writes with
-`context.write` from a coroutine, which the daemon's streaming interceptor
-(`rpc.WireFormat`) does not serve, and its Watch streams stay open after
+`context.write` from a coroutine, which the daemon's wrapping of streaming
+handlers (`rpc.guard`) does not serve, and its Watch streams stay open after
 shutdown begins, so each would hold the server's drain for the whole grace
 period. Here Watch is an async generator that says NOT_SERVING and ends.
 """

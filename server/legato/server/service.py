@@ -1,7 +1,7 @@
 """The TaskService RPC handlers: protobuf in, domain call, protobuf out.
 
 Handlers hold no rules of their own: `access` and `lifecycle` decide, and
-`rpc.unary` / `rpc.status_of` turn refusals into status codes.
+`rpc.register` wraps each of them once, turning refusals into status codes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from legato.server.convert import (
     timestamp_us,
 )
 from legato.server.model import Event
-from legato.server.rpc import Context, status_of, unary
+from legato.server.rpc import Context, status_of
 from legato.server.tasks import TaskManager
 from legato.v1 import tasks_pb2, tasks_pb2_grpc
 
@@ -56,7 +56,6 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         self._tasks = tasks
         self._encoded = EncodedEvents()
 
-    @unary
     async def CreateTask(
         self, request: tasks_pb2.CreateTaskRequest, context: Context
     ) -> tasks_pb2.Task:
@@ -74,14 +73,12 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         message.warnings.extend(warnings)
         return message
 
-    @unary
     async def GetTask(self, request: tasks_pb2.GetTaskRequest, context: Context) -> tasks_pb2.Task:
         task, output = await self._tasks.get(request.id, caller=current_agent.get())
         message = task_proto(task)
         message.output = output
         return message
 
-    @unary
     async def GetTaskTree(
         self, request: tasks_pb2.GetTaskTreeRequest, context: Context
     ) -> tasks_pb2.GetTaskTreeResponse:
@@ -95,7 +92,6 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             tasks=[task_proto(t) for t in tasks], next_page_token=next_token
         )
 
-    @unary
     async def AppendOutput(
         self, request: tasks_pb2.AppendOutputRequest, context: Context
     ) -> tasks_pb2.AppendOutputResponse:
@@ -108,7 +104,6 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         size = chunk.offset + len(chunk.text.encode("utf-8", "surrogatepass"))
         return tasks_pb2.AppendOutputResponse(offset=chunk.offset, output_size=size)
 
-    @unary
     async def RequestInput(
         self, request: tasks_pb2.RequestInputRequest, context: Context
     ) -> tasks_pb2.Task:
@@ -120,7 +115,6 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         return task_proto(task)
 
-    @unary
     async def ProvideInput(
         self, request: tasks_pb2.ProvideInputRequest, context: Context
     ) -> tasks_pb2.Task:
@@ -129,7 +123,6 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         return task_proto(task)
 
-    @unary
     async def ListTaskEvents(
         self, request: tasks_pb2.ListTaskEventsRequest, context: Context
     ) -> tasks_pb2.ListTaskEventsResponse:
@@ -143,7 +136,6 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             events=[event_proto(e) for e in events], next_after_seq=next_after_seq
         )
 
-    @unary
     async def ListTasks(
         self, request: tasks_pb2.ListTasksRequest, context: Context
     ) -> tasks_pb2.ListTasksResponse:
@@ -159,7 +151,6 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             tasks=[task_proto(t) for t in tasks], next_page_token=next_token, cursor=cursor
         )
 
-    @unary
     async def ClaimTask(
         self, request: tasks_pb2.ClaimTaskRequest, context: Context
     ) -> tasks_pb2.ClaimTaskResponse:
@@ -174,7 +165,6 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             return tasks_pb2.ClaimTaskResponse()
         return tasks_pb2.ClaimTaskResponse(task=task_proto(task), lease_token=task.lease_token)
 
-    @unary
     async def Heartbeat(
         self, request: tasks_pb2.HeartbeatRequest, context: Context
     ) -> tasks_pb2.HeartbeatResponse:
@@ -186,7 +176,6 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         return tasks_pb2.HeartbeatResponse(task=task_proto(task), cancel_requested=cancel_requested)
 
-    @unary
     async def CompleteTask(
         self, request: tasks_pb2.CompleteTaskRequest, context: Context
     ) -> tasks_pb2.Task:
@@ -198,7 +187,6 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         return task_proto(task)
 
-    @unary
     async def FailTask(
         self, request: tasks_pb2.FailTaskRequest, context: Context
     ) -> tasks_pb2.Task:
@@ -211,7 +199,6 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         return task_proto(task)
 
-    @unary
     async def ReleaseTask(
         self, request: tasks_pb2.ReleaseTaskRequest, context: Context
     ) -> tasks_pb2.Task:
@@ -223,13 +210,11 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         return task_proto(task)
 
-    @unary
     async def GetCursor(
         self, request: tasks_pb2.GetCursorRequest, context: Context
     ) -> tasks_pb2.GetCursorResponse:
         return tasks_pb2.GetCursorResponse(cursor=await self._tasks.cursor())
 
-    @unary
     async def CancelTask(
         self, request: tasks_pb2.CancelTaskRequest, context: Context
     ) -> tasks_pb2.Task:
@@ -241,7 +226,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         return task_proto(task)
 
-    # Yields each TaskEvent already serialized (rpc.WireFormat sends the bytes as
+    # Yields each TaskEvent already serialized (rpc.guard sends the bytes as
     # they are), which the generated servicer's TaskEvent return type cannot say.
     async def WatchTasks(  # type: ignore[override]
         self, request: tasks_pb2.WatchTasksRequest, context: Context
@@ -257,7 +242,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         try:
             async with aclosing(events):
                 async for event in events:
-                    yield self._encoded(event)  # see rpc.WireFormat
+                    yield self._encoded(event)  # see rpc.guard
         except Exception as exc:
             code, message = status_of(exc)
             await context.abort(code, message)
