@@ -180,6 +180,10 @@ class TaskStore(Protocol):
     # Called on the event loop with committed events, in seq order, each once:
     # this daemon's and, on a shared database, every other daemon's.
     on_commit: Callable[[list[Event]], None]
+    # Called on the event loop with False when the store cannot write for a
+    # while (its connection to a database server broke and it is reconnecting)
+    # and with True once it can again: the daemon's health follows it.
+    on_writable: Callable[[bool], None]
 
     @property
     def agents(self) -> AgentStore:

@@ -352,6 +352,8 @@ class PostgresStore:
         self.schema = schema
         self.events_channel, self.agents_channel = _channels(schema)
         self.on_commit: Callable[[list[Event]], None] = lambda events: None
+        self.on_writable: Callable[[bool], None] = lambda writable: None
+        db.on_connection = lambda connected: self.on_writable(connected)
         # The last seq handed to `on_commit`: events go out in seq order, each once.
         self._published = published
         self._wanted = published

@@ -168,6 +168,8 @@ class SqliteStore:
         self._clock = clock
         # Called on the event loop with the events of each commit, in seq order.
         self.on_commit: Callable[[list[Event]], None] = lambda events: None
+        # Never called: a local file has no connection to lose.
+        self.on_writable: Callable[[bool], None] = lambda writable: None
         self._agents = SqliteAgentStore(self)
 
     @classmethod
