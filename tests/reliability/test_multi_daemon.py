@@ -298,6 +298,52 @@ async def test_an_expired_lease_is_requeued_exactly_once_whichever_daemon_ends_i
     assert watcher.received == [e for e in log if e[0] > start]
 
 
+async def test_a_lease_a_heartbeat_shortened_ends_on_time_when_its_daemon_dies(
+    make_daemon: MakeDaemon, pg_url: str, watching: list[asyncio.Task[None]]
+) -> None:
+    a, _, c = await three_daemons(make_daemon, pg_url)
+    key = await add_agent(a, "shortener")
+    async with Raw(a.address, key) as raw:
+        task = await create(raw, "claimed for long, then for a moment")
+        start = await cursor(raw)
+        watcher = Watcher(LABEL, start)
+        watching.append(asyncio.create_task(watcher.run(c.address, key)))
+        claimed = await raw.tasks.ClaimTask(
+            tasks_pb2.ClaimTaskRequest(id=task.id, lease=duration_pb2.Duration(seconds=120)),
+            metadata=raw.metadata,
+        )
+        # B and C hear of the claim and set their lease timers for 120 s from now.
+        await follow([watcher], stored_log(pg_url)[-1][0])
+        # Time is the subject here: each timer, once woken by the claim, reads
+        # the earliest lease end from the table; a heartbeat that committed
+        # before that read would be seen without being told. A second is far
+        # more than such a read takes.
+        await asyncio.sleep(1.0)
+        # A heartbeat records no event: only A's own timer hears of the shorter lease...
+        await raw.tasks.Heartbeat(
+            tasks_pb2.HeartbeatRequest(
+                id=task.id,
+                lease_token=claimed.lease_token,
+                lease=duration_pb2.Duration(nanos=300_000_000),
+            ),
+            metadata=raw.metadata,
+        )
+    # ...and A dies: B or C must end the lease in about 0.3 s, not in 120 s.
+    await a.kill()
+
+    async def requeued() -> None:
+        while not any(
+            kind == tasks_pb2.TASK_EVENT_TYPE_REQUEUED and task_id == task.id
+            for _, kind, task_id in watcher.received
+        ):
+            watcher.fresh.clear()
+            await watcher.fresh.wait()
+
+    await asyncio.wait_for(requeued(), 15)
+    kinds = [kind for _, kind, task_id in stored_log(pg_url) if task_id == task.id]
+    assert kinds.count(tasks_pb2.TASK_EVENT_TYPE_REQUEUED) == 1
+
+
 async def test_a_long_poll_claim_on_b_is_woken_by_a_create_on_a(
     make_daemon: MakeDaemon, pg_url: str
 ) -> None:
