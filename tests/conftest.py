@@ -8,9 +8,10 @@ in a database made for the session (legato_test_<random>, dropped at the end)
 and a schema of its own per test: daemons run in the test's process get one
 whose tables an earlier test made and emptied (`pg_reused_url`), daemon
 processes a new one (`pg_url`). A test that holds for SQLite only says why
-with `@pytest.mark.sqlite_only("...")`. Without a reachable server the
-PostgreSQL half is skipped, saying how to point it at one; with CI=true it
-fails instead.
+with `@pytest.mark.sqlite_only("...")`; the modules of `ONE_BACKEND`, whose
+subject is a layer above the storage, run on SQLite only. Without a reachable
+server the PostgreSQL half is skipped, saying how to point it at one; with
+CI=true it fails instead.
 """
 
 from __future__ import annotations
@@ -114,10 +115,20 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# Modules whose subject is a layer above the daemon, not its storage: they run
+# against one backend. Every daemon behaviour they lean on (claims, watches,
+# revocations, leases) has its own scenarios in the modules that run on both.
+ONE_BACKEND = {
+    "test_mcp": "the MCP bridge translates tool calls into the client's calls",
+    "test_sync_client": "the sync client is the async one's other face (test_delegation*)",
+}
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
         only = metafunc.definition.get_closest_marker("sqlite_only")
-        backends = ("sqlite",) if only is not None else BACKENDS
+        one = metafunc.module.__name__.rpartition(".")[2] in ONE_BACKEND
+        backends = ("sqlite",) if only is not None or one else BACKENDS
         metafunc.parametrize("backend", backends, scope="function")
 
 
