@@ -276,6 +276,7 @@ class PgDatabase:
         before_commit: BeforeCommit,
         *,
         durability: Durability = Durability.NORMAL,
+        reconnect_s: float = RECONNECT_S,
     ):
         # Called on the writer thread with the outcomes of the writes of each
         # transaction once its COMMIT succeeded, before they are delivered.
@@ -289,7 +290,7 @@ class PgDatabase:
         self._loop = asyncio.get_running_loop()
         self._writer_conn = writer
         self.writer_connects = 1
-        self._reconnect_s = _reconnect_seconds()
+        self._reconnect_s = reconnect_s
         # Set by `close`: a writer trying to reconnect gives up at once.
         self._closing = threading.Event()
         self._pool = pool
@@ -314,6 +315,7 @@ class PgDatabase:
         prepare: Callable[[psycopg.Connection[Any]], None] = lambda conn: None,
     ) -> PgDatabase:
         """Connects, runs `prepare` (the migration) on the writer connection, opens the readers."""
+        reconnect_s = _reconnect_seconds()  # a bad setting is refused before connecting
 
         def connect() -> tuple[psycopg.Connection[Any], DbClock]:
             writer = _connect_writer(url, durability)
@@ -341,7 +343,9 @@ class PgDatabase:
             writer.close()
             await asyncio.to_thread(pool.close)
             raise
-        return cls(url, writer, pool, clock, before_commit, durability=durability)
+        return cls(
+            url, writer, pool, clock, before_commit, durability=durability, reconnect_s=reconnect_s
+        )
 
     # -- the calls ------------------------------------------------------------------
 
