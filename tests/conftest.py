@@ -121,6 +121,8 @@ def pytest_configure(config: pytest.Config) -> None:
 ONE_BACKEND = {
     "test_mcp": "the MCP bridge translates tool calls into the client's calls",
     "test_sync_client": "the sync client is the async one's other face (test_delegation*)",
+    "test_worker_loop": "the client's work loops; the endings they ride out (cancel, deadline, "
+    "lease, restart) are test_lifecycle's, test_delegation_flow's and test_trust_identity's",
 }
 
 
