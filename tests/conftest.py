@@ -5,10 +5,13 @@ Every test that takes the `config` (or `daemon`) fixture runs twice, once per
 backend: `[sqlite]` on a temp SQLite file, `[postgres]` on a real PostgreSQL
 server (`LEGATO_TEST_DATABASE_URL`, default postgresql://postgres@127.0.0.1:5432/test),
 in a database made for the session (legato_test_<random>, dropped at the end)
-and a schema of its own per test. A test that holds for SQLite only says why
-with `@pytest.mark.sqlite_only("...")`. Without a reachable server the
-PostgreSQL half is skipped, saying how to point it at one; with CI=true it
-fails instead.
+and a schema of its own per test: daemons run in the test's process get one
+whose tables an earlier test made and emptied (`pg_reused_url`), daemon
+processes a new one (`pg_url`). A test that holds for SQLite only says why
+with `@pytest.mark.sqlite_only("...")`; the modules of `ONE_BACKEND`, whose
+subject is a layer above the storage, run on SQLite only. Without a reachable
+server the PostgreSQL half is skipped, saying how to point it at one; with
+CI=true it fails instead.
 """
 
 from __future__ import annotations
@@ -112,10 +115,22 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# Modules whose subject is a layer above the daemon, not its storage: they run
+# against one backend. Every daemon behaviour they lean on (claims, watches,
+# revocations, leases) has its own scenarios in the modules that run on both.
+ONE_BACKEND = {
+    "test_mcp": "the MCP bridge translates tool calls into the client's calls",
+    "test_sync_client": "the sync client is the async one's other face (test_delegation*)",
+    "test_worker_loop": "the client's work loops; the endings they ride out (cancel, deadline, "
+    "lease, restart) are test_lifecycle's, test_delegation_flow's and test_trust_identity's",
+}
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
         only = metafunc.definition.get_closest_marker("sqlite_only")
-        backends = ("sqlite",) if only is not None else BACKENDS
+        one = metafunc.module.__name__.rpartition(".")[2] in ONE_BACKEND
+        backends = ("sqlite",) if only is not None or one else BACKENDS
         metafunc.parametrize("backend", backends, scope="function")
 
 
@@ -182,11 +197,72 @@ def pg_url(pg_database: str) -> Iterator[str]:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+# legato's tables, emptied in the order their foreign keys allow; the counter
+# back to 0. What a daemon finds then is what it finds in a new schema.
+EMPTY_SCHEMA = """
+DELETE FROM task_labels;
+DELETE FROM events;
+DELETE FROM open_counts;
+DELETE FROM tasks;
+DELETE FROM agents;
+UPDATE seq_counter SET last = 0;
+"""
+
+
+@pytest.fixture(scope="session")
+def pg_emptied_schemas() -> list[str]:
+    """Schemas of the session's database whose tables a daemon made and a test
+    emptied since: free for the next test (they go with the database)."""
+    return []
+
+
+@pytest.fixture
+def pg_reused_url(pg_database: str, pg_emptied_schemas: list[str]) -> Iterator[str]:
+    """Like `pg_url`, for the daemons the test runs in its own process, which have
+    all stopped when it ends: a schema whose tables an earlier test's daemon
+    made, emptied. Making legato's tables costs a few hundred ms per schema,
+    paid once per session instead of once per test; emptying them costs a few ms.
+    """
+    params = conninfo.conninfo_to_dict(pg_database)
+    if pg_emptied_schemas:
+        schema = pg_emptied_schemas.pop()
+    else:
+        schema = f"t_{secrets.token_hex(6)}"
+        with psycopg.connect(pg_database, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+    yield make_url({**params, "options": f"-csearch_path={schema}"})
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        if _emptied(conn, schema):
+            pg_emptied_schemas.append(schema)
+        else:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def _emptied(conn: psycopg.Connection[Any], schema: str) -> bool:
+    """Empties the schema's tables if a daemon of this legato made them all; whether it did."""
+    from legato.server.store.postgres import SCHEMA_VERSION
+
+    made = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
+        (f"{schema}.legato_schema", f"{schema}.seq_counter"),
+    ).fetchone()
+    if made is None or not made[0]:
+        return False
+    with conn.transaction():
+        conn.execute(f"SET LOCAL search_path = {schema}")
+        version = conn.execute("SELECT version FROM legato_schema").fetchone()
+        if version is None or version[0] != SCHEMA_VERSION:
+            return False
+        conn.execute(EMPTY_SCHEMA)
+    return True
+
+
 @pytest.fixture
 def database(backend: str, request: pytest.FixtureRequest) -> str:
-    """The `--database` of the test's daemons: "" (SQLite) or a fresh PostgreSQL schema."""
+    """The `--database` of the test's daemons: "" (SQLite) or a PostgreSQL schema
+    with nothing in it."""
     if backend == "postgres":
-        url: str = request.getfixturevalue("pg_url")
+        url: str = request.getfixturevalue("pg_reused_url")
         return url
     return ""
 

@@ -19,12 +19,16 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 import psycopg
 import pytest
+from conftest import server_url
 from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2
+from legato.server.store.pgdb import RECONNECT_ENV
 from legato.server.store.postgres import AGENT_STALE_S
 from legato.v1 import agents_pb2, tasks_pb2
+from psycopg import conninfo
 
 from reliability.conftest import MakeDaemon
-from reliability.harness import DaemonProcess, Raw, record, scale
+from reliability.harness import DaemonProcess, Raw, health_status, record, scale
 from reliability.load import CALL_TIMEOUT, Logged, Producer, Watcher, finish, progressed
 
 pytestmark = pytest.mark.timeout(scale(180, 1200))
@@ -294,6 +298,52 @@ async def test_an_expired_lease_is_requeued_exactly_once_whichever_daemon_ends_i
     assert watcher.received == [e for e in log if e[0] > start]
 
 
+async def test_a_lease_a_heartbeat_shortened_ends_on_time_when_its_daemon_dies(
+    make_daemon: MakeDaemon, pg_url: str, watching: list[asyncio.Task[None]]
+) -> None:
+    a, _, c = await three_daemons(make_daemon, pg_url)
+    key = await add_agent(a, "shortener")
+    async with Raw(a.address, key) as raw:
+        task = await create(raw, "claimed for long, then for a moment")
+        start = await cursor(raw)
+        watcher = Watcher(LABEL, start)
+        watching.append(asyncio.create_task(watcher.run(c.address, key)))
+        claimed = await raw.tasks.ClaimTask(
+            tasks_pb2.ClaimTaskRequest(id=task.id, lease=duration_pb2.Duration(seconds=120)),
+            metadata=raw.metadata,
+        )
+        # B and C hear of the claim and set their lease timers for 120 s from now.
+        await follow([watcher], stored_log(pg_url)[-1][0])
+        # Time is the subject here: each timer, once woken by the claim, reads
+        # the earliest lease end from the table; a heartbeat that committed
+        # before that read would be seen without being told. A second is far
+        # more than such a read takes.
+        await asyncio.sleep(1.0)
+        # A heartbeat records no event: only A's own timer hears of the shorter lease...
+        await raw.tasks.Heartbeat(
+            tasks_pb2.HeartbeatRequest(
+                id=task.id,
+                lease_token=claimed.lease_token,
+                lease=duration_pb2.Duration(nanos=300_000_000),
+            ),
+            metadata=raw.metadata,
+        )
+    # ...and A dies: B or C must end the lease in about 0.3 s, not in 120 s.
+    await a.kill()
+
+    async def requeued() -> None:
+        while not any(
+            kind == tasks_pb2.TASK_EVENT_TYPE_REQUEUED and task_id == task.id
+            for _, kind, task_id in watcher.received
+        ):
+            watcher.fresh.clear()
+            await watcher.fresh.wait()
+
+    await asyncio.wait_for(requeued(), 15)
+    kinds = [kind for _, kind, task_id in stored_log(pg_url) if task_id == task.id]
+    assert kinds.count(tasks_pb2.TASK_EVENT_TYPE_REQUEUED) == 1
+
+
 async def test_a_long_poll_claim_on_b_is_woken_by_a_create_on_a(
     make_daemon: MakeDaemon, pg_url: str
 ) -> None:
@@ -478,18 +528,99 @@ async def test_a_broken_listening_connection_reconnects_and_misses_nothing(
     assert watcher.reconnects == 0  # the watch stream itself never noticed
 
 
-async def test_a_daemon_whose_writer_connection_breaks_stops_with_exit_3_and_the_rest_serve(
-    make_daemon: MakeDaemon, pg_url: str
+def writer_connections(url: str, daemon: DaemonProcess) -> int:
+    """How many writer connections the daemon has open on the server."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (f"legato-writer-{daemon.pid}",),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def reconnected(url: str, daemon: DaemonProcess, timeout: float = 10.0) -> None:
+    """Returns once the daemon's writer is connected (again)."""
+    give_up_at = time.monotonic() + timeout
+    # The server tells no one of a new connection: look, every few milliseconds.
+    while writer_connections(url, daemon) != 1:
+        assert time.monotonic() < give_up_at, f"{daemon.root.name}'s writer did not reconnect"
+        await asyncio.sleep(0.01)
+
+
+def stored_ids(url: str) -> dict[str, str]:
+    """Task content → task id, as stored (the producers' content is their idempotency key)."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT content, id FROM tasks").fetchall()
+    return {str(content): str(task_id) for content, task_id in rows}
+
+
+async def test_a_writer_whose_connection_breaks_reconnects_and_loses_nothing_acknowledged(
+    make_daemon: MakeDaemon, pg_url: str, watching: list[asyncio.Task[None]]
 ) -> None:
     a, b, _ = await three_daemons(make_daemon, pg_url)
     key = await add_agent(a, "writer")
+    async with Raw(a.address, key) as on_a:
+        start = await cursor(on_a)
+    watcher = Watcher(LABEL, start)
+    watching.append(asyncio.create_task(watcher.run(b.address, key)))
+
+    # An idle writer finds its connection gone before it sends the next write:
+    # that write waits for the new connection and succeeds.
     terminate_backend(pg_url, "writer", b)
     async with Raw(b.address, key) as on_b:
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await create(on_b, "on a broken writer")
-        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
-    assert b.process is not None
-    assert await asyncio.wait_for(b.process.wait(), 30) == 3  # EXIT_DATABASE_FAILED
-    b.process = None
+        await create(on_b, "the first write after the break")
+
+    # Under load, writes in flight when the connection breaks are answered
+    # UNAVAILABLE (the producer retries them with their idempotency key), and
+    # whatever was acknowledged is stored.
+    producer = Producer("on-b", key, LABEL)
+    stop = asyncio.Event()
+    producing = asyncio.create_task(producer.run(b.address, stop))
+    for _ in range(5):
+        producer.progress.clear()
+        await progressed(producer.progress, [producing], 30)
+        # An acknowledgement may be of a write committed before the last
+        # break: break the connection the writer made since, not none.
+        await reconnected(pg_url, b)
+        terminate_backend(pg_url, "writer", b)
+    producer.progress.clear()
+    await progressed(producer.progress, [producing], 30)
+    stop.set()
+    await asyncio.wait_for(producing, 60)
+
+    stored = stored_ids(pg_url)
+    lost = [k for k, task_id in producer.acknowledged.items() if stored.get(k) != task_id]
+    assert lost == [], f"acknowledged but not stored: {lost[:10]}"
+    assert b.running and writer_connections(pg_url, b) == 1
+    assert await health_status(b.address) == health_pb2.HealthCheckResponse.SERVING
+    # B's watchers heard every commit, also those whose COMMIT reached the
+    # server just as the connection broke (their callers were told UNAVAILABLE).
+    await follow([watcher], stored_log(pg_url)[-1][0])
+    assert watcher.received == [e for e in stored_log(pg_url) if e[0] > start]
+
+
+async def test_a_daemon_that_cannot_reconnect_its_writer_stops_with_exit_3_and_the_rest_serve(
+    make_daemon: MakeDaemon, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(RECONNECT_ENV, "1")
+    a, b, _ = await three_daemons(make_daemon, pg_url)
+    key = await add_agent(a, "writer")
+    database = conninfo.conninfo_to_dict(pg_url)["dbname"]
+    with psycopg.connect(server_url(), autocommit=True) as admin:
+        # The server is there, but no new connection to the database is let in
+        # (superusers included): B's writer cannot come back.
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        try:
+            terminate_backend(server_url(), "writer", b)
+            async with Raw(b.address, key) as on_b:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await create(on_b, "on a writer that cannot reconnect")
+                assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert b.process is not None
+            assert await asyncio.wait_for(b.process.wait(), 30) == 3  # EXIT_DATABASE_FAILED
+            b.process = None
+        finally:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
     async with Raw(a.address, key) as on_a:
         await create(on_a, "A serves on")

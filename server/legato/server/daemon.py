@@ -256,6 +256,10 @@ class Daemon:
         self.failure: DatabaseFailed | None = None
         self._failed = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
+        # Whether the store can write now (False while it reconnects to its
+        # database server); health says SERVING only while it can.
+        self._writable = True
+        self._health_updates: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         # Bad TLS files are refused before the locks are taken or the database opened.
@@ -278,6 +282,7 @@ class Daemon:
         self._supervisor = asyncio.create_task(
             self._supervise(self.tasks), name="legato-supervisor"
         )
+        self.tasks.store.on_writable = self._writable_changed
         self.admin_key_path = await self.tasks.agents.bootstrap_admin(
             self.config.data_dir, shared=self.tasks.store.shared
         )
@@ -329,8 +334,23 @@ class Daemon:
         self._bound_port = bound
         await server.start()
         self._server = server
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health()
+
+    def _writable_changed(self, writable: bool) -> None:
+        self._writable = writable
+        if self._server is None:
+            return  # not serving yet: `_start` sets health from `_writable`
+        update = asyncio.ensure_future(self._set_health())
+        self._health_updates.add(update)
+        update.add_done_callback(self._health_updates.discard)
+
+    async def _set_health(self) -> None:
+        # Read when it runs, not when it was asked for: the last change wins.
+        status = health_pb2.HealthCheckResponse.SERVING
+        if not self._writable:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._health.set("", status)
+        await self._health.set(SERVICE_NAME, status)
 
     @property
     def address(self) -> str:

@@ -62,8 +62,12 @@ class LeaseReaper:
             timeout = (
                 None if self._due is None else max(0.0, (self._due - self._clock()) / 1e6) + 0.001
             )
+            # asyncio.timeout, not wait_for: on Python 3.11 a wait_for whose
+            # wake-up and cancel land in the same turn returns instead of
+            # raising, and the daemon's stop then waited for the next expiry.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
 
     async def stop(self) -> None:
         if self._task is not None:

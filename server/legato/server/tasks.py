@@ -108,6 +108,7 @@ class TaskManager:
         # Releases of claims whose callers went away; awaited on close.
         self._background: set[asyncio.Future[None]] = set()
         store.on_commit = self._committed
+        store.on_due = self._reaper.due_at
 
     @classmethod
     async def open(

@@ -50,8 +50,12 @@ class Waiter:
 
     async def wait(self, timeout: float) -> bool:
         """True when woken or nudged, False when `timeout` seconds passed first."""
+        # asyncio.timeout, not wait_for: on Python 3.11 a wait_for whose wake-up
+        # and cancel land in the same turn returns instead of raising, and a
+        # claim whose caller went away would go on to take a task.
         try:
-            await asyncio.wait_for(self._event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
         except TimeoutError:
             return False
         return True

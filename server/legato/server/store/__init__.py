@@ -180,6 +180,14 @@ class TaskStore(Protocol):
     # Called on the event loop with committed events, in seq order, each once:
     # this daemon's and, on a shared database, every other daemon's.
     on_commit: Callable[[list[Event]], None]
+    # Called on the event loop with False when the store cannot write for a
+    # while (its connection to a database server broke and it is reconnecting)
+    # and with True once it can again: the daemon's health follows it.
+    on_writable: Callable[[bool], None]
+    # Called on the event loop with a time (microseconds) when something may
+    # fall due then that no event announced: another daemon's heartbeat that
+    # shortened a lease. The lease timer must look again by then.
+    on_due: Callable[[int], None]
 
     @property
     def agents(self) -> AgentStore:

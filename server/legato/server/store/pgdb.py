@@ -21,10 +21,19 @@ each other in a cycle.
 Reads run on a small thread pool with connections from `psycopg_pool` (which
 checks and replaces broken ones), so they never queue behind a write's commit.
 
-The writer is supervised as in `db.Database`: if its thread dies (its
-connection broke, say) or a post-commit callback raises, the database fails
-as a whole, every waiting call is answered, and the daemon stops to be
-restarted.
+When the writer's connection breaks (the server restarted, the backend was
+terminated, the network dropped), the writer reconnects: the writes it held
+are answered UNAVAILABLE (`ConnectionLost`: they may or may not have
+committed), the writes queued behind them wait, and the daemon says
+NOT_SERVING (`on_connection`) until the writer is connected again. An idle
+writer notices a broken connection within `IDLE_CHECK_S`, so the daemon does
+not say SERVING for long over a connection it could not write on. If the
+server cannot be reached again within `RECONNECT_S`, the database fails.
+
+The writer is supervised as in `db.Database`: if its thread dies (it could not
+reconnect, say) or a post-commit callback raises, the database fails as a
+whole, every waiting call is answered, and the daemon stops (exit 3) to be
+restarted by its supervisor.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -64,6 +74,14 @@ CLOCK_SYNC_S = 10.0
 LOCK_TIMEOUT = "5s"
 # The listening connection's reconnect backoff, first and longest.
 LISTEN_RETRY_S = (0.05, 2.0)
+# How long the writer tries to connect again after its connection broke before
+# the database fails and the daemon stops; and its backoff, first and longest.
+# Long enough for a server restart or a failover; `RECONNECT_ENV` overrides it.
+RECONNECT_S = 30.0
+RECONNECT_RETRY_S = (0.05, 1.0)
+RECONNECT_ENV = "LEGATO_PG_RECONNECT_SECONDS"
+# How often an idle writer looks at its connection (a local poll, no round trip).
+IDLE_CHECK_S = 0.5
 
 
 class Contended(Exception):
@@ -80,6 +98,34 @@ class LockBusy(DomainError):
             "the task is held by another transaction on the database for too long; nothing "
             "was changed: retry"
         )
+
+
+class ConnectionLost(DomainError):
+    """The writer's connection broke while it held this write; it reconnects.
+
+    UNAVAILABLE: the write may or may not have been committed (the COMMIT may
+    have reached the server just before the connection broke), as with a
+    daemon that died after its commit and before its answer.
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(
+            f"the connection to the database broke while this change was being written "
+            f"({type(exc).__name__}: {exc}); it may or may not have been made: read it back, "
+            "or retry (a create with the same idempotency key is answered with the task it "
+            "made, if it did)"
+        )
+
+
+class _Broken(Exception):
+    """The writer's connection broke: `in_hand` are the writes not answered yet."""
+
+    def __init__(self, cause: BaseException, in_hand: list[_Job[Any]]):
+        super().__init__(str(cause))
+        self.cause = cause
+        self.in_hand = in_hand
 
 
 class DatabaseUnavailable(DomainError):
@@ -228,14 +274,25 @@ class PgDatabase:
         pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]],
         clock: DbClock,
         before_commit: BeforeCommit,
+        *,
+        durability: Durability = Durability.NORMAL,
+        reconnect_s: float = RECONNECT_S,
     ):
         # Called on the writer thread with the outcomes of the writes of each
         # transaction once its COMMIT succeeded, before they are delivered.
         self.committed: Callable[[list[Any]], None] = lambda outcomes: None
+        # Called on the event loop with False when the writer's connection broke
+        # and with True once it is connected again.
+        self.on_connection: Callable[[bool], None] = lambda connected: None
         self.url = url
         self.clock = clock
+        self.durability = durability
         self._loop = asyncio.get_running_loop()
         self._writer_conn = writer
+        self.writer_connects = 1
+        self._reconnect_s = reconnect_s
+        # Set by `close`: a writer trying to reconnect gives up at once.
+        self._closing = threading.Event()
         self._pool = pool
         self._before_commit = before_commit
         self._writes: SimpleQueue[_Job[Any] | None] = SimpleQueue()
@@ -258,17 +315,11 @@ class PgDatabase:
         prepare: Callable[[psycopg.Connection[Any]], None] = lambda conn: None,
     ) -> PgDatabase:
         """Connects, runs `prepare` (the migration) on the writer connection, opens the readers."""
+        reconnect_s = _reconnect_seconds()  # a bad setting is refused before connecting
 
         def connect() -> tuple[psycopg.Connection[Any], DbClock]:
-            writer = psycopg.connect(
-                url, autocommit=True, application_name=f"legato-writer-{os.getpid()}"
-            )
+            writer = _connect_writer(url, durability)
             try:
-                writer.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
-                if durability is Durability.FULL:
-                    # The server's own setting otherwise (on, by default: a
-                    # commit is flushed before it is acknowledged).
-                    writer.execute("SET synchronous_commit = on")
                 prepare(writer)
                 clock = DbClock()
                 clock.measure(writer)
@@ -292,7 +343,9 @@ class PgDatabase:
             writer.close()
             await asyncio.to_thread(pool.close)
             raise
-        return cls(url, writer, pool, clock, before_commit)
+        return cls(
+            url, writer, pool, clock, before_commit, durability=durability, reconnect_s=reconnect_s
+        )
 
     # -- the calls ------------------------------------------------------------------
 
@@ -342,11 +395,15 @@ class PgDatabase:
     # -- the writer thread ----------------------------------------------------------
 
     def _writer(self) -> None:
-        conn = self._writer_conn
         group: list[_Job[Any]] = []
         try:
             while True:
-                first = self._writes.get()
+                try:
+                    first = self._writes.get(timeout=IDLE_CHECK_S)
+                except Empty:
+                    if _lost(self._writer_conn):
+                        self._reconnect(ConnectionError("the idle connection was closed"))
+                    continue
                 if first is None:
                     break
                 group = [first]
@@ -360,16 +417,76 @@ class PgDatabase:
                         stop = True
                         break
                     group.append(job)
-                for alone in self._commit_group(conn, group, waits=False):
-                    group = [alone]
-                    self._commit_group(conn, group, waits=True)
+                if _lost(self._writer_conn):
+                    # Noticed before anything of the group was sent: it waits
+                    # for the new connection instead of failing.
+                    self._reconnect(ConnectionError("the connection was closed"))
+                try:
+                    self._run_group(group)
+                except _Broken as broken:
+                    self._answer(broken.in_hand, ConnectionLost(broken.cause))
+                    group = []
+                    self._reconnect(broken.cause)
                 if stop:
                     break
-            conn.close()
+            self._writer_conn.close()
         except BaseException as exc:
             with contextlib.suppress(psycopg.Error):
-                conn.close()  # the server rolls back a transaction the writer died in
+                self._writer_conn.close()  # the server rolls back a transaction the writer died in
             self._died("writer", exc, group)
+
+    def _run_group(self, group: list[_Job[Any]]) -> None:
+        """Commits the group, then alone each write that met a lock inside it;
+        `_Broken` with the writes not answered if the connection broke."""
+        conn = self._writer_conn
+        try:
+            deferred = self._commit_group(conn, group, waits=False)
+        except BaseException as exc:
+            if _is_broken(conn, exc):
+                raise _Broken(exc, group) from exc
+            raise
+        for n, alone in enumerate(deferred):
+            try:
+                self._commit_group(conn, [alone], waits=True)
+            except BaseException as exc:
+                if _is_broken(conn, exc):
+                    raise _Broken(exc, deferred[n:]) from exc
+                raise
+
+    def _answer(self, jobs: list[_Job[Any]], error: BaseException) -> None:
+        for job in jobs:
+            job.outcome, job.error = None, error
+        self._loop.call_soon_threadsafe(self._deliver, jobs)
+
+    def _reconnect(self, cause: BaseException) -> None:
+        """Connects the writer again, retrying for up to `RECONNECT_S`; raises (and
+        the database fails) if it cannot, or if the database is being closed."""
+        log.warning("the writer's connection to the database broke (%s); reconnecting", cause)
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            self._loop.call_soon_threadsafe(self.on_connection, False)
+        with contextlib.suppress(psycopg.Error):
+            self._writer_conn.close()
+        give_up_at = time.monotonic() + self._reconnect_s
+        delay = RECONNECT_RETRY_S[0]
+        while True:
+            if self._closing.is_set():
+                raise ConnectionError(f"closed while reconnecting after: {_describe(cause)}")
+            try:
+                self._writer_conn = _connect_writer(self.url, self.durability)
+                break
+            except psycopg.OperationalError as exc:
+                left = give_up_at - time.monotonic()
+                if left <= 0:
+                    raise ConnectionError(
+                        f"could not reconnect within {self._reconnect_s:g} s after "
+                        f"{_describe(cause)}; last try: {_describe(exc)}"
+                    ) from exc
+                self._closing.wait(min(delay, left))
+                delay = min(delay * 2, RECONNECT_RETRY_S[1])
+        self.writer_connects += 1
+        log.warning("the writer is connected to the database again")
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self.on_connection, True)
 
     def _commit_group(
         self, conn: psycopg.Connection[Any], group: list[_Job[Any]], *, waits: bool
@@ -442,9 +559,10 @@ class PgDatabase:
 
     @staticmethod
     def _check_connection(conn: psycopg.Connection[Any], exc: BaseException) -> None:
-        # A write's own error leaves the connection usable; a broken connection
-        # (the server went away) ends the writer, and with it the database.
-        if conn.broken or conn.closed or not isinstance(exc, Exception):
+        # A write's own error leaves the connection usable and goes to its
+        # caller; a broken connection (the server went away) is the writer's
+        # to handle (`_run_group`), as is anything that is not an Exception.
+        if _is_broken(conn, exc) or not isinstance(exc, Exception):
             raise exc
 
     def _deliver(self, group: list[_Job[Any]]) -> None:
@@ -527,6 +645,7 @@ class PgDatabase:
             return
         self._closed = True
         self._refusing = True
+        self._closing.set()
         self._clock_sync.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._clock_sync
@@ -534,6 +653,80 @@ class PgDatabase:
         await asyncio.to_thread(self._thread.join)
         self._readers.shutdown(wait=False)
         await asyncio.to_thread(self._pool.close)
+
+
+def _connect_writer(url: str, durability: Durability) -> psycopg.Connection[Any]:
+    writer = psycopg.connect(url, autocommit=True, application_name=f"legato-writer-{os.getpid()}")
+    try:
+        writer.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+        if durability is Durability.FULL:
+            # The server's own setting otherwise (on, by default: a
+            # commit is flushed before it is acknowledged).
+            writer.execute("SET synchronous_commit = on")
+    except BaseException:
+        writer.close()
+        raise
+    return writer
+
+
+def _reconnect_seconds() -> float:
+    spec = os.environ.get(RECONNECT_ENV, "").strip()
+    if not spec:
+        return RECONNECT_S
+    try:
+        return max(0.0, float(spec))
+    except ValueError:
+        raise ValueError(f"{RECONNECT_ENV}={spec!r}: expected a number of seconds") from None
+
+
+def _is_broken(conn: psycopg.Connection[Any], exc: BaseException) -> bool:
+    """Whether `exc` came with the connection itself gone (not a write's own error).
+
+    A terminated backend first sends its FATAL error as an ordinary result:
+    psycopg raises it (AdminShutdown) before it reads the EOF behind it and
+    marks the connection broken, and in pipeline mode the next step fails
+    with an error of its own and no SQLSTATE. Both mean the connection is
+    done for, as do the SQLSTATE classes 08 (connection exception) and 57P
+    (operator intervention: shutdown, crash, restart).
+    """
+    if not isinstance(exc, Exception):
+        return False
+    if conn.broken or conn.closed:
+        return True
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, psycopg.Error):
+            state = error.sqlstate
+            if state is None and isinstance(error, psycopg.OperationalError):
+                return True
+            if state is not None and (state.startswith("08") or state.startswith("57P")):
+                return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _lost(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the writer's idle connection is gone, looked at without a round trip.
+
+    Between transactions the server sends nothing unasked but its goodbye (a
+    FATAL error, then EOF, when the backend is terminated or the server shuts
+    down): a readable socket is then asked once, to tell that from a notice.
+    """
+    if conn.broken or conn.closed:
+        return True
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    if not readable:
+        return False
+    try:
+        conn.execute("SELECT 1")
+    except psycopg.Error:
+        return True
+    return False
 
 
 class Listener:

@@ -21,6 +21,10 @@ several writers on several daemons keep the promises of `TaskStore`:
   Open tasks are counted in `open_counts`, one row per creator and daemon,
   which only that daemon writes: keeping the count costs no daemon a wait.
 - **Time** is the database's clock (`pgdb.DbClock`), whichever daemon writes.
+- **Lease timers.** Every daemon's timer hears of leases and deadlines from
+  the events it publishes, its own and the others'. A heartbeat records no
+  event, so one that shortens a lease NOTIFYs its new end (`due:US`): should
+  its daemon die, another ends the lease on time, not at its old end.
 - **Fan-out.** Each commit NOTIFYs the seq it reached (a number, never a
   payload). Every daemon LISTENs, reads the events after the last one it
   published from the table, and publishes them in seq order (its own commits
@@ -101,6 +105,9 @@ MIGRATION_LOCK = int.from_bytes(b"legato-m", "big", signed=True)
 AGENT_RECHECK_S = 1.0
 # ...and how old its last successful re-read may be before it refuses keys.
 AGENT_STALE_S = 3.0
+# A notification on the events channel that is not a seq: "due:MICROSECONDS",
+# a lease that ends then (shortened by a heartbeat, which records no event).
+DUE_PREFIX = "due:"
 # Events one catch-up read brings, in count and in bytes (`Event.size`).
 CATCH_UP_BATCH = 500
 CATCH_UP_BYTES = 4 * 1024 * 1024
@@ -352,6 +359,9 @@ class PostgresStore:
         self.schema = schema
         self.events_channel, self.agents_channel = _channels(schema)
         self.on_commit: Callable[[list[Event]], None] = lambda events: None
+        self.on_writable: Callable[[bool], None] = lambda writable: None
+        self.on_due: Callable[[int], None] = lambda when: None
+        db.on_connection = lambda connected: self.on_writable(connected)
         # The last seq handed to `on_commit`: events go out in seq order, each once.
         self._published = published
         self._wanted = published
@@ -451,7 +461,10 @@ class PostgresStore:
     def _notified(self, channel: str, payload: str) -> None:
         if channel == self.events_channel:
             with contextlib.suppress(ValueError):
-                self._announced(int(payload))
+                if payload.startswith(DUE_PREFIX):
+                    self.on_due(int(payload.removeprefix(DUE_PREFIX)))
+                else:
+                    self._announced(int(payload))
         elif channel == self.agents_channel:
             self._agents.poke()
 
@@ -644,7 +657,9 @@ class PostgresStore:
             loaded = _lock(tx, "id = %s", (task_id,))
             if loaded is None:
                 raise NotFound(f"task {task_id!r} not found")
-            return _apply(tx.conn, *loaded, decide, actor, self._shard)
+            return _apply(
+                tx.conn, *loaded, decide, actor, self._shard, due_channel=self.events_channel
+            )
 
         return await self._write(update)
 
@@ -913,6 +928,8 @@ def _apply(
     decide: Decide,
     actor: str,
     shard: int,
+    *,
+    due_channel: str = "",
 ) -> Written[TaskRecord]:
     change = decide(task)
     if change is None:
@@ -923,6 +940,17 @@ def _apply(
             "UPDATE tasks SET lease_expires_at = %s, lease_us = %s WHERE rowid = %s",
             (new.lease_expires_at, new.lease_us, rowid),
         )
+        shortened = (
+            new.lease_expires_at is not None
+            and task.lease_expires_at is not None
+            and new.lease_expires_at < task.lease_expires_at
+        )
+        if due_channel and shortened:
+            # No event tells the other daemons' lease timers, which were set for
+            # the lease's old end: should this daemon die, they must end it on time.
+            conn.execute(
+                "SELECT pg_notify(%s, %s)", (due_channel, f"{DUE_PREFIX}{new.lease_expires_at}")
+            )
         return new, []
     conn.execute(
         "UPDATE tasks SET status = %s, result = %s, error = %s, claimed_by = %s, attempt = %s, "

@@ -168,6 +168,10 @@ class SqliteStore:
         self._clock = clock
         # Called on the event loop with the events of each commit, in seq order.
         self.on_commit: Callable[[list[Event]], None] = lambda events: None
+        # Never called: a local file has no connection to lose.
+        self.on_writable: Callable[[bool], None] = lambda writable: None
+        # Never called: this daemon's own heartbeats tell its lease timer.
+        self.on_due: Callable[[int], None] = lambda when: None
         self._agents = SqliteAgentStore(self)
 
     @classmethod
