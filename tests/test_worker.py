@@ -262,3 +262,64 @@ async def test_sigterm_stops_run_worker_gracefully_and_hands_the_job_back(
             await process.wait()
     assert (await handle.get()).status is TaskStatus.PENDING
     await released(coder, handle.id)
+
+
+FIRST_ENDS_PROGRAM = """
+import asyncio, sys
+from legato.client import AsyncClient
+
+async def hold(job):
+    print("holding", job.id, flush=True)
+    await asyncio.Event().wait()
+
+async def main():
+    async with AsyncClient() as client:
+        first = asyncio.create_task(client.run_worker(hold, ["@first"]))
+        second = asyncio.create_task(client.run_worker(hold, ["@researcher"]))
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        print("first ended", flush=True)
+        await second
+    print("stopped", flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_sigterm_still_stops_the_workers_left_after_the_first_one_ended(
+    daemon: Daemon, agent_key: AgentKey, coder: AsyncClient, short_tmp: Path
+) -> None:
+    key = await agent_key("researcher", ["@researcher", "@first"])
+    script = short_tmp / "worker.py"
+    script.write_text(textwrap.dedent(FIRST_ENDS_PROGRAM))
+    env = {**os.environ, "LEGATO_ADDRESS": daemon.config.address, "LEGATO_AGENT_KEY": key}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), env=env, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdin and process.stdout and process.stderr
+    try:
+        # Each worker holds a job, so both are running (and registered) by now.
+        held = []
+        for label in ("@first", "@researcher"):
+            handle = await coder.delegate(label, "long job")
+            line = await asyncio.wait_for(process.stdout.readline(), GUARD)
+            assert line.decode().split() == ["holding", handle.id]
+            held.append(handle)
+        process.stdin.write(b"end the first\n")
+        await process.stdin.drain()
+        line = await asyncio.wait_for(process.stdout.readline(), GUARD)
+        assert line.decode() == "first ended\n"
+
+        process.send_signal(signal.SIGTERM)
+        status = await asyncio.wait_for(process.wait(), GUARD)
+        rest = (await process.stdout.read()).decode()
+        stderr = (await process.stderr.read()).decode()
+        assert (status, rest, stderr) == (0, "stopped\n", "")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    for handle in held:
+        await released(coder, handle.id)

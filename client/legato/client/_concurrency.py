@@ -187,11 +187,31 @@ async def async_unary(
 # The stops SIGTERM and SIGINT call, every worker's in the process (several may
 # run in one program); the handlers are installed for the first, removed after the last.
 _stops: list[Callable[[], None]] = []
+# Undoes the installation while any stop is registered: the handlers belong to the
+# set of workers, not to the first of them, which may end before the others.
+_uninstall: list[Callable[[], None]] = []
 
 
 def _stop_all(*_: object) -> None:
     for stop in list(_stops):
         stop()
+
+
+@contextlib.contextmanager
+def _registered(
+    stop: Callable[[], None], install: Callable[[], Callable[[], None]]
+) -> Iterator[None]:
+    """Registers `stop` for the block; the first registration installs the signal
+    handlers (`install` returns how to remove them), the last one out removes them."""
+    if not _stops:
+        _uninstall.append(install())
+    _stops.append(stop)
+    try:
+        yield
+    finally:
+        _stops.remove(stop)
+        if not _stops:
+            _uninstall.pop()()
 
 
 @contextlib.contextmanager
@@ -202,21 +222,24 @@ def async_on_signals(stop: Callable[[], None]) -> Iterator[None]:
         yield
         return
     loop = asyncio.get_running_loop()
-    installed = []
-    if not _stops:
+
+    def install() -> Callable[[], None]:
+        installed = []
         for signum in _unclaimed_signals():
             try:
                 loop.add_signal_handler(signum, _stop_all)
             except (NotImplementedError, RuntimeError):  # not on this platform or loop
                 continue
             installed.append(signum)
-    _stops.append(stop)
-    try:
+
+        def uninstall() -> None:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+        return uninstall
+
+    with _registered(stop, install):
         yield
-    finally:
-        _stops.remove(stop)
-        for signum in installed:
-            loop.remove_signal_handler(signum)
 
 
 # -- blocking ----------------------------------------------------------------------------
@@ -297,11 +320,10 @@ def on_signals(stop: Callable[[], None]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {}
-    signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-    relay: threading.Thread | None = None
-    if not _stops:
+
+    def install() -> Callable[[], None]:
         previous = {signum: signal.getsignal(signum) for signum in _unclaimed_signals()}
+        signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
 
         def relay_signals() -> None:
             while signals.get() is not None:
@@ -311,13 +333,14 @@ def on_signals(stop: Callable[[], None]) -> Iterator[None]:
         relay.start()
         for signum in previous:
             signal.signal(signum, lambda signum, frame: signals.put(signum))
-    _stops.append(stop)
-    try:
-        yield
-    finally:
-        _stops.remove(stop)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if relay is not None:
+
+        def uninstall() -> None:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             signals.put(None)
             relay.join()
+
+        return uninstall
+
+    with _registered(stop, install):
+        yield
