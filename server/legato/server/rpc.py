@@ -142,8 +142,9 @@ def _guard_stream(behaviour: Any, authenticate: Authenticate | None) -> Any:
         if authenticate is not None:
             try:
                 await authenticate(context)
-            except DomainError as exc:
-                await context.abort(exc.code, exc.message)
+            except Exception as exc:
+                code, message = status_of(exc)
+                await context.abort(code, message)
         if isinstance(request, _Undecodable):
             await _refuse(context, request)
         async for response in behaviour(request, context):
