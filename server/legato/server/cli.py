@@ -122,9 +122,17 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     if args.command == "backup":
         return cmd_backup(args)
-    if args.detach:
-        return detach(args, [a for a in argv[1:] if a != "--detach"])
+    # The child of `--detach` serves in the foreground whatever its arguments say:
+    # argparse takes any abbreviation of `--detach` (`--deta`), and a child that
+    # detached again would start another, and that one another, without end.
+    if args.detach and READY_FD_ENV not in os.environ:
+        return detach(args, [a for a in argv[1:] if not _is_detach(a)])
     return cmd_serve(args)
+
+
+def _is_detach(argument: str) -> bool:
+    """Whether argparse reads `argument` as `--detach` (it takes unique prefixes)."""
+    return len(argument) > len("--d") and "--detach".startswith(argument)
 
 
 def _server_tls(args: argparse.Namespace) -> ServerTLS | None:
