@@ -37,3 +37,24 @@ async def test_an_abbreviated_detach_starts_one_daemon(user: User) -> None:
     pid = user.daemon_pid()
     assert pid is not None and f"pid {pid}" in served.stdout
     assert _processes_with(f"LEGATO_DATA_DIR={user.data_dir}\0") == [pid]
+
+
+async def test_work_acts_as_an_agent_and_never_hands_the_admin_key_on(user: User) -> None:
+    """Before, `legato work` with no --as fell back to the admin key and exported it
+    to the command, as LEGATO_AGENT_KEY."""
+    refused = await user.legato("work", "@reviewer", "--once", "--", "env")
+    assert refused.code == 1
+    assert "--as NAME" in refused.stderr and "admin" in refused.stderr
+    assert (await user.legato("agent", "add", "reviewer")).code == 0
+    reviewer_key = (user.data_dir / "keys" / "reviewer.key").read_text().strip()
+    admin_key = (user.data_dir / "admin.key").read_text().strip()
+    for acting, key_seen in ((("--as", "reviewer"), reviewer_key), (("--key", admin_key), None)):
+        created = await user.legato("task", "create", "review this", "-l", "@reviewer")
+        assert created.code == 0, created.stderr
+        worked = await user.legato("work", "@reviewer", *acting, "--once", "--", "env")
+        assert worked.code == 0, worked.stderr
+        task = json.loads((await user.legato("task", "get", created.stdout.strip(), "--json")).stdout)
+        seen = [line for line in task["result"]["output"].splitlines()
+                if line.startswith("LEGATO_AGENT_KEY=")]  # fmt: skip
+        assert seen == ([f"LEGATO_AGENT_KEY={key_seen}"] if key_seen else []), acting
+        assert admin_key not in task["result"]["output"]

@@ -277,7 +277,7 @@ class Worker:
         labels: Sequence[str],
         command: Sequence[str],
         *,
-        api_key: str,
+        api_key: str | None,
         lease: float,
         wait: float,
     ):
@@ -350,8 +350,11 @@ class Worker:
             LEGATO_TASK_FILE=str(task_file),
             LEGATO_TASK_ID=task.id,
             LEGATO_ADDRESS=self._client.address,
-            LEGATO_AGENT_KEY=self._api_key,
         )
+        if self._api_key is None:
+            env.pop("LEGATO_AGENT_KEY", None)
+        else:
+            env["LEGATO_AGENT_KEY"] = self._api_key
         if self._client.tls is not None:  # given as flags, the command needs them too
             env.update(self._client.tls.environment())
         env.pop("LEGATO_TASK", None)

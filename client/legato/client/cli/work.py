@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
 from legato.client._core import DEFAULT_WORK_LEASE, DEFAULT_WORK_WAIT
 from legato.client._sync import Client
 from legato.client.cli.output import Output
+from legato.client.models import Role
 
 if TYPE_CHECKING:
     from legato.client.cli import Parents
@@ -46,16 +48,38 @@ def _report_unreachable(address: str) -> logging.Handler:
     return handler
 
 
+def _work_key(explicit: str | None) -> str:
+    """`legato work`'s key: `--key`, else `LEGATO_AGENT_KEY`; never the admin key of
+    the data dir, which the command would get in its environment."""
+    key = explicit or os.environ.get("LEGATO_AGENT_KEY")
+    if not key:
+        raise SystemExit(
+            "legato: say which agent `legato work` works as: --as NAME (its key file; "
+            "`legato agent add NAME` creates it). It does not fall back to the admin key, "
+            "which the command would get as LEGATO_AGENT_KEY"
+        )
+    return key
+
+
 def cmd_work(client: Client, args: argparse.Namespace, out: Output) -> int:
     from legato.client.worker import Worker
 
+    api_key: str | None = args.api_key
+    if client.whoami().role is Role.ADMIN:
+        # An admin given on purpose may work, but its key, which can revoke
+        # every agent, does not reach a command that may be a model.
+        print(
+            "legato work: working as an admin; the command gets no LEGATO_AGENT_KEY",
+            file=sys.stderr,
+        )
+        api_key = None
     handler = _report_unreachable(client.address)
     try:
         worker = Worker(
             client,
             args.labels,
             args.command_argv,
-            api_key=args.api_key,
+            api_key=api_key,
             lease=args.lease,
             wait=args.wait,
         )
@@ -119,7 +143,7 @@ def register(commands: Any, parents: Parents) -> None:
     work.add_argument(
         "--once", action="store_true", help="handle one task, then exit: 0 if it is done, else 1"
     )
-    work.set_defaults(run=cmd_work, precheck=_check_command)
+    work.set_defaults(run=cmd_work, precheck=_check_command, resolve_key=_work_key)
 
     demo = commands.add_parser(
         "demo",
