@@ -58,3 +58,19 @@ async def test_work_acts_as_an_agent_and_never_hands_the_admin_key_on(user: User
                 if line.startswith("LEGATO_AGENT_KEY=")]  # fmt: skip
         assert seen == ([f"LEGATO_AGENT_KEY={key_seen}"] if key_seen else []), acting
         assert admin_key not in task["result"]["output"]
+
+
+async def test_rotating_the_admins_own_key_keeps_the_cli_working(user: User) -> None:
+    """Before, the new key went to keys/admin.key while every command kept reading the
+    old one from admin.key: `legato agent list` was refused, `doctor` failed."""
+    assert (await user.legato("agent", "list")).code == 0
+    old_key = (user.data_dir / "admin.key").read_text().strip()
+    rotated = await user.legato("agent", "rotate")
+    assert rotated.code == 0, rotated.stderr
+    new_key = (user.data_dir / "admin.key").read_text().strip()
+    assert new_key != old_key and new_key in rotated.stdout
+    assert oct((user.data_dir / "admin.key").stat().st_mode & 0o777) == "0o600"
+    listed = await user.legato("agent", "list")
+    assert listed.code == 0, listed.stderr
+    doctor = await user.legato("doctor")
+    assert "FAIL" not in doctor.stdout, doctor.stdout

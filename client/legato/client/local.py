@@ -140,7 +140,7 @@ def resolve_key(explicit: str | None) -> str:
         return explicit
     if os.environ.get("LEGATO_AGENT_KEY"):
         return os.environ["LEGATO_AGENT_KEY"]
-    admin_key = default_data_dir() / ADMIN_KEY_FILE
+    admin_key = admin_key_file()
     try:
         return admin_key.read_text().strip()
     except OSError:
@@ -168,9 +168,27 @@ def write_agent_key(agent: str, key: str) -> Path:
     path = key_file(agent)
     private_dir(path.parent.parent)
     private_dir(path.parent)
+    write_key_file(path, key)
+    return path
+
+
+def admin_key_file() -> Path:
+    """The admin key the daemon wrote to its data dir, which clients fall back to."""
+    return default_data_dir() / ADMIN_KEY_FILE
+
+
+def write_key_file(path: Path, key: str) -> None:
+    """Replaces the key file at `path` whole (0600): a reader sees the old key or the new
+    one, and after a power loss the file holds one of them, never nothing."""
     scratch = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as file:
         file.write(key + "\n")
+        file.flush()
+        os.fsync(file.fileno())
     scratch.replace(path)
-    return path
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)

@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from legato.client._sync import Client
 from legato.client.cli.output import Output, agent_json, dump
-from legato.client.local import is_local_default, key_file, write_agent_key
+from legato.client.local import (
+    admin_key_file,
+    is_local_default,
+    key_file,
+    write_agent_key,
+    write_key_file,
+)
 from legato.client.models import Agent, Role
 
 if TYPE_CHECKING:
@@ -84,10 +90,25 @@ def cmd_agent_revoke(client: Client, args: argparse.Namespace, out: Output) -> i
     return 0
 
 
+def _admin_key_in_use(args: argparse.Namespace) -> bool:
+    """Whether the key of this command is the one in the data dir's admin.key."""
+    try:
+        return bool(args.api_key) and admin_key_file().read_text().strip() == args.api_key
+    except OSError:
+        return False
+
+
 def cmd_agent_rotate(client: Client, args: argparse.Namespace, out: Output) -> int:
+    # Rotating the key of admin.key itself: the new key goes there, or every command
+    # that falls back to it (and `legato doctor`) would be locked out.
+    own_file = _admin_key_in_use(args) and args.name in (None, "", client.whoami().name)
     agent, key = client.rotate_key(args.name or "")
     print_new_key(agent, key, out, "has a new key")
-    keep_local_key(client, agent.name, key)
+    if own_file:
+        write_key_file(admin_key_file(), key)
+        print(f"legato: kept the new key in {admin_key_file()} (mode 0600)", file=sys.stderr)
+    else:
+        keep_local_key(client, agent.name, key)
     return 0
 
 
