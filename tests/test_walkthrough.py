@@ -74,3 +74,21 @@ async def test_rotating_the_admins_own_key_keeps_the_cli_working(user: User) -> 
     assert listed.code == 0, listed.stderr
     doctor = await user.legato("doctor")
     assert "FAIL" not in doctor.stdout, doctor.stdout
+
+
+async def test_mcp_config_as_an_agent_keeps_that_agents_own_key(user: User) -> None:
+    """Before, `mcp config --as coder` with LEGATO_AGENT_KEY set to researcher's key
+    named the file after coder and wrote researcher's key in it."""
+    for name in ("coder", "researcher"):
+        assert (await user.legato("agent", "add", name)).code == 0
+    keys = user.data_dir / "keys"
+    coder_key = (keys / "coder.key").read_text().strip()
+    researcher_key = (keys / "researcher.key").read_text().strip()
+    ran = await user.legato(
+        "mcp", "config", "--client", "claude", "--as", "coder",
+        env={"LEGATO_AGENT_KEY": researcher_key},
+    )  # fmt: skip
+    assert ran.code == 0, ran.stderr
+    assert json.loads(ran.stdout)["mcpServers"]["legato"]["args"] == ["mcp", "--agent", "coder"]
+    assert (keys / "coder.key").read_text().strip() == coder_key
+    assert (keys / "researcher.key").read_text().strip() == researcher_key

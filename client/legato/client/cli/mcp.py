@@ -140,9 +140,11 @@ def cmd_mcp_config(client: Client, args: argparse.Namespace, out: Output) -> int
                     "legato: --label is for a new agent; `legato agent update` changes labels",
                     file=sys.stderr,
                 )
-    elif args.key or os.environ.get("LEGATO_AGENT_KEY"):
+    elif args.as_agent or args.key or os.environ.get("LEGATO_AGENT_KEY"):
         # An agent's own key (e.g. on a remote agent's machine): kept in its key file.
-        key = args.key or os.environ["LEGATO_AGENT_KEY"]
+        # The key this command authenticated with, whose agent whoami names: with
+        # --as A, LEGATO_AGENT_KEY may hold another agent's key.
+        key = args.api_key
         agent = client.whoami().name
         print(keep_key(agent, key), file=sys.stderr)
     else:
