@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from mcp import Client, StdioServerParameters
 from test_self_start import GUARD, User, user  # noqa: F401  (`user` is a fixture)
 
 
@@ -92,3 +93,23 @@ async def test_mcp_config_as_an_agent_keeps_that_agents_own_key(user: User) -> N
     assert json.loads(ran.stdout)["mcpServers"]["legato"]["args"] == ["mcp", "--agent", "coder"]
     assert (keys / "coder.key").read_text().strip() == coder_key
     assert (keys / "researcher.key").read_text().strip() == researcher_key
+
+
+async def test_a_bridge_without_the_users_runtime_dir_starts_the_daemon(user: User) -> None:
+    """Before, the snippet held the socket's address under XDG_RUNTIME_DIR; a bridge
+    whose MCP client passed no XDG_RUNTIME_DIR took it for somebody's deployment
+    and never started the daemon: every tool said it was unreachable."""
+    made = await user.legato("mcp", "config", "--client", "claude", "--agent", "coder")
+    assert made.code == 0, made.stderr
+    entry = json.loads(made.stdout)["mcpServers"]["legato"]
+    assert "LEGATO_ADDRESS" not in entry["env"]
+    assert (await user.legato("stop")).code == 0
+    assert user.daemon_pid() is None
+    # What an MCP client with a bare environment runs: the snippet, PATH, nothing else.
+    bare = StdioServerParameters(
+        command=entry["command"], args=entry["args"], env={"PATH": os.environ["PATH"], **entry["env"]}
+    )
+    async with Client(bare) as coder:
+        listed = await asyncio.wait_for(coder.call_tool("list_my_tasks", {}), GUARD)
+        assert not listed.is_error, listed.content
+    assert user.daemon_pid() is not None

@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from legato.common.paths import (
     ADMIN_KEY_FILE,
+    APP,
     LOG_NAME,
     SOCKET_NAME,
     agent_key_file,
@@ -58,6 +59,22 @@ def is_local_default(address: str | None) -> bool:
     default daemon, the one a client may start by itself."""
     address = address or os.environ.get("LEGATO_ADDRESS") or ""
     return not address or address == default_socket_address()
+
+
+def local_default_environment() -> dict[str, str]:
+    """What a process started elsewhere (an MCP client's bridge) needs in its environment
+    to take the same default socket as this one, and so to start its daemon itself:
+    the runtime dir this process uses, pinned. Paths only.
+
+    Not the socket's address: a bridge told an address treats it as somebody's
+    deployment and never starts a daemon for it.
+    """
+    if not sys.platform.startswith("linux"):
+        return {}  # the runtime dir comes from the platform, not the environment
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    # Empty when this process fell back to the temp dir: the bridge then does too,
+    # even if its own environment has an XDG_RUNTIME_DIR.
+    return {"XDG_RUNTIME_DIR": xdg if default_runtime_dir() == Path(xdg) / APP else ""}
 
 
 def health(address: str, *, timeout: float, wait: bool = False) -> str:

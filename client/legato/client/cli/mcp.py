@@ -20,7 +20,13 @@ from legato.client._sync import Client
 from legato.client.cli.agents import default_labels, keep_key
 from legato.client.cli.output import Output
 from legato.client.errors import UnauthenticatedError
-from legato.client.local import key_file, read_agent_key
+from legato.client.local import (
+    is_local_default,
+    key_file,
+    local_default_environment,
+    read_agent_key,
+)
+from legato.common.paths import default_data_dir
 
 if TYPE_CHECKING:
     from legato.client.cli import Parents
@@ -75,12 +81,19 @@ def snippet(kind: str, agent: str, client: Client) -> str:
     address = client.address
     if address.startswith("unix:") and not address.startswith("unix:/"):
         address = f"unix:{Path(address.removeprefix('unix:')).resolve()}"
-    env = {"LEGATO_ADDRESS": address}
+    if is_local_default(address):
+        # This user's own daemon: the bridge finds the same default socket and may
+        # start the daemon itself (after a reboot, say), which it never does for
+        # an address it is given.
+        env = local_default_environment()
+    else:
+        env = {"LEGATO_ADDRESS": address}
     if client.tls is not None:
         env.update(client.tls.environment())
-    if os.environ.get("LEGATO_DATA_DIR"):
-        # Not the default data dir: the bridge must look for the key file there.
-        env["LEGATO_DATA_DIR"] = str(Path(os.environ["LEGATO_DATA_DIR"]).absolute())
+    if os.environ.get("LEGATO_DATA_DIR") or os.environ.get("XDG_DATA_HOME"):
+        # Not the default data dir: the bridge must look for the key file there,
+        # whatever environment its MCP client gives it.
+        env["LEGATO_DATA_DIR"] = str(default_data_dir().absolute())
     return config_snippet(kind, command=legato_executable(), agent=agent, env=env)
 
 
