@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 from legato.client._core import DEFAULT_WORK_LEASE, DEFAULT_WORK_WAIT
 from legato.client._sync import Client
 from legato.client.cli.output import Output
-from legato.client.models import Role
 
 if TYPE_CHECKING:
     from legato.client.cli import Parents
@@ -64,22 +63,13 @@ def _work_key(explicit: str | None) -> str:
 def cmd_work(client: Client, args: argparse.Namespace, out: Output) -> int:
     from legato.client.worker import Worker
 
-    api_key: str | None = args.api_key
-    if client.whoami().role is Role.ADMIN:
-        # An admin given on purpose may work, but its key, which can revoke
-        # every agent, does not reach a command that may be a model.
-        print(
-            "legato work: working as an admin; the command gets no LEGATO_AGENT_KEY",
-            file=sys.stderr,
-        )
-        api_key = None
     handler = _report_unreachable(client.address)
     try:
         worker = Worker(
             client,
             args.labels,
             args.command_argv,
-            api_key=api_key,
+            api_key=args.api_key,
             lease=args.lease,
             wait=args.wait,
         )
