@@ -220,7 +220,8 @@ async def test_a_stopped_daemon_and_a_revoked_key_give_useful_tool_errors(
         # The bridge keeps serving: the next call is answered, not crashed.
         assert "refused this agent's key" in await refused(coder, "get_task", id="t_x")
     async with mcp_client(build_server(address=daemon.config.address, api_key="")) as unset:
-        assert "LEGATO_AGENT_KEY" in await refused(unset, "list_my_tasks")
+        unconfigured = await refused(unset, "list_my_tasks")
+        assert "LEGATO_AGENT_KEY" in unconfigured and "legato mcp --agent NAME" in unconfigured
 
 
 async def test_legato_mcp_over_stdio_carries_only_protocol_on_stdout(

@@ -192,9 +192,14 @@ def _status(status: str) -> TaskStatus:
 class Bridge:
     """One bridge process: its client of the daemon and the claims it holds."""
 
-    def __init__(self, address: str | None, api_key: str | None, max_wait: float):
+    def __init__(
+        self, address: str | None, api_key: str | None, max_wait: float, agent: str | None = None
+    ):
         self._address = address
         self._api_key = api_key
+        # Started as `legato mcp --agent NAME`: its key file may get a new key while
+        # the bridge runs (`legato mcp config --new-key`, `legato agent rotate`).
+        self.agent = agent
         self._client: AsyncClient | None = None
         self.max_wait = max_wait
         self.jobs: dict[str, AsyncJob] = {}
@@ -206,10 +211,44 @@ class Bridge:
                 self._client = AsyncClient(self._address, api_key=self._api_key)
             except ValueError as exc:
                 raise ToolError(
-                    f"legato is not configured: {exc}. Put LEGATO_AGENT_KEY in this MCP "
-                    "server's env (`legato mcp config --client ...` prints the snippet)"
+                    f"legato is not configured: {exc}. Ask the user to start this MCP server "
+                    "as `legato mcp --agent NAME`: `legato mcp config --client ... --agent NAME` "
+                    "prints the configuration and keeps the agent's key where it looks"
                 ) from None
         return self._client
+
+    def reload_key(self) -> bool:
+        """Re-reads the agent's key file; True if it holds another key, now in use."""
+        from legato.client.local import read_agent_key
+
+        if self.agent is None:
+            return False
+        key = read_agent_key(self.agent)
+        if not key or key == self._api_key:
+            return False
+        self._api_key = key
+        if self._client is not None:
+            # On the open client, not a new one: the claims it holds keep heartbeating
+            # through it. Every call reads its metadata afresh.
+            self._client._metadata = (("authorization", f"Bearer {key}"),)
+        return True
+
+    async def restart_daemon(self) -> bool:
+        """Starts this user's daemon if this bridge's address is the local default and
+        nothing serves it; True if it was started now."""
+        from legato.client.local import DaemonNotStarted, ensure_daemon
+
+        try:
+            started = await asyncio.to_thread(ensure_daemon, self._address)
+        except DaemonNotStarted as exc:
+            log.error("%s", exc)
+            return False
+        if started and self._client is not None:
+            # The channel waits out its reconnect backoff (up to 2 s) before it tries
+            # again: connected now, the model's next call goes through.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._client._channel.channel_ready(), 5.0)
+        return started
 
     def job(self, task_id: str) -> AsyncJob:
         job = self.jobs.get(task_id)
@@ -265,16 +304,35 @@ def _tool_errors(
         @functools.wraps(tool)
         async def run(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
+                try:
+                    return await tool(*args, **kwargs)
+                except UnauthenticatedError:
+                    if not bridge.reload_key():
+                        raise
+                # The key file has a new key: the refused call did nothing, so once more.
                 return await tool(*args, **kwargs)
             except UnavailableError:
+                if await bridge.restart_daemon():
+                    # Not repeated here: a call cut off mid-way may have been applied.
+                    raise ToolError(
+                        "the legato daemon was not running and has been started again; call "
+                        "the tool again"
+                    ) from None
                 raise ToolError(
                     f"the legato daemon is not reachable at {bridge.client.address}. Ask the user "
-                    "to start it with `legato serve` (or `make run` in the legato checkout)"
+                    "to run `legato status`, which says why; `legato serve --detach` starts it"
                 ) from None
             except UnauthenticatedError as exc:
+                if bridge.agent is not None:
+                    raise ToolError(
+                        f"legato refused the key of agent {bridge.agent} in its key file "
+                        f"({exc.message}). Ask the user to run `legato mcp config --client ... "
+                        f"--agent {bridge.agent} --new-key`; this session picks the new key up"
+                    ) from None
                 raise ToolError(
-                    f"legato refused this agent's key ({exc.message}). Ask the user for a current "
-                    "key: `legato mcp config --client ... --agent NAME` prints a new snippet"
+                    f"legato refused this agent's key ({exc.message}). Ask the user to put a "
+                    "current key in this MCP server's env and restart the MCP client, or to "
+                    "start it as `legato mcp --agent NAME` (`legato mcp config` prints that)"
                 ) from None
             except InvalidArgumentError as exc:
                 raise ToolError(_in_tool_terms(exc.message, terms or {})) from None
@@ -319,10 +377,12 @@ def build_server(
     address: str | None = None,
     api_key: str | None = None,
     max_wait_seconds: float = MAX_WAIT_SECONDS,
+    agent: str | None = None,
 ) -> Server:
     """The legato MCP server; `address` and `api_key` default to LEGATO_ADDRESS and
-    LEGATO_AGENT_KEY. No call waits longer than `max_wait_seconds`."""
-    bridge = Bridge(address, api_key, max_wait_seconds)
+    LEGATO_AGENT_KEY. No call waits longer than `max_wait_seconds`. With `agent`, a
+    refused key is read again from that agent's key file, and the call tried once more."""
+    bridge = Bridge(address, api_key, max_wait_seconds, agent)
     # On the server's own loop, while its channel still works.
     server = Server("legato", version=_version(), instructions=INSTRUCTIONS, on_close=bridge.close)
     tool_errors = _tool_errors(bridge)
@@ -621,5 +681,5 @@ def run(*, agent: str | None = None, address: str | None = None) -> int:
     except DaemonNotStarted as exc:
         # The tools say the daemon is unreachable, in words the model reads.
         logging.getLogger(__name__).error("%s", exc)
-    build_server(address=address, api_key=api_key).run()
+    build_server(address=address, api_key=api_key, agent=agent).run()
     return 0

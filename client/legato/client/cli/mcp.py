@@ -81,13 +81,10 @@ def snippet(kind: str, agent: str, client: Client) -> str:
     address = client.address
     if address.startswith("unix:") and not address.startswith("unix:/"):
         address = f"unix:{Path(address.removeprefix('unix:')).resolve()}"
-    if is_local_default(address):
-        # This user's own daemon: the bridge finds the same default socket and may
-        # start the daemon itself (after a reboot, say), which it never does for
-        # an address it is given.
-        env = local_default_environment()
-    else:
-        env = {"LEGATO_ADDRESS": address}
+    # This user's own daemon: the bridge finds the same default socket and may start
+    # the daemon itself (after a reboot, say), which it never does for an address it
+    # is given.
+    env = local_default_environment() if is_local_default(address) else {"LEGATO_ADDRESS": address}
     if client.tls is not None:
         env.update(client.tls.environment())
     if os.environ.get("LEGATO_DATA_DIR") or os.environ.get("XDG_DATA_HOME"):
