@@ -552,3 +552,22 @@ async def test_a_bridge_starts_the_daemon_again_after_legato_stop(user: User) ->
         assert down.is_error and "started again" in str(down.content), down.content
         assert user.daemon_pid() is not None
         assert not (await asyncio.wait_for(coder.call_tool("list_my_tasks", {}), GUARD)).is_error
+
+
+async def test_stop_works_where_the_platform_has_no_pidfd(user: User) -> None:
+    """`os.pidfd_open` is Linux 5.3 and later only; elsewhere the attribute is missing,
+    as here. Before, `legato stop` died of an AttributeError, the daemon running on."""
+    assert (await user.legato("serve", "--detach")).code == 0
+    pid = user.daemon_pid()
+    assert pid is not None
+    stop = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import os, sys\ndel os.pidfd_open\nfrom legato.client.cli import main\n"
+        "sys.exit(main(['stop']))",
+        env=user.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(stop.communicate(), GUARD)
+    assert stop.returncode == 0, err.decode()
+    assert f"pid {pid}" in out.decode()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
