@@ -51,6 +51,9 @@ MAX_OUTPUT_CHARS = 32_000
 # A list shows this much of each task's request: enough to tell tasks apart.
 REQUEST_PREVIEW_CHARS = 80
 
+# The statuses whose `error` is the task's own: why it failed, or was canceled.
+ENDED_WITH_ERROR = (TaskStatus.FAILED, TaskStatus.CANCELED)
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -95,7 +98,10 @@ class TaskView(BaseModel):
     context: dict[str, Any] | None = None
     created_by: str | None = None
     claimed_by: str | None = None
-    attempt: int | None = None
+    attempt: int | None = Field(
+        default=None,
+        description="Attempts so far, as counted toward max_attempts (handed-back ones are not)",
+    )
     max_attempts: int | None = None
     deadline: datetime | None = None
     warnings: list[str] | None = WARNINGS
@@ -154,7 +160,8 @@ def view(
         id=task.id,
         status=task.status.value,
         result=task.result,
-        error=task.error or None,
+        # Only an ended task's: a requeued one's is why the last attempt ended.
+        error=task.error if task.error and task.status in ENDED_WITH_ERROR else None,
         question=task.question or None,
         answer=task.answer or None,
         parent_id=task.parent_id or None,
@@ -170,7 +177,7 @@ def view(
         shown.context = task.context
         shown.created_by = task.created_by
         shown.claimed_by = task.claimed_by or None
-        shown.attempt = task.attempt
+        shown.attempt = task.attempt - task.released  # as counted toward max_attempts
         shown.max_attempts = task.max_attempts
         shown.deadline = task.deadline
     elif listed:

@@ -386,8 +386,8 @@ class Worker:
         """Runs the command for one job and finishes the task; True if it is DONE."""
         task = job.task
         self._status(
-            f"claimed {task.id} ({' '.join(task.labels)}, attempt {task.attempt}/"
-            f"{task.max_attempts}): {_preview(task.content)}"
+            f"claimed {task.id} ({' '.join(task.labels)}, attempt "
+            f"{task.attempt - task.released}/{task.max_attempts}): {_preview(task.content)}"
         )
         fd, name = tempfile.mkstemp(prefix="legato-task-", suffix=".json")  # owner-only
         task_file = Path(name)

@@ -64,7 +64,8 @@ def task_line(task: Task) -> str:
         task.id,
         task.status.value,
         " ".join(task.labels),
-        f"attempt {task.attempt}/{task.max_attempts}",
+        # As the daemon counts toward max_attempts: handed-back attempts do not count.
+        f"attempt {task.attempt - task.released}/{task.max_attempts}",
     ]
     if task.claimed_by and task.status is TaskStatus.CLAIMED:
         parts.append(f"claimed by {task.claimed_by}")
@@ -120,8 +121,10 @@ def task_text(task: Task) -> str:
         lines.append(f"  context:    {dump(task.context)}")
     if task.result is not None:
         lines.append(f"  result:     {dump(task.result)}")
-    if task.error:
+    if task.error and task.status in (TaskStatus.FAILED, TaskStatus.CANCELED):
         lines.append(f"  error:      {task.error}")
+    elif task.error and task.status is TaskStatus.PENDING:
+        lines.append(f"  requeued:   {task.error}")  # why its last attempt ended
     if task.question:
         lines.append(f"  question:   {task.question}")
     if task.answer:
