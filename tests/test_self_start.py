@@ -571,3 +571,26 @@ async def test_stop_works_where_the_platform_has_no_pidfd(user: User) -> None:
     assert f"pid {pid}" in out.decode()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+async def test_the_daemon_does_not_inherit_the_key_of_the_client_that_started_it(
+    user: User,
+) -> None:
+    """Before, `/proc/<daemon>/environ` held the LEGATO_AGENT_KEY of the command that
+    started it, readable to anything that can read the daemon's environment."""
+    assert (await user.legato("agent", "add", "coder")).code == 0
+    assert (await user.legato("stop")).code == 0
+    key = (user.data_dir / "keys" / "coder.key").read_text().strip()
+    listed = await user.legato("task", "list", env={"LEGATO_AGENT_KEY": key})
+    assert listed.code == 0, listed.stderr
+    pid = user.daemon_pid()
+    assert pid is not None
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert f"LEGATO_DATA_DIR={user.data_dir}".encode() in environ
+    assert b"LEGATO_AGENT_KEY" not in environ and key.encode() not in environ
+    assert (await user.legato("stop")).code == 0
+    served = await user.legato("serve", "--detach", env={"LEGATO_AGENT_KEY": key})
+    assert served.code == 0, served.stderr
+    pid = user.daemon_pid()
+    assert pid is not None
+    assert key.encode() not in Path(f"/proc/{pid}/environ").read_bytes()

@@ -32,6 +32,7 @@ from legato.common.paths import (
     LOG_NAME,
     SOCKET_NAME,
     agent_key_file,
+    daemon_environment,
     default_data_dir,
     default_runtime_dir,
     private_dir,
@@ -104,6 +105,7 @@ def ensure_daemon(address: str | None = None) -> bool:
     started = subprocess.run(
         [sys.executable, "-m", "legato.server", "--listen", target, "--detach"],
         stdin=subprocess.DEVNULL,
+        env=daemon_environment(),
         capture_output=True,
         text=True,
         check=False,

@@ -29,6 +29,20 @@ KEYS_DIR = "keys"
 LOG_NAME = "legato.log"
 
 
+# What a client may hold in its environment that the daemon it starts must not
+# inherit: a key is a client's, and `/proc/PID/environ` shows the daemon's.
+CLIENT_SECRETS = ("LEGATO_AGENT_KEY",)
+
+
+def daemon_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """`environ` (default: this process's) without what only a client should hold."""
+    return {
+        name: value
+        for name, value in (os.environ if environ is None else environ).items()
+        if name not in CLIENT_SECRETS
+    }
+
+
 def default_data_dir() -> Path:
     """The per-user data directory (`LEGATO_DATA_DIR` overrides it)."""
     override = os.environ.get("LEGATO_DATA_DIR")

@@ -20,7 +20,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from legato.common.paths import LOG_NAME, UnsafeAddress, default_data_dir, private_dir
+from legato.common.paths import (
+    LOG_NAME,
+    UnsafeAddress,
+    daemon_environment,
+    default_data_dir,
+    private_dir,
+)
 from legato.common.tls import TLSError
 from legato.server.tls import ServerTLS
 
@@ -235,7 +241,7 @@ def detach(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
             stdout=log_fd,
             stderr=log_fd,
             pass_fds=(write_end,),
-            env={**os.environ, READY_FD_ENV: str(write_end)},
+            env={**daemon_environment(), READY_FD_ENV: str(write_end)},
             # Not the caller's working directory, which may be deleted or unmounted
             # long before the daemon stops.
             cwd=data_dir,
