@@ -17,12 +17,10 @@ and both clients wait for the first to be SERVING.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -36,9 +34,8 @@ from legato.common.paths import (
     default_data_dir,
     default_runtime_dir,
     private_dir,
-    socket_lock_path,
-    unix_socket_path,
 )
+from legato.common.paths import lock_holder as lock_holder  # where clients have found it
 
 # How long a client waits for a daemon that another client is starting.
 START_TIMEOUT = 30.0
@@ -120,37 +117,13 @@ def ensure_daemon(address: str | None = None) -> bool:
             f"no legato daemon serves {target} and starting one failed: {why}. Start it "
             "yourself with `legato serve` to see why"
         )
-    if started.returncode == 0:
+    # `legato serve --detach` exits 0 too when a daemon was already serving (one that
+    # another client started meanwhile): only its "serving on" line means this one.
+    if started.returncode == 0 and started.stdout.startswith("legato serving on"):
         log = default_data_dir() / LOG_NAME
         print(f"legato: started the daemon on {target} (log: {log})", file=sys.stderr)
         return True
     return False
-
-
-def lock_holder(address: str) -> dict[str, Any] | None:
-    """What the daemon holding the lock of a unix `address` wrote there (pid, data
-    dir, listen, backend), or None when no daemon holds it."""
-    import fcntl
-
-    socket = unix_socket_path(address)
-    if socket is None:
-        return None
-    try:
-        fd = os.open(socket_lock_path(socket), os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder: dict[str, Any] = json.loads(os.pread(fd, 65536, 0) or b"{}")
-            return holder
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None  # we got the lock: nobody holds it
-    except (ValueError, OSError):
-        return {}
-    finally:
-        os.close(fd)
 
 
 def resolve_key(explicit: str | None) -> str:

@@ -6,10 +6,12 @@ finds the daemon, its admin key and the agents' key files with no configuration.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -123,3 +125,29 @@ def socket_lock_path(socket: Path) -> Path:
 def agent_key_file(data_dir: Path, agent: str) -> Path:
     """Where the key of `agent` is kept for the MCP bridge: `<data_dir>/keys/<agent>.key`."""
     return data_dir / KEYS_DIR / f"{agent}.key"
+
+
+def lock_holder(address: str) -> dict[str, Any] | None:
+    """What the daemon holding the lock of a unix `address` wrote there (pid, data
+    dir, listen, backend), or None when no daemon holds it."""
+    import fcntl  # not on Windows, where there are no unix sockets to lock
+
+    socket = unix_socket_path(address)
+    if socket is None:
+        return None
+    try:
+        fd = os.open(socket_lock_path(socket), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder: dict[str, Any] = json.loads(os.pread(fd, 65536, 0) or b"{}")
+            return holder
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None  # we got the lock: nobody holds it
+    except (ValueError, OSError):
+        return {}
+    finally:
+        os.close(fd)

@@ -22,9 +22,12 @@ from pathlib import Path
 
 from legato.common.paths import (
     LOG_NAME,
+    SOCKET_NAME,
     UnsafeAddress,
     daemon_environment,
     default_data_dir,
+    default_runtime_dir,
+    lock_holder,
     private_dir,
 )
 from legato.common.tls import TLSError
@@ -230,6 +233,9 @@ def detach(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
     output appended to the log; returns 0 once it reports SERVING, else its exit
     status with the end of its log."""
     data_dir = private_dir(Path(args.data_dir) if args.data_dir else default_data_dir())
+    address = args.listen or f"unix:{default_runtime_dir() / SOCKET_NAME}"
+    if _already_serving(address, data_dir):
+        return 0
     log_path = data_dir / LOG_NAME
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     started_at = os.lseek(log_fd, 0, os.SEEK_END)
@@ -272,6 +278,8 @@ def detach(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
         return 1
     # End of file: the child is exiting, or has; its status is coming.
     child.wait()
+    if _already_serving(address, data_dir):  # another starter's daemon won the race
+        return 0
     with log_path.open("rb") as log_file:
         log_file.seek(started_at)
         tail = log_file.read().decode(errors="replace").strip().splitlines()[-5:]
@@ -280,6 +288,23 @@ def detach(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
     print(f"legato: the daemon did not start (exit {child.returncode}); log: {log_path}",
           file=sys.stderr)  # fmt: skip
     return child.returncode or 1
+
+
+def _already_serving(address: str, data_dir: Path) -> bool:
+    """Whether a daemon on `data_dir` already serves the unix socket `address`; if so,
+    says where. A daemon there on another data dir is for the child to refuse."""
+    try:
+        holder = lock_holder(address)
+    except UnsafeAddress:
+        return False  # the child says why
+    if not holder or Path(holder.get("data_dir", "")) != data_dir.absolute():
+        return False
+    print(
+        f"legato already serving on {address} (pid {holder.get('pid')}, data dir {data_dir}); "
+        "`legato status` shows it, `legato stop` stops it",
+        flush=True,
+    )
+    return True
 
 
 def _read_ready(fd: int, timeout: float) -> str | None:
