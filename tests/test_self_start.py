@@ -595,3 +595,20 @@ async def test_the_daemon_does_not_inherit_the_key_of_the_client_that_started_it
     pid = user.daemon_pid()
     assert pid is not None
     assert key.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+
+
+async def test_mcp_config_with_an_agents_key_in_the_env_says_how_to_act_as_admin(
+    user: User,
+) -> None:
+    """Before: "only an admin can list agents; agent 'coder' is not one", with no word
+    of where that key came from."""
+    assert (await user.legato("agent", "add", "coder")).code == 0
+    key = (user.data_dir / "keys" / "coder.key").read_text().strip()
+    ran = await user.legato(
+        "mcp", "config", "--client", "claude", "--agent", "researcher",
+        env={"LEGATO_AGENT_KEY": key},
+    )  # fmt: skip
+    assert ran.code == 1 and ran.stdout == ""
+    assert "agent coder (LEGATO_AGENT_KEY)" in ran.stderr
+    assert "unset LEGATO_AGENT_KEY" in ran.stderr
+    assert (await user.legato("mcp", "config", "--client", "claude", "--agent", "x")).code == 0

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from legato.client._sync import Client
 from legato.client.cli.agents import default_labels, keep_key
 from legato.client.cli.output import Output
-from legato.client.errors import UnauthenticatedError
+from legato.client.errors import PermissionDeniedError, UnauthenticatedError
 from legato.client.local import (
     is_local_default,
     key_file,
@@ -124,11 +124,30 @@ def _kept_key(client: Client, agent: str) -> str:
     return key
 
 
+def _needs_admin(args: argparse.Namespace, client: Client, agent: str) -> str:
+    """Why `--agent` was refused to a non-admin key, and how to act as the admin."""
+    if args.as_agent:
+        source, drop = f"--as {args.as_agent}", f"leave out --as {args.as_agent}"
+    elif args.key:
+        source, drop = "--key", "leave out --key"
+    else:
+        source, drop = "LEGATO_AGENT_KEY", "unset LEGATO_AGENT_KEY"
+    return (
+        f"legato: --agent {agent} creates or checks an agent, which takes the admin key; this "
+        f"command used the key of agent {client.whoami().name} ({source}). Act as the admin: "
+        f"{drop} (the admin key of your daemon is then used) or pass --key ADMIN_KEY. Without "
+        f"--agent, this prints the configuration of {source}'s own agent"
+    )
+
+
 def cmd_mcp_config(client: Client, args: argparse.Namespace, out: Output) -> int:
     """Prints the MCP configuration for an agent: the daemon, this executable, no key."""
     if args.agent:
         agent = args.agent
-        known = {a.name: a for a in client.list_agents(include_revoked=True)}
+        try:
+            known = {a.name: a for a in client.list_agents(include_revoked=True)}
+        except PermissionDeniedError:
+            raise SystemExit(_needs_admin(args, client, agent)) from None
         if agent not in known:
             _, key = client.create_agent(agent, labels=args.label or default_labels(agent))
             print(f"legato: created agent {agent}", file=sys.stderr)
