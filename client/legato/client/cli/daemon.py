@@ -82,7 +82,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             if name in report:
                 print(f"  {name.replace('_', ' ') + ':':<10} {report[name]}")
         if state == "UNREACHABLE" and not holder:
-            print("  start it with `legato serve --detach` (or any `legato` command starts it)")
+            print(
+                "  start it with `legato serve --detach` (a command that talks to it, such as "
+                "`legato task list`, also starts it; `status`, `stop` and `doctor` only look)"
+            )
     return 0 if state == "SERVING" else EXIT_NOT_RUNNING
 
 
