@@ -612,3 +612,29 @@ async def test_mcp_config_with_an_agents_key_in_the_env_says_how_to_act_as_admin
     assert "agent coder (LEGATO_AGENT_KEY)" in ran.stderr
     assert "unset LEGATO_AGENT_KEY" in ran.stderr
     assert (await user.legato("mcp", "config", "--client", "claude", "--agent", "x")).code == 0
+
+
+async def test_appending_the_codex_table_twice_leaves_the_file_valid(user: User) -> None:
+    """Before, a second `>> ~/.codex/config.toml` appended a second [mcp_servers.legato]
+    table, and Codex refused the file."""
+    config = user.home / "config.toml"
+    config.write_text('model = "o3"\n')
+
+    async def append(*args: str) -> Ran:
+        with config.open("a") as file:
+            process = await asyncio.create_subprocess_exec(
+                str(LEGATO), "mcp", "config", "--client", "codex", *args,
+                env=user.env, stdout=file, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            _, err = await asyncio.wait_for(process.communicate(), GUARD)
+        assert process.returncode is not None
+        return Ran(process.returncode, "", err.decode())
+
+    assert (await append("--agent", "coder")).code == 0
+    again = await append("--agent", "coder")
+    assert again.code == 0 and "already" in again.stderr, again.stderr
+    other = await append("--agent", "researcher")
+    assert other.code == 1 and "Remove that table first" in other.stderr
+    parsed = tomllib.loads(config.read_text())
+    assert parsed["model"] == "o3"
+    assert parsed["mcp_servers"]["legato"]["args"] == ["mcp", "--agent", "coder"]

@@ -181,9 +181,42 @@ def cmd_mcp_config(client: Client, args: argparse.Namespace, out: Output) -> int
             "legato: say which agent the MCP client acts as: --agent NAME (created if new), "
             "or --key / LEGATO_AGENT_KEY with that agent's key"
         )
+    text = snippet(args.client, agent, client)
+    if args.client == "codex" and _codex_table_already_there(text):
+        return 0
     print(f"# {args.client}: {MCP_FILES[args.client]}", file=sys.stderr)
-    print(snippet(args.client, agent, client), end="")
+    print(text, end="")
     return 0
+
+
+def _codex_table_already_there(table: str) -> bool:
+    """When stdout is appended to a TOML file that has an `[mcp_servers.legato]` table
+    already (`>> ~/.codex/config.toml` run twice), a second would break the file
+    (\"Cannot declare ('mcp_servers', 'legato') twice\"). The same table: True, nothing
+    to append. Another: refuses, naming it. Anything else: False, print it."""
+    import stat
+    import tomllib
+
+    try:
+        if not stat.S_ISREG(os.fstat(sys.stdout.fileno()).st_mode):
+            return False
+        with open(f"/dev/fd/{sys.stdout.fileno()}", "rb") as file:
+            existing = tomllib.load(file).get("mcp_servers", {}).get("legato")
+    except (OSError, ValueError):  # not a file we can read back, or not TOML
+        return False
+    if existing is None:
+        return False
+    if existing == tomllib.loads(table)["mcp_servers"]["legato"]:
+        print(
+            "legato: that file has this [mcp_servers.legato] table already; left as it is",
+            file=sys.stderr,
+        )
+        return True
+    raise SystemExit(
+        f"legato: that file has an [mcp_servers.legato] table already (args {existing.get('args')}"
+        "); a second would break it. Remove that table first, or pick the agent per session "
+        "with codex -c 'mcp_servers.legato.args=[...]'"
+    )
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
