@@ -638,3 +638,17 @@ async def test_appending_the_codex_table_twice_leaves_the_file_valid(user: User)
     parsed = tomllib.loads(config.read_text())
     assert parsed["model"] == "o3"
     assert parsed["mcp_servers"]["legato"]["args"] == ["mcp", "--agent", "coder"]
+
+
+async def test_an_agent_name_never_leads_a_key_file_out_of_keys(user: User) -> None:
+    """Before, `--as ../admin` read `<data_dir>/admin.key` and acted as the admin."""
+    from legato.common.paths import AGENT_NAME_RE
+    from legato.server.agents import NAME_RE
+
+    assert AGENT_NAME_RE.pattern == NAME_RE.pattern  # the daemon's own rule
+    assert (await user.legato("agent", "add", "coder")).code == 0  # keys/ and admin.key exist
+    ran = await user.legato("agent", "whoami", "--as", "../admin")
+    assert ran.code == 1 and "not an agent name" in ran.stderr, ran
+    assert ran.stdout == ""
+    bridge = await user.legato("mcp", "--agent", "../admin")
+    assert bridge.code == 1 and "not an agent name" in bridge.stderr

@@ -675,7 +675,11 @@ def run(*, agent: str | None = None, address: str | None = None) -> int:
     )
     api_key = None
     if agent:
-        api_key = read_agent_key(agent)
+        try:
+            api_key = read_agent_key(agent)
+        except ValueError as exc:
+            print(f"legato mcp: --agent {exc}", file=sys.stderr)
+            return 1
         if api_key is None:
             print(
                 f"legato mcp: no key file for agent {agent} at {key_file(agent)}; run `legato "

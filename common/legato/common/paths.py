@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -122,8 +123,21 @@ def socket_lock_path(socket: Path) -> Path:
     return socket.with_name(socket.name + SOCKET_LOCK_SUFFIX)
 
 
+# An agent's name as the daemon allows it (`legato.server.agents.NAME_RE`): no
+# separator, no leading dot, so a name never leads a key file out of keys/.
+AGENT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+
+
 def agent_key_file(data_dir: Path, agent: str) -> Path:
-    """Where the key of `agent` is kept for the MCP bridge: `<data_dir>/keys/<agent>.key`."""
+    """Where the key of `agent` is kept for the MCP bridge: `<data_dir>/keys/<agent>.key`.
+
+    Raises `ValueError` for a name no agent can have (`../admin`).
+    """
+    if not AGENT_NAME_RE.fullmatch(agent):
+        raise ValueError(
+            f"{agent!r} is not an agent name: 1 to 63 of a-z, 0-9, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
     return data_dir / KEYS_DIR / f"{agent}.key"
 
 
