@@ -652,3 +652,23 @@ async def test_an_agent_name_never_leads_a_key_file_out_of_keys(user: User) -> N
     assert ran.stdout == ""
     bridge = await user.legato("mcp", "--agent", "../admin")
     assert bridge.code == 1 and "not an agent name" in bridge.stderr
+
+
+async def test_task_watch_names_the_claimant_once(user: User) -> None:
+    """Before: "claimed by researcher  by researcher"."""
+    assert (await user.legato("agent", "add", "researcher")).code == 0
+    created = await user.legato("task", "create", "look it up", "-l", "@researcher")
+    assert (await user.legato("task", "claim", "--as", "researcher")).code == 0
+    watch = await asyncio.create_subprocess_exec(
+        str(LEGATO), "task", "watch", "--task", created.stdout.strip(), "--after-seq", "0",
+        env=user.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert watch.stdout is not None
+    try:
+        while b"claimed" not in (line := await asyncio.wait_for(watch.stdout.readline(), GUARD)):
+            assert line, "the watch ended before the claim"
+    finally:
+        watch.kill()
+        await watch.wait()
+    assert line.decode().count("researcher") == 2, line  # its label, and who claimed it
+    assert line.decode().rstrip().endswith("by researcher")

@@ -59,7 +59,9 @@ def event_json(event: TaskEvent) -> dict[str, Any]:
     return document
 
 
-def task_line(task: Task) -> str:
+def task_line(task: Task, *, claimant: bool = True) -> str:
+    """One line of `task`; `claimant=False` leaves out who claimed it (an event's line
+    says who acted instead)."""
     parts = [
         task.id,
         task.status.value,
@@ -67,7 +69,7 @@ def task_line(task: Task) -> str:
         # As the daemon counts toward max_attempts: handed-back attempts do not count.
         f"attempt {task.attempt - task.released}/{task.max_attempts}",
     ]
-    if task.claimed_by and task.status is TaskStatus.CLAIMED:
+    if claimant and task.claimed_by and task.status is TaskStatus.CLAIMED:
         parts.append(f"claimed by {task.claimed_by}")
     return "  ".join(parts)
 
@@ -209,7 +211,7 @@ class Output:
         if self.as_json:
             print(dump(event_json(event)), flush=True)
         else:
-            line = f"{event.seq:>6}  {event.type.value:<9}  {task_line(event.task)}"
+            line = f"{event.seq:>6}  {event.type.value:<9}  {task_line(event.task, claimant=False)}"
             print(f"{line}  by {event.actor}", flush=True)
 
     def agent(self, agent: Agent) -> None:
