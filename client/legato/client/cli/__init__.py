@@ -135,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_client_tls(connection)
     common = argparse.ArgumentParser(add_help=False, parents=[connection])
-    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of text: one object a line (JSON Lines) for lists and streams",
+    )
     parents = Parents(connection, common)
 
     parser = argparse.ArgumentParser(
