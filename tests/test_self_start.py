@@ -241,7 +241,10 @@ async def test_two_clients_starting_at_once_end_with_one_daemon(user: User) -> N
     assert f"pid {pid}" in stopped.stdout
     status = await user.legato("status", "--json")
     assert status.code == 3
-    assert json.loads(status.stdout)["status"] == "UNREACHABLE"
+    report = json.loads(status.stdout)
+    assert report["status"] == "UNREACHABLE"
+    # Before: gRPC's "failed to connect to all addresses; last error: ...".
+    assert report["detail"] == f"no socket at {user.address.removeprefix('unix:')}"
     # The loser's daemon left no trace behind: nothing else holds the socket.
     assert user.daemon_pid() in (None, pid)
 

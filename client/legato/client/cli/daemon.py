@@ -71,6 +71,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if holder.get("data_dir"):
             report["log"] = str(Path(holder["data_dir"]) / LOG_NAME)
+    socket = unix_socket_path(address)
+    if state == "UNREACHABLE" and not holder and socket is not None:
+        # Nothing runs there: gRPC's words for it ("failed to connect to all
+        # addresses; last error: FAILED_PRECONDITION: ...") say no more than that.
+        detail = (
+            f"a socket left behind at {socket}; no daemon holds it"
+            if socket.exists()
+            else f"no socket at {socket}"
+        )
     if detail:
         report["detail"] = detail
     if args.json:
