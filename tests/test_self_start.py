@@ -675,3 +675,18 @@ async def test_task_watch_names_the_claimant_once(user: User) -> None:
         await watch.wait()
     assert line.decode().count("researcher") == 2, line  # its label, and who claimed it
     assert line.decode().rstrip().endswith("by researcher")
+
+
+async def test_two_detached_starts_at_once_both_succeed_and_log_no_failure(user: User) -> None:
+    """Two starters at once (two bridges, say): the loser's daemon finds the socket or
+    data dir taken. Before, that was "another legato daemon ... already serving" in
+    legato.log and, for `serve --detach`, exit 1."""
+    first, second = await asyncio.gather(
+        user.legato("serve", "--detach"), user.legato("serve", "--detach")
+    )
+    assert (first.code, second.code) == (0, 0), (first.stderr, second.stderr)
+    pid = user.daemon_pid()
+    assert pid is not None
+    assert any("already serving" in ran.stdout for ran in (first, second))
+    log = (user.data_dir / "legato.log").read_text()
+    assert "another legato daemon" not in log and "did not start" not in log, log

@@ -39,6 +39,10 @@ READY_FD_ENV = "LEGATO_READY_FD"
 # A daemon on SQLite is SERVING in a fraction of a second; PostgreSQL
 # migrations under a lock held by other daemons may take longer.
 DETACH_TIMEOUT = 60.0
+# What the child writes to the ready descriptor instead of its address when
+# another daemon holds its data dir or socket: its parent decides whether that
+# is the daemon asked for (two starters at once) or a conflict to report.
+REFUSED_PREFIX = "refused: "
 
 
 def _positive_int(text: str) -> int:
@@ -212,7 +216,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         run_event_loop(serve_and_report())
-    except (AlreadyRunning, UnsafeAddress, TLSError, ValueError) as exc:
+    except AlreadyRunning as exc:
+        if ready_fd:
+            one_line = str(exc).replace("\n", " ")
+            os.write(int(ready_fd), f"{REFUSED_PREFIX}{one_line}\n".encode())
+        else:
+            print(f"legato: {exc}", file=sys.stderr)
+        return 1
+    except (UnsafeAddress, TLSError, ValueError) as exc:
         print(f"legato: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -259,17 +270,26 @@ def detach(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
         os.close(write_end)
         os.close(log_fd)
     try:
-        address = _read_ready(read_end, DETACH_TIMEOUT)
+        ready = _read_ready(read_end, DETACH_TIMEOUT)
     finally:
         os.close(read_end)
-    if address:
+    if ready and ready.startswith(REFUSED_PREFIX):
+        child.wait()
+        if _already_serving(address, data_dir):  # another starter's daemon won the race
+            return 0
+        refusal = f"legato: {ready.removeprefix(REFUSED_PREFIX)}"
+        with log_path.open("a") as log_file:  # for the record, as any failed start
+            print(refusal, file=log_file)
+        print(refusal, file=sys.stderr)
+        return child.returncode or 1
+    if ready:
         print(
-            f"legato serving on {address} in the background (pid {child.pid}, data dir "
+            f"legato serving on {ready} in the background (pid {child.pid}, data dir "
             f"{data_dir}, log {log_path}); `legato status` shows it, `legato stop` stops it",
             flush=True,
         )
         return 0
-    if address is None:
+    if ready is None:
         print(
             f"legato: the daemon (pid {child.pid}) did not report SERVING within "
             f"{DETACH_TIMEOUT:g} s; it is still running: see {log_path}",
@@ -278,8 +298,6 @@ def detach(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
         return 1
     # End of file: the child is exiting, or has; its status is coming.
     child.wait()
-    if _already_serving(address, data_dir):  # another starter's daemon won the race
-        return 0
     with log_path.open("rb") as log_file:
         log_file.seek(started_at)
         tail = log_file.read().decode(errors="replace").strip().splitlines()[-5:]
