@@ -2,7 +2,10 @@
 
 Each agent starts one `legato mcp --agent NAME` over stdio; its key comes from
 the agent's key file in the data dir (or `LEGATO_AGENT_KEY`), never from the
-MCP client's configuration. The bridge keeps the lease
+MCP client's configuration, and is read again when the daemon refuses it (a
+new key from `legato mcp config --new-key` is taken up without a restart). A
+bridge of the user's default daemon starts it when it finds none, at launch
+and when a call finds it gone. The bridge keeps the lease
 tokens of the tasks it claimed and heartbeats them in the background, so a
 model never copies a token around. stdout carries only MCP messages: logs go
 to stderr.
