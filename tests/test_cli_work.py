@@ -309,6 +309,13 @@ def test_sigint_stops_the_command_and_releases_the_task_for_another_worker(
     assert worker.returncode == 130, stderr
     assert f"released {handle.id}" in stderr
     assert gone(pid)  # the command was stopped, not left running
+    # Shown as the daemon counts it toward max_attempts: the handed-back one is not.
+    shown = legato(daemon, "task", "get", handle.id, key=key)
+    assert "attempt 1/3" in shown.stdout and "requeued:" in shown.stdout, shown.stdout
+    again = start(processes, daemon, "work", "@slow", "--once", "--", "true", key=key)
+    _, stderr = again.communicate(timeout=GUARD)
+    assert again.returncode == 0, stderr
+    assert "attempt 1/3" in stderr  # before: 2/3
 
 
 def test_a_canceled_task_stops_its_command(

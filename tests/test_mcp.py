@@ -220,7 +220,8 @@ async def test_a_stopped_daemon_and_a_revoked_key_give_useful_tool_errors(
         # The bridge keeps serving: the next call is answered, not crashed.
         assert "refused this agent's key" in await refused(coder, "get_task", id="t_x")
     async with mcp_client(build_server(address=daemon.config.address, api_key="")) as unset:
-        assert "LEGATO_AGENT_KEY" in await refused(unset, "list_my_tasks")
+        unconfigured = await refused(unset, "list_my_tasks")
+        assert "LEGATO_AGENT_KEY" in unconfigured and "legato mcp --agent NAME" in unconfigured
 
 
 async def test_legato_mcp_over_stdio_carries_only_protocol_on_stdout(
@@ -606,3 +607,33 @@ async def test_a_bridge_told_to_stop_hands_its_claims_back(
         task = await coder.get_task(handle.id)
         assert task.status.value == "pending"
         assert task.released == 1
+
+
+async def test_handed_back_attempts_are_not_counted_and_leave_no_error_behind(
+    daemon: Daemon, agent_key: Callable[..., Awaitable[str]], admin: AsyncClient
+) -> None:
+    """A bridge that ends hands its claim back: before, the next claimant read
+    `"attempt": 5, "max_attempts": 3` and the last one's "the worker stopped..."
+    as the task's error, on every view of it until it finished."""
+    key = await agent_key("researcher")
+
+    def bridge() -> Client:
+        return mcp_client(build_server(address=daemon.config.address, api_key=key))
+
+    handle = await admin.create_task("x", labels=["@researcher"], max_attempts=3)
+    for _ in range(4):
+        async with bridge() as researcher:
+            claimed = await call(researcher, "claim_task")
+            assert claimed["task"]["id"] == handle.id
+        # Closed: the claim went back.
+    async with bridge() as researcher:
+        claimed = (await call(researcher, "claim_task"))["task"]
+        assert (claimed["attempt"], claimed["max_attempts"]) == (1, 3)
+        assert claimed.get("error") is None, claimed
+        assert (await admin.get_task(handle.id)).error == ""  # the daemon's too
+        shown = await call(researcher, "get_task", id=handle.id, full=True)
+        assert (shown["status"], shown["attempt"], shown.get("error")) == ("claimed", 1, None)
+        asked = await call(researcher, "ask_creator", id=handle.id, question="?", wait_seconds=0)
+        assert asked["task"].get("error") is None
+    task = await admin.get_task(handle.id)
+    assert (task.attempt, task.released) == (6, 5)

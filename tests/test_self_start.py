@@ -241,7 +241,10 @@ async def test_two_clients_starting_at_once_end_with_one_daemon(user: User) -> N
     assert f"pid {pid}" in stopped.stdout
     status = await user.legato("status", "--json")
     assert status.code == 3
-    assert json.loads(status.stdout)["status"] == "UNREACHABLE"
+    report = json.loads(status.stdout)
+    assert report["status"] == "UNREACHABLE"
+    # Before: gRPC's "failed to connect to all addresses; last error: ...".
+    assert report["detail"] == f"no socket at {user.address.removeprefix('unix:')}"
     # The loser's daemon left no trace behind: nothing else holds the socket.
     assert user.daemon_pid() in (None, pid)
 
@@ -258,8 +261,9 @@ async def test_serve_detach_status_and_stop(user: User) -> None:
     assert report["data_dir"] == str(user.data_dir)
 
     twice = await user.legato("serve", "--detach")
-    assert twice.code == 1
-    assert "already" in twice.stderr
+    assert twice.code == 0, twice.stderr  # before: 1, "the daemon did not start"
+    assert f"already serving on {user.address} (pid {user.daemon_pid()}" in twice.stdout
+    assert "did not start" not in (user.data_dir / "legato.log").read_text()
 
     stopped = await user.legato("stop")
     assert stopped.code == 0, stopped.stderr
@@ -408,3 +412,281 @@ async def test_demo_cut_short_leaves_no_open_task_and_no_live_agent(user: User) 
         agents = [a for a in await admin.list_agents(include_revoked=True) if a.name != "admin"]
     assert tasks and all(task.status.terminal for task in tasks), tasks
     assert agents and all(agent.revoked for agent in agents)
+
+
+# What a new user walking through the README ran into.
+def _processes_with(marker: str) -> list[int]:
+    """The pids of processes whose environment holds `marker` (this test's own dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+async def test_an_abbreviated_detach_starts_one_daemon(user: User) -> None:
+    """Before, the child saw `--deta` (argparse takes abbreviations), detached again,
+    and so on without end; the first `legato serve` never heard SERVING."""
+    served = await asyncio.wait_for(user.legato("serve", "--deta"), 20)
+    assert served.code == 0, served.stderr
+    pid = user.daemon_pid()
+    assert pid is not None and f"pid {pid}" in served.stdout
+    assert _processes_with(f"LEGATO_DATA_DIR={user.data_dir}\0") == [pid]
+
+
+async def test_work_acts_as_an_agent_and_never_hands_the_admin_key_on(user: User) -> None:
+    """Before, `legato work` with no --as fell back to the admin key and exported it
+    to the command, as LEGATO_AGENT_KEY."""
+    refused = await user.legato("work", "@reviewer", "--once", "--", "env")
+    assert refused.code == 1
+    assert "--as NAME" in refused.stderr and "admin" in refused.stderr
+    assert (await user.legato("agent", "add", "reviewer")).code == 0
+    reviewer_key = (user.data_dir / "keys" / "reviewer.key").read_text().strip()
+    admin_key = (user.data_dir / "admin.key").read_text().strip()
+    for acting, key_seen in ((("--as", "reviewer"), reviewer_key), (("--key", admin_key), None)):
+        created = await user.legato("task", "create", "review this", "-l", "@reviewer")
+        assert created.code == 0, created.stderr
+        worked = await user.legato("work", "@reviewer", *acting, "--once", "--", "env")
+        assert worked.code == 0, worked.stderr
+        got = await user.legato("task", "get", created.stdout.strip(), "--json")
+        task = json.loads(got.stdout)
+        seen = [line for line in task["result"]["output"].splitlines()
+                if line.startswith("LEGATO_AGENT_KEY=")]  # fmt: skip
+        assert seen == ([f"LEGATO_AGENT_KEY={key_seen}"] if key_seen else []), acting
+        assert admin_key not in task["result"]["output"]
+
+
+async def test_rotating_the_admins_own_key_keeps_the_cli_working(user: User) -> None:
+    """Before, the new key went to keys/admin.key while every command kept reading the
+    old one from admin.key: `legato agent list` was refused, `doctor` failed."""
+    assert (await user.legato("agent", "list")).code == 0
+    old_key = (user.data_dir / "admin.key").read_text().strip()
+    rotated = await user.legato("agent", "rotate")
+    assert rotated.code == 0, rotated.stderr
+    new_key = (user.data_dir / "admin.key").read_text().strip()
+    assert new_key != old_key and new_key in rotated.stdout
+    assert oct((user.data_dir / "admin.key").stat().st_mode & 0o777) == "0o600"
+    listed = await user.legato("agent", "list")
+    assert listed.code == 0, listed.stderr
+    doctor = await user.legato("doctor")
+    assert "FAIL" not in doctor.stdout, doctor.stdout
+
+
+async def test_mcp_config_as_an_agent_keeps_that_agents_own_key(user: User) -> None:
+    """Before, `mcp config --as coder` with LEGATO_AGENT_KEY set to researcher's key
+    named the file after coder and wrote researcher's key in it."""
+    for name in ("coder", "researcher"):
+        assert (await user.legato("agent", "add", name)).code == 0
+    keys = user.data_dir / "keys"
+    coder_key = (keys / "coder.key").read_text().strip()
+    researcher_key = (keys / "researcher.key").read_text().strip()
+    ran = await user.legato(
+        "mcp", "config", "--client", "claude", "--as", "coder",
+        env={"LEGATO_AGENT_KEY": researcher_key},
+    )  # fmt: skip
+    assert ran.code == 0, ran.stderr
+    assert json.loads(ran.stdout)["mcpServers"]["legato"]["args"] == ["mcp", "--agent", "coder"]
+    assert (keys / "coder.key").read_text().strip() == coder_key
+    assert (keys / "researcher.key").read_text().strip() == researcher_key
+
+
+def _bridge(made: str) -> StdioServerParameters:
+    """What an MCP client with a bare environment runs: the snippet, PATH, nothing else."""
+    entry = json.loads(made)["mcpServers"]["legato"]
+    env = {"PATH": os.environ["PATH"], **entry["env"]}
+    return StdioServerParameters(command=entry["command"], args=entry["args"], env=env)
+
+
+async def test_a_bridge_without_the_users_runtime_dir_starts_the_daemon(user: User) -> None:
+    """Before, the snippet held the socket's address under XDG_RUNTIME_DIR; a bridge
+    whose MCP client passed no XDG_RUNTIME_DIR took it for somebody's deployment
+    and never started the daemon: every tool said it was unreachable."""
+    made = await user.legato("mcp", "config", "--client", "claude", "--agent", "coder")
+    assert made.code == 0, made.stderr
+    entry = json.loads(made.stdout)["mcpServers"]["legato"]
+    assert "LEGATO_ADDRESS" not in entry["env"]
+    assert (await user.legato("stop")).code == 0
+    assert user.daemon_pid() is None
+    async with Client(_bridge(made.stdout)) as coder:
+        listed = await asyncio.wait_for(coder.call_tool("list_my_tasks", {}), GUARD)
+        assert not listed.is_error, listed.content
+    assert user.daemon_pid() is not None
+
+
+async def test_a_running_bridge_takes_up_its_agents_new_key(user: User) -> None:
+    """Before, the bridge read its key file once: after `mcp config --new-key` every
+    tool call was refused until the MCP client restarted it."""
+    made = await user.legato("mcp", "config", "--client", "claude", "--agent", "coder")
+    assert made.code == 0, made.stderr
+    created = await user.legato("task", "create", "hold this", "-l", "@coder")
+    async with Client(_bridge(made.stdout)) as coder:
+        claimed = await asyncio.wait_for(coder.call_tool("claim_task", {}), GUARD)
+        assert not claimed.is_error, claimed.content
+        again = await user.legato(
+            "mcp", "config", "--client", "claude", "--agent", "coder", "--new-key"
+        )
+        assert again.code == 0, again.stderr
+        listed = await asyncio.wait_for(coder.call_tool("list_my_tasks", {}), GUARD)
+        assert not listed.is_error, listed.content
+        done = await asyncio.wait_for(
+            coder.call_tool("complete_task", {"id": created.stdout.strip(), "result": {"ok": 1}}),
+            GUARD,
+        )
+        assert not done.is_error, done.content
+        revoked = await user.legato("agent", "revoke", "coder")
+        assert revoked.code == 0, revoked.stderr
+        refused = await asyncio.wait_for(coder.call_tool("list_my_tasks", {}), GUARD)
+        assert refused.is_error and "--agent coder --new-key" in str(refused.content)
+
+
+async def test_a_bridge_starts_the_daemon_again_after_legato_stop(user: User) -> None:
+    """Before, every call after `legato stop` said to run `legato serve` (in the
+    foreground) or `make run`; the bridge had started the daemon only at launch."""
+    made = await user.legato("mcp", "config", "--client", "claude", "--agent", "coder")
+    assert made.code == 0, made.stderr
+    async with Client(_bridge(made.stdout)) as coder:
+        assert not (await asyncio.wait_for(coder.call_tool("list_my_tasks", {}), GUARD)).is_error
+        assert (await user.legato("stop")).code == 0
+        down = await asyncio.wait_for(coder.call_tool("list_my_tasks", {}), GUARD)
+        assert down.is_error and "started again" in str(down.content), down.content
+        assert user.daemon_pid() is not None
+        assert not (await asyncio.wait_for(coder.call_tool("list_my_tasks", {}), GUARD)).is_error
+
+
+async def test_stop_works_where_the_platform_has_no_pidfd(user: User) -> None:
+    """`os.pidfd_open` is Linux 5.3 and later only; elsewhere the attribute is missing,
+    as here. Before, `legato stop` died of an AttributeError, the daemon running on."""
+    assert (await user.legato("serve", "--detach")).code == 0
+    pid = user.daemon_pid()
+    assert pid is not None
+    stop = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import os, sys\ndel os.pidfd_open\nfrom legato.client.cli import main\n"
+        "sys.exit(main(['stop']))",
+        env=user.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(stop.communicate(), GUARD)
+    assert stop.returncode == 0, err.decode()
+    assert f"pid {pid}" in out.decode()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+async def test_the_daemon_does_not_inherit_the_key_of_the_client_that_started_it(
+    user: User,
+) -> None:
+    """Before, `/proc/<daemon>/environ` held the LEGATO_AGENT_KEY of the command that
+    started it, readable to anything that can read the daemon's environment."""
+    assert (await user.legato("agent", "add", "coder")).code == 0
+    assert (await user.legato("stop")).code == 0
+    key = (user.data_dir / "keys" / "coder.key").read_text().strip()
+    listed = await user.legato("task", "list", env={"LEGATO_AGENT_KEY": key})
+    assert listed.code == 0, listed.stderr
+    pid = user.daemon_pid()
+    assert pid is not None
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert f"LEGATO_DATA_DIR={user.data_dir}".encode() in environ
+    assert b"LEGATO_AGENT_KEY" not in environ and key.encode() not in environ
+    assert (await user.legato("stop")).code == 0
+    served = await user.legato("serve", "--detach", env={"LEGATO_AGENT_KEY": key})
+    assert served.code == 0, served.stderr
+    pid = user.daemon_pid()
+    assert pid is not None
+    assert key.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+
+
+async def test_mcp_config_with_an_agents_key_in_the_env_says_how_to_act_as_admin(
+    user: User,
+) -> None:
+    """Before: "only an admin can list agents; agent 'coder' is not one", with no word
+    of where that key came from."""
+    assert (await user.legato("agent", "add", "coder")).code == 0
+    key = (user.data_dir / "keys" / "coder.key").read_text().strip()
+    ran = await user.legato(
+        "mcp", "config", "--client", "claude", "--agent", "researcher",
+        env={"LEGATO_AGENT_KEY": key},
+    )  # fmt: skip
+    assert ran.code == 1 and ran.stdout == ""
+    assert "agent coder (LEGATO_AGENT_KEY)" in ran.stderr
+    assert "unset LEGATO_AGENT_KEY" in ran.stderr
+    assert (await user.legato("mcp", "config", "--client", "claude", "--agent", "x")).code == 0
+
+
+async def test_appending_the_codex_table_twice_leaves_the_file_valid(user: User) -> None:
+    """Before, a second `>> ~/.codex/config.toml` appended a second [mcp_servers.legato]
+    table, and Codex refused the file."""
+    config = user.home / "config.toml"
+    config.write_text('model = "o3"\n')
+
+    async def append(*args: str) -> Ran:
+        with config.open("a") as file:
+            process = await asyncio.create_subprocess_exec(
+                str(LEGATO), "mcp", "config", "--client", "codex", *args,
+                env=user.env, stdout=file, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            _, err = await asyncio.wait_for(process.communicate(), GUARD)
+        assert process.returncode is not None
+        return Ran(process.returncode, "", err.decode())
+
+    assert (await append("--agent", "coder")).code == 0
+    again = await append("--agent", "coder")
+    assert again.code == 0 and "already" in again.stderr, again.stderr
+    other = await append("--agent", "researcher")
+    assert other.code == 1 and "Remove that table first" in other.stderr
+    parsed = tomllib.loads(config.read_text())
+    assert parsed["model"] == "o3"
+    assert parsed["mcp_servers"]["legato"]["args"] == ["mcp", "--agent", "coder"]
+
+
+async def test_an_agent_name_never_leads_a_key_file_out_of_keys(user: User) -> None:
+    """Before, `--as ../admin` read `<data_dir>/admin.key` and acted as the admin."""
+    from legato.common.paths import AGENT_NAME_RE
+    from legato.server.agents import NAME_RE
+
+    assert AGENT_NAME_RE.pattern == NAME_RE.pattern  # the daemon's own rule
+    assert (await user.legato("agent", "add", "coder")).code == 0  # keys/ and admin.key exist
+    ran = await user.legato("agent", "whoami", "--as", "../admin")
+    assert ran.code == 1 and "not an agent name" in ran.stderr, ran
+    assert ran.stdout == ""
+    bridge = await user.legato("mcp", "--agent", "../admin")
+    assert bridge.code == 1 and "not an agent name" in bridge.stderr
+
+
+async def test_task_watch_names_the_claimant_once(user: User) -> None:
+    """Before: "claimed by researcher  by researcher"."""
+    assert (await user.legato("agent", "add", "researcher")).code == 0
+    created = await user.legato("task", "create", "look it up", "-l", "@researcher")
+    assert (await user.legato("task", "claim", "--as", "researcher")).code == 0
+    watch = await asyncio.create_subprocess_exec(
+        str(LEGATO), "task", "watch", "--task", created.stdout.strip(), "--after-seq", "0",
+        env=user.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert watch.stdout is not None
+    try:
+        while b"claimed" not in (line := await asyncio.wait_for(watch.stdout.readline(), GUARD)):
+            assert line, "the watch ended before the claim"
+    finally:
+        watch.kill()
+        await watch.wait()
+    assert line.decode().count("researcher") == 2, line  # its label, and who claimed it
+    assert line.decode().rstrip().endswith("by researcher")
+
+
+async def test_two_detached_starts_at_once_both_succeed_and_log_no_failure(user: User) -> None:
+    """Two starters at once (two bridges, say): the loser's daemon finds the socket or
+    data dir taken. Before, that was "another legato daemon ... already serving" in
+    legato.log and, for `serve --detach`, exit 1."""
+    first, second = await asyncio.gather(
+        user.legato("serve", "--detach"), user.legato("serve", "--detach")
+    )
+    assert (first.code, second.code) == (0, 0), (first.stderr, second.stderr)
+    pid = user.daemon_pid()
+    assert pid is not None
+    assert any("already serving" in ran.stdout for ran in (first, second))
+    log = (user.data_dir / "legato.log").read_text()
+    assert "another legato daemon" not in log and "did not start" not in log, log

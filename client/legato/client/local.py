@@ -17,26 +17,25 @@ and both clients wait for the first to be SERVING.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from legato.common.paths import (
     ADMIN_KEY_FILE,
+    APP,
     LOG_NAME,
     SOCKET_NAME,
     agent_key_file,
+    daemon_environment,
     default_data_dir,
     default_runtime_dir,
     private_dir,
-    socket_lock_path,
-    unix_socket_path,
 )
+from legato.common.paths import lock_holder as lock_holder  # where clients have found it
 
 # How long a client waits for a daemon that another client is starting.
 START_TIMEOUT = 30.0
@@ -58,6 +57,22 @@ def is_local_default(address: str | None) -> bool:
     default daemon, the one a client may start by itself."""
     address = address or os.environ.get("LEGATO_ADDRESS") or ""
     return not address or address == default_socket_address()
+
+
+def local_default_environment() -> dict[str, str]:
+    """What a process started elsewhere (an MCP client's bridge) needs in its environment
+    to take the same default socket as this one, and so to start its daemon itself:
+    the runtime dir this process uses, pinned. Paths only.
+
+    Not the socket's address: a bridge told an address treats it as somebody's
+    deployment and never starts a daemon for it.
+    """
+    if not sys.platform.startswith("linux"):
+        return {}  # the runtime dir comes from the platform, not the environment
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    # Empty when this process fell back to the temp dir: the bridge then does too,
+    # even if its own environment has an XDG_RUNTIME_DIR.
+    return {"XDG_RUNTIME_DIR": xdg if default_runtime_dir() == Path(xdg) / APP else ""}
 
 
 def health(address: str, *, timeout: float, wait: bool = False) -> str:
@@ -87,6 +102,7 @@ def ensure_daemon(address: str | None = None) -> bool:
     started = subprocess.run(
         [sys.executable, "-m", "legato.server", "--listen", target, "--detach"],
         stdin=subprocess.DEVNULL,
+        env=daemon_environment(),
         capture_output=True,
         text=True,
         check=False,
@@ -101,37 +117,13 @@ def ensure_daemon(address: str | None = None) -> bool:
             f"no legato daemon serves {target} and starting one failed: {why}. Start it "
             "yourself with `legato serve` to see why"
         )
-    if started.returncode == 0:
+    # `legato serve --detach` exits 0 too when a daemon was already serving (one that
+    # another client started meanwhile): only its "serving on" line means this one.
+    if started.returncode == 0 and started.stdout.startswith("legato serving on"):
         log = default_data_dir() / LOG_NAME
         print(f"legato: started the daemon on {target} (log: {log})", file=sys.stderr)
         return True
     return False
-
-
-def lock_holder(address: str) -> dict[str, Any] | None:
-    """What the daemon holding the lock of a unix `address` wrote there (pid, data
-    dir, listen, backend), or None when no daemon holds it."""
-    import fcntl
-
-    socket = unix_socket_path(address)
-    if socket is None:
-        return None
-    try:
-        fd = os.open(socket_lock_path(socket), os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder: dict[str, Any] = json.loads(os.pread(fd, 65536, 0) or b"{}")
-            return holder
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None  # we got the lock: nobody holds it
-    except (ValueError, OSError):
-        return {}
-    finally:
-        os.close(fd)
 
 
 def resolve_key(explicit: str | None) -> str:
@@ -140,7 +132,7 @@ def resolve_key(explicit: str | None) -> str:
         return explicit
     if os.environ.get("LEGATO_AGENT_KEY"):
         return os.environ["LEGATO_AGENT_KEY"]
-    admin_key = default_data_dir() / ADMIN_KEY_FILE
+    admin_key = admin_key_file()
     try:
         return admin_key.read_text().strip()
     except OSError:
@@ -168,9 +160,27 @@ def write_agent_key(agent: str, key: str) -> Path:
     path = key_file(agent)
     private_dir(path.parent.parent)
     private_dir(path.parent)
+    write_key_file(path, key)
+    return path
+
+
+def admin_key_file() -> Path:
+    """The admin key the daemon wrote to its data dir, which clients fall back to."""
+    return default_data_dir() / ADMIN_KEY_FILE
+
+
+def write_key_file(path: Path, key: str) -> None:
+    """Replaces the key file at `path` whole (0600): a reader sees the old key or the new
+    one, and after a power loss the file holds one of them, never nothing."""
     scratch = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as file:
         file.write(key + "\n")
+        file.flush()
+        os.fsync(file.fileno())
     scratch.replace(path)
-    return path
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)

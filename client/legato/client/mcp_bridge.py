@@ -2,7 +2,10 @@
 
 Each agent starts one `legato mcp --agent NAME` over stdio; its key comes from
 the agent's key file in the data dir (or `LEGATO_AGENT_KEY`), never from the
-MCP client's configuration. The bridge keeps the lease
+MCP client's configuration, and is read again when the daemon refuses it (a
+new key from `legato mcp config --new-key` is taken up without a restart). A
+bridge of the user's default daemon starts it when it finds none, at launch
+and when a call finds it gone. The bridge keeps the lease
 tokens of the tasks it claimed and heartbeats them in the background, so a
 model never copies a token around. stdout carries only MCP messages: logs go
 to stderr.
@@ -51,6 +54,9 @@ MAX_OUTPUT_CHARS = 32_000
 # A list shows this much of each task's request: enough to tell tasks apart.
 REQUEST_PREVIEW_CHARS = 80
 
+# The statuses whose `error` is the task's own: why it failed, or was canceled.
+ENDED_WITH_ERROR = (TaskStatus.FAILED, TaskStatus.CANCELED)
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -95,7 +101,10 @@ class TaskView(BaseModel):
     context: dict[str, Any] | None = None
     created_by: str | None = None
     claimed_by: str | None = None
-    attempt: int | None = None
+    attempt: int | None = Field(
+        default=None,
+        description="Attempts so far, as counted toward max_attempts (handed-back ones are not)",
+    )
     max_attempts: int | None = None
     deadline: datetime | None = None
     warnings: list[str] | None = WARNINGS
@@ -154,7 +163,8 @@ def view(
         id=task.id,
         status=task.status.value,
         result=task.result,
-        error=task.error or None,
+        # Only an ended task's: a requeued one's is why the last attempt ended.
+        error=task.error if task.error and task.status in ENDED_WITH_ERROR else None,
         question=task.question or None,
         answer=task.answer or None,
         parent_id=task.parent_id or None,
@@ -170,7 +180,7 @@ def view(
         shown.context = task.context
         shown.created_by = task.created_by
         shown.claimed_by = task.claimed_by or None
-        shown.attempt = task.attempt
+        shown.attempt = task.attempt - task.released  # as counted toward max_attempts
         shown.max_attempts = task.max_attempts
         shown.deadline = task.deadline
     elif listed:
@@ -192,9 +202,14 @@ def _status(status: str) -> TaskStatus:
 class Bridge:
     """One bridge process: its client of the daemon and the claims it holds."""
 
-    def __init__(self, address: str | None, api_key: str | None, max_wait: float):
+    def __init__(
+        self, address: str | None, api_key: str | None, max_wait: float, agent: str | None = None
+    ):
         self._address = address
         self._api_key = api_key
+        # Started as `legato mcp --agent NAME`: its key file may get a new key while
+        # the bridge runs (`legato mcp config --new-key`, `legato agent rotate`).
+        self.agent = agent
         self._client: AsyncClient | None = None
         self.max_wait = max_wait
         self.jobs: dict[str, AsyncJob] = {}
@@ -206,10 +221,44 @@ class Bridge:
                 self._client = AsyncClient(self._address, api_key=self._api_key)
             except ValueError as exc:
                 raise ToolError(
-                    f"legato is not configured: {exc}. Put LEGATO_AGENT_KEY in this MCP "
-                    "server's env (`legato mcp config --client ...` prints the snippet)"
+                    f"legato is not configured: {exc}. Ask the user to start this MCP server "
+                    "as `legato mcp --agent NAME`: `legato mcp config --client ... --agent NAME` "
+                    "prints the configuration and keeps the agent's key where it looks"
                 ) from None
         return self._client
+
+    def reload_key(self) -> bool:
+        """Re-reads the agent's key file; True if it holds another key, now in use."""
+        from legato.client.local import read_agent_key
+
+        if self.agent is None:
+            return False
+        key = read_agent_key(self.agent)
+        if not key or key == self._api_key:
+            return False
+        self._api_key = key
+        if self._client is not None:
+            # On the open client, not a new one: the claims it holds keep heartbeating
+            # through it. Every call reads its metadata afresh.
+            self._client._metadata = (("authorization", f"Bearer {key}"),)
+        return True
+
+    async def restart_daemon(self) -> bool:
+        """Starts this user's daemon if this bridge's address is the local default and
+        nothing serves it; True if it was started now."""
+        from legato.client.local import DaemonNotStarted, ensure_daemon
+
+        try:
+            started = await asyncio.to_thread(ensure_daemon, self._address)
+        except DaemonNotStarted as exc:
+            log.error("%s", exc)
+            return False
+        if started and self._client is not None:
+            # The channel waits out its reconnect backoff (up to 2 s) before it tries
+            # again: connected now, the model's next call goes through.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._client._channel.channel_ready(), 5.0)
+        return started
 
     def job(self, task_id: str) -> AsyncJob:
         job = self.jobs.get(task_id)
@@ -265,16 +314,35 @@ def _tool_errors(
         @functools.wraps(tool)
         async def run(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
+                try:
+                    return await tool(*args, **kwargs)
+                except UnauthenticatedError:
+                    if not bridge.reload_key():
+                        raise
+                # The key file has a new key: the refused call did nothing, so once more.
                 return await tool(*args, **kwargs)
             except UnavailableError:
+                if await bridge.restart_daemon():
+                    # Not repeated here: a call cut off mid-way may have been applied.
+                    raise ToolError(
+                        "the legato daemon was not running and has been started again; call "
+                        "the tool again"
+                    ) from None
                 raise ToolError(
                     f"the legato daemon is not reachable at {bridge.client.address}. Ask the user "
-                    "to start it with `legato serve` (or `make run` in the legato checkout)"
+                    "to run `legato status`, which says why; `legato serve --detach` starts it"
                 ) from None
             except UnauthenticatedError as exc:
+                if bridge.agent is not None:
+                    raise ToolError(
+                        f"legato refused the key of agent {bridge.agent} in its key file "
+                        f"({exc.message}). Ask the user to run `legato mcp config --client ... "
+                        f"--agent {bridge.agent} --new-key`; this session picks the new key up"
+                    ) from None
                 raise ToolError(
-                    f"legato refused this agent's key ({exc.message}). Ask the user for a current "
-                    "key: `legato mcp config --client ... --agent NAME` prints a new snippet"
+                    f"legato refused this agent's key ({exc.message}). Ask the user to put a "
+                    "current key in this MCP server's env and restart the MCP client, or to "
+                    "start it as `legato mcp --agent NAME` (`legato mcp config` prints that)"
                 ) from None
             except InvalidArgumentError as exc:
                 raise ToolError(_in_tool_terms(exc.message, terms or {})) from None
@@ -319,10 +387,12 @@ def build_server(
     address: str | None = None,
     api_key: str | None = None,
     max_wait_seconds: float = MAX_WAIT_SECONDS,
+    agent: str | None = None,
 ) -> Server:
     """The legato MCP server; `address` and `api_key` default to LEGATO_ADDRESS and
-    LEGATO_AGENT_KEY. No call waits longer than `max_wait_seconds`."""
-    bridge = Bridge(address, api_key, max_wait_seconds)
+    LEGATO_AGENT_KEY. No call waits longer than `max_wait_seconds`. With `agent`, a
+    refused key is read again from that agent's key file, and the call tried once more."""
+    bridge = Bridge(address, api_key, max_wait_seconds, agent)
     # On the server's own loop, while its channel still works.
     server = Server("legato", version=_version(), instructions=INSTRUCTIONS, on_close=bridge.close)
     tool_errors = _tool_errors(bridge)
@@ -608,7 +678,11 @@ def run(*, agent: str | None = None, address: str | None = None) -> int:
     )
     api_key = None
     if agent:
-        api_key = read_agent_key(agent)
+        try:
+            api_key = read_agent_key(agent)
+        except ValueError as exc:
+            print(f"legato mcp: --agent {exc}", file=sys.stderr)
+            return 1
         if api_key is None:
             print(
                 f"legato mcp: no key file for agent {agent} at {key_file(agent)}; run `legato "
@@ -621,5 +695,5 @@ def run(*, agent: str | None = None, address: str | None = None) -> int:
     except DaemonNotStarted as exc:
         # The tools say the daemon is unreachable, in words the model reads.
         logging.getLogger(__name__).error("%s", exc)
-    build_server(address=address, api_key=api_key).run()
+    build_server(address=address, api_key=api_key, agent=agent).run()
     return 0

@@ -39,7 +39,7 @@ from legato.client.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from legato.client.models import Task
+from legato.client.models import Role, Task
 
 # How often the loop that follows a running command looks at the stop flag and
 # at cancellation; output itself is forwarded as soon as it arrives.
@@ -277,7 +277,7 @@ class Worker:
         labels: Sequence[str],
         command: Sequence[str],
         *,
-        api_key: str,
+        api_key: str | None,
         lease: float,
         wait: float,
     ):
@@ -285,6 +285,7 @@ class Worker:
         self._labels = list(labels)
         self._command = list(command)
         self._api_key = api_key
+        self._admin: bool | None = None  # whether api_key is an admin's; asked once
         self._lease = lease
         self._wait = wait
         self._stop = threading.Event()
@@ -350,8 +351,12 @@ class Worker:
             LEGATO_TASK_FILE=str(task_file),
             LEGATO_TASK_ID=task.id,
             LEGATO_ADDRESS=self._client.address,
-            LEGATO_AGENT_KEY=self._api_key,
         )
+        key = self._command_key()
+        if key is None:
+            env.pop("LEGATO_AGENT_KEY", None)
+        else:
+            env["LEGATO_AGENT_KEY"] = key
         if self._client.tls is not None:  # given as flags, the command needs them too
             env.update(self._client.tls.environment())
         env.pop("LEGATO_TASK", None)
@@ -363,12 +368,26 @@ class Worker:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
+    def _command_key(self) -> str | None:
+        """The key the command gets: this worker's, but never an admin's, which can
+        revoke every agent and read every task, handed to what may be a model."""
+        if self._api_key is None or self._admin is False:
+            return self._api_key
+        if self._admin is None:
+            try:
+                self._admin = self._client.whoami().role is Role.ADMIN
+            except LegatoError:
+                return None  # asked again for the next task; none meanwhile
+            if self._admin:
+                self._status("working as an admin: the command gets no LEGATO_AGENT_KEY")
+        return None if self._admin else self._api_key
+
     def _handle(self, job: Job) -> bool:
         """Runs the command for one job and finishes the task; True if it is DONE."""
         task = job.task
         self._status(
-            f"claimed {task.id} ({' '.join(task.labels)}, attempt {task.attempt}/"
-            f"{task.max_attempts}): {_preview(task.content)}"
+            f"claimed {task.id} ({' '.join(task.labels)}, attempt "
+            f"{task.attempt - task.released}/{task.max_attempts}): {_preview(task.content)}"
         )
         fd, name = tempfile.mkstemp(prefix="legato-task-", suffix=".json")  # owner-only
         task_file = Path(name)

@@ -6,10 +6,13 @@ finds the daemon, its admin key and the agents' key files with no configuration.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -27,6 +30,20 @@ KEYS_DIR = "keys"
 # In the data dir: what a daemon started in the background (`legato serve
 # --detach`, or by a client that found none) writes to stdout and stderr.
 LOG_NAME = "legato.log"
+
+
+# What a client may hold in its environment that the daemon it starts must not
+# inherit: a key is a client's, and `/proc/PID/environ` shows the daemon's.
+CLIENT_SECRETS = ("LEGATO_AGENT_KEY",)
+
+
+def daemon_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """`environ` (default: this process's) without what only a client should hold."""
+    return {
+        name: value
+        for name, value in (os.environ if environ is None else environ).items()
+        if name not in CLIENT_SECRETS
+    }
 
 
 def default_data_dir() -> Path:
@@ -106,6 +123,45 @@ def socket_lock_path(socket: Path) -> Path:
     return socket.with_name(socket.name + SOCKET_LOCK_SUFFIX)
 
 
+# An agent's name as the daemon allows it (`legato.server.agents.NAME_RE`): no
+# separator, no leading dot, so a name never leads a key file out of keys/.
+AGENT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+
+
 def agent_key_file(data_dir: Path, agent: str) -> Path:
-    """Where the key of `agent` is kept for the MCP bridge: `<data_dir>/keys/<agent>.key`."""
+    """Where the key of `agent` is kept for the MCP bridge: `<data_dir>/keys/<agent>.key`.
+
+    Raises `ValueError` for a name no agent can have (`../admin`).
+    """
+    if not AGENT_NAME_RE.fullmatch(agent):
+        raise ValueError(
+            f"{agent!r} is not an agent name: 1 to 63 of a-z, 0-9, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
     return data_dir / KEYS_DIR / f"{agent}.key"
+
+
+def lock_holder(address: str) -> dict[str, Any] | None:
+    """What the daemon holding the lock of a unix `address` wrote there (pid, data
+    dir, listen, backend), or None when no daemon holds it."""
+    import fcntl  # not on Windows, where there are no unix sockets to lock
+
+    socket = unix_socket_path(address)
+    if socket is None:
+        return None
+    try:
+        fd = os.open(socket_lock_path(socket), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder: dict[str, Any] = json.loads(os.pread(fd, 65536, 0) or b"{}")
+            return holder
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None  # we got the lock: nobody holds it
+    except (ValueError, OSError):
+        return {}
+    finally:
+        os.close(fd)

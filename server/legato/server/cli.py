@@ -20,7 +20,16 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from legato.common.paths import LOG_NAME, UnsafeAddress, default_data_dir, private_dir
+from legato.common.paths import (
+    LOG_NAME,
+    SOCKET_NAME,
+    UnsafeAddress,
+    daemon_environment,
+    default_data_dir,
+    default_runtime_dir,
+    lock_holder,
+    private_dir,
+)
 from legato.common.tls import TLSError
 from legato.server.tls import ServerTLS
 
@@ -30,6 +39,10 @@ READY_FD_ENV = "LEGATO_READY_FD"
 # A daemon on SQLite is SERVING in a fraction of a second; PostgreSQL
 # migrations under a lock held by other daemons may take longer.
 DETACH_TIMEOUT = 60.0
+# What the child writes to the ready descriptor instead of its address when
+# another daemon holds its data dir or socket: its parent decides whether that
+# is the daemon asked for (two starters at once) or a conflict to report.
+REFUSED_PREFIX = "refused: "
 
 
 def _positive_int(text: str) -> int:
@@ -122,9 +135,17 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     if args.command == "backup":
         return cmd_backup(args)
-    if args.detach:
-        return detach(args, [a for a in argv[1:] if a != "--detach"])
+    # The child of `--detach` serves in the foreground whatever its arguments say:
+    # argparse takes any abbreviation of `--detach` (`--deta`), and a child that
+    # detached again would start another, and that one another, without end.
+    if args.detach and READY_FD_ENV not in os.environ:
+        return detach(args, [a for a in argv[1:] if not _is_detach(a)])
     return cmd_serve(args)
+
+
+def _is_detach(argument: str) -> bool:
+    """Whether argparse reads `argument` as `--detach` (it takes unique prefixes)."""
+    return len(argument) > len("--d") and "--detach".startswith(argument)
 
 
 def _server_tls(args: argparse.Namespace) -> ServerTLS | None:
@@ -195,7 +216,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         run_event_loop(serve_and_report())
-    except (AlreadyRunning, UnsafeAddress, TLSError, ValueError) as exc:
+    except AlreadyRunning as exc:
+        if ready_fd:
+            one_line = str(exc).replace("\n", " ")
+            os.write(int(ready_fd), f"{REFUSED_PREFIX}{one_line}\n".encode())
+        else:
+            print(f"legato: {exc}", file=sys.stderr)
+        return 1
+    except (UnsafeAddress, TLSError, ValueError) as exc:
         print(f"legato: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -216,6 +244,9 @@ def detach(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
     output appended to the log; returns 0 once it reports SERVING, else its exit
     status with the end of its log."""
     data_dir = private_dir(Path(args.data_dir) if args.data_dir else default_data_dir())
+    address = args.listen or f"unix:{default_runtime_dir() / SOCKET_NAME}"
+    if _already_serving(address, data_dir):
+        return 0
     log_path = data_dir / LOG_NAME
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     started_at = os.lseek(log_fd, 0, os.SEEK_END)
@@ -227,7 +258,7 @@ def detach(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
             stdout=log_fd,
             stderr=log_fd,
             pass_fds=(write_end,),
-            env={**os.environ, READY_FD_ENV: str(write_end)},
+            env={**daemon_environment(), READY_FD_ENV: str(write_end)},
             # Not the caller's working directory, which may be deleted or unmounted
             # long before the daemon stops.
             cwd=data_dir,
@@ -239,17 +270,26 @@ def detach(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
         os.close(write_end)
         os.close(log_fd)
     try:
-        address = _read_ready(read_end, DETACH_TIMEOUT)
+        ready = _read_ready(read_end, DETACH_TIMEOUT)
     finally:
         os.close(read_end)
-    if address:
+    if ready and ready.startswith(REFUSED_PREFIX):
+        child.wait()
+        if _already_serving(address, data_dir):  # another starter's daemon won the race
+            return 0
+        refusal = f"legato: {ready.removeprefix(REFUSED_PREFIX)}"
+        with log_path.open("a") as log_file:  # for the record, as any failed start
+            print(refusal, file=log_file)
+        print(refusal, file=sys.stderr)
+        return child.returncode or 1
+    if ready:
         print(
-            f"legato serving on {address} in the background (pid {child.pid}, data dir "
+            f"legato serving on {ready} in the background (pid {child.pid}, data dir "
             f"{data_dir}, log {log_path}); `legato status` shows it, `legato stop` stops it",
             flush=True,
         )
         return 0
-    if address is None:
+    if ready is None:
         print(
             f"legato: the daemon (pid {child.pid}) did not report SERVING within "
             f"{DETACH_TIMEOUT:g} s; it is still running: see {log_path}",
@@ -266,6 +306,23 @@ def detach(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
     print(f"legato: the daemon did not start (exit {child.returncode}); log: {log_path}",
           file=sys.stderr)  # fmt: skip
     return child.returncode or 1
+
+
+def _already_serving(address: str, data_dir: Path) -> bool:
+    """Whether a daemon on `data_dir` already serves the unix socket `address`; if so,
+    says where. A daemon there on another data dir is for the child to refuse."""
+    try:
+        holder = lock_holder(address)
+    except UnsafeAddress:
+        return False  # the child says why
+    if not holder or Path(holder.get("data_dir", "")) != data_dir.absolute():
+        return False
+    print(
+        f"legato already serving on {address} (pid {holder.get('pid')}, data dir {data_dir}); "
+        "`legato status` shows it, `legato stop` stops it",
+        flush=True,
+    )
+    return True
 
 
 def _read_ready(fd: int, timeout: float) -> str | None:

@@ -79,6 +79,9 @@ def claim(task: TaskRecord, *, actor: str, lease_token: str, lease_us: int, now:
         lease_us=lease_us,
         question="",
         answer="",
+        # Why the last attempt ended (released, lease expired, a retryable failure)
+        # is in that attempt's event; left here, it reads as this attempt's error.
+        error="",
     )
     return Change(claimed, EventType.CLAIMED)
 
@@ -237,7 +240,7 @@ def expire(task: TaskRecord, *, now: int) -> Change | None:
         return None
     reason = (
         f"lease of {task.claimed_by or 'the claimant'} expired on attempt "
-        f"{task.attempt} of {task.max_attempts}"
+        f"{task.counted_attempts} of {task.max_attempts}"
     )
     return _requeue_or_fail(task, reason, now)
 

@@ -4,9 +4,10 @@ One module a command group: `tasks` (`legato task ...`), `agents`
 (`legato agent ...`), `mcp` (`legato mcp`, `legato mcp config`), `work`
 (`legato work`, `legato demo`) and `daemon` (`legato status`, `stop`, `doctor`,
 `ui`). `legato serve` and `legato backup` are the daemon's own commands
-(`legato.server.cli`), handed over whole: the one place the client's command
-line reaches into the server package, lazily, so that the client library
-itself never imports it.
+(`legato.server.cli`), handed over whole. That and `legato doctor`, which
+runs the daemon's own checks of its files (`legato.server.ops`), are where
+the client's command line reaches into the server package, lazily, so that
+the client library itself never imports it.
 
 Human-readable output by default, `--json` for scripts. A usage error prints
 the usage and exits 2; any other error prints one line to stderr and exits 1.
@@ -134,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_client_tls(connection)
     common = argparse.ArgumentParser(add_help=False, parents=[connection])
-    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of text: one object a line (JSON Lines) for lists and streams",
+    )
     parents = Parents(connection, common)
 
     parser = argparse.ArgumentParser(

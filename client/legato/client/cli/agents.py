@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from legato.client._sync import Client
 from legato.client.cli.output import Output, agent_json, dump
-from legato.client.local import is_local_default, key_file, write_agent_key
+from legato.client.local import (
+    admin_key_file,
+    is_local_default,
+    key_file,
+    write_agent_key,
+    write_key_file,
+)
 from legato.client.models import Agent, Role
 
 if TYPE_CHECKING:
@@ -28,21 +34,26 @@ def keep_key(agent: str, key: str) -> str:
     return f"legato: kept the key of {agent} in {path} (mode 0600)"
 
 
-def keep_local_key(client: Client, agent: str, key: str) -> None:
+def keep_local_key(client: Client, agent: str, key: str) -> Path | None:
     """`agent add` and `agent rotate` keep the key file of an agent of this user's own
     daemon (the default one, or one whose data dir LEGATO_DATA_DIR names); another
-    daemon's agents get theirs from `legato mcp config` on the machine that needs it."""
+    daemon's agents get theirs from `legato mcp config` on the machine that needs it.
+    The key file, if kept."""
     if is_local_default(client.address) or os.environ.get("LEGATO_DATA_DIR"):
-        print(keep_key(agent, key), file=sys.stderr)
+        return write_agent_key(agent, key)
+    return None
 
 
-def print_new_key(agent: Agent, key: str, out: Output, verb: str) -> None:
+def print_new_key(agent: Agent, key: str, out: Output, verb: str, kept: Path | None) -> None:
     if out.as_json:
         print(dump({"agent": agent_json(agent), "api_key": key}))
         return
     labels = " ".join(agent.labels) or "no labels"
     print(f"agent {agent.name} {verb} ({agent.role.value}, {labels})")
-    print("API key (shown only now; legato keeps only its hash):\n")
+    if kept is None:
+        print("API key (shown only now; the daemon keeps only its hash):\n")
+    else:
+        print(f"API key (the daemon keeps only its hash; this machine keeps it in {kept}, 0600):\n")
     print(f"  export LEGATO_AGENT_KEY={key}\n")
 
 
@@ -51,8 +62,7 @@ def cmd_agent_add(client: Client, args: argparse.Namespace, out: Output) -> int:
 
     labels = [] if args.no_labels else (args.label or default_labels(args.name))
     agent, key = client.create_agent(args.name, labels=labels, role=args.role)
-    print_new_key(agent, key, out, "created")
-    keep_local_key(client, agent.name, key)
+    print_new_key(agent, key, out, "created", keep_local_key(client, agent.name, key))
     if args.mcp and not out.as_json:
         print(f"For {args.mcp}, add this to its MCP configuration ({MCP_FILES[args.mcp]}):\n")
         print(snippet(args.mcp, agent.name, client))
@@ -84,10 +94,25 @@ def cmd_agent_revoke(client: Client, args: argparse.Namespace, out: Output) -> i
     return 0
 
 
+def _admin_key_in_use(args: argparse.Namespace) -> bool:
+    """Whether the key of this command is the one in the data dir's admin.key."""
+    try:
+        return bool(args.api_key) and admin_key_file().read_text().strip() == args.api_key
+    except OSError:
+        return False
+
+
 def cmd_agent_rotate(client: Client, args: argparse.Namespace, out: Output) -> int:
+    # Rotating the key of admin.key itself: the new key goes there, or every command
+    # that falls back to it (and `legato doctor`) would be locked out.
+    own_file = _admin_key_in_use(args) and args.name in (None, "", client.whoami().name)
     agent, key = client.rotate_key(args.name or "")
-    print_new_key(agent, key, out, "has a new key")
-    keep_local_key(client, agent.name, key)
+    if own_file:
+        write_key_file(admin_key_file(), key)
+        kept: Path | None = admin_key_file()
+    else:
+        kept = keep_local_key(client, agent.name, key)
+    print_new_key(agent, key, out, "has a new key", kept)
     return 0
 
 

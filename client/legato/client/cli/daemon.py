@@ -71,6 +71,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if holder.get("data_dir"):
             report["log"] = str(Path(holder["data_dir"]) / LOG_NAME)
+    socket = unix_socket_path(address)
+    if state == "UNREACHABLE" and not holder and socket is not None:
+        # Nothing runs there: gRPC's words for it ("failed to connect to all
+        # addresses; last error: FAILED_PRECONDITION: ...") say no more than that.
+        detail = (
+            f"a socket left behind at {socket}; no daemon holds it"
+            if socket.exists()
+            else f"no socket at {socket}"
+        )
     if detail:
         report["detail"] = detail
     if args.json:
@@ -82,20 +91,45 @@ def cmd_status(args: argparse.Namespace) -> int:
             if name in report:
                 print(f"  {name.replace('_', ' ') + ':':<10} {report[name]}")
         if state == "UNREACHABLE" and not holder:
-            print("  start it with `legato serve --detach` (or any `legato` command starts it)")
+            print(
+                "  start it with `legato serve --detach` (a command that talks to it, such as "
+                "`legato task list`, also starts it; `status`, `stop` and `doctor` only look)"
+            )
     return 0 if state == "SERVING" else EXIT_NOT_RUNNING
 
 
-def _wait_exit(pid: int, timeout: float) -> bool:
-    """Whether process `pid` ended within `timeout`."""
+# Where there is no pidfd (not Linux, or Linux before 5.3): how often to look.
+EXIT_POLL_INTERVAL = 0.05
+
+
+def _watch(pid: int) -> int | None:
+    """A pidfd of process `pid`, opened before it is signalled so that its pid cannot be
+    reused under us; None where the platform has none (then its pid is polled)."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
     try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
+        fd: int = pidfd_open(pid)
+    except OSError as exc:  # ENOSYS on kernels before 5.3; ESRCH if it has exited
+        if isinstance(exc, ProcessLookupError):
+            raise
+        return None
+    return fd
+
+
+def _wait_exit(pid: int, watch: int | None, timeout: float) -> bool:
+    """Whether process `pid` (its pidfd `watch`, if any) ended within `timeout`."""
+    if watch is not None:
+        return bool(select.select([watch], [], [], timeout)[0])
+    give_up_at = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= give_up_at:
+            return False
+        time.sleep(EXIT_POLL_INTERVAL)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -112,13 +146,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return 0
     pid = int(holder["pid"])
     try:
-        watch = os.pidfd_open(pid)  # before the signal: the pid cannot be reused under us
+        watch = _watch(pid)
     except ProcessLookupError:
         return 0
     try:
-        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return 0
         started = time.monotonic()
-        if not select.select([watch], [], [], args.timeout)[0]:
+        if not _wait_exit(pid, watch, args.timeout):
             print(
                 f"legato: the daemon (pid {pid}) is still stopping after {args.timeout:g} s; "
                 f"its log: {Path(holder.get('data_dir', '.')) / LOG_NAME}",
@@ -126,7 +163,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
             )
             return 1
     finally:
-        os.close(watch)
+        if watch is not None:
+            os.close(watch)
     took = time.monotonic() - started
     print(f"legato stopped the daemon on {address} (pid {pid}) in {took:.1f} s")
     return 0

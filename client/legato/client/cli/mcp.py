@@ -19,8 +19,14 @@ from typing import TYPE_CHECKING, Any
 from legato.client._sync import Client
 from legato.client.cli.agents import default_labels, keep_key
 from legato.client.cli.output import Output
-from legato.client.errors import UnauthenticatedError
-from legato.client.local import key_file, read_agent_key
+from legato.client.errors import PermissionDeniedError, UnauthenticatedError
+from legato.client.local import (
+    is_local_default,
+    key_file,
+    local_default_environment,
+    read_agent_key,
+)
+from legato.common.paths import default_data_dir
 
 if TYPE_CHECKING:
     from legato.client.cli import Parents
@@ -75,12 +81,16 @@ def snippet(kind: str, agent: str, client: Client) -> str:
     address = client.address
     if address.startswith("unix:") and not address.startswith("unix:/"):
         address = f"unix:{Path(address.removeprefix('unix:')).resolve()}"
-    env = {"LEGATO_ADDRESS": address}
+    # This user's own daemon: the bridge finds the same default socket and may start
+    # the daemon itself (after a reboot, say), which it never does for an address it
+    # is given.
+    env = local_default_environment() if is_local_default(address) else {"LEGATO_ADDRESS": address}
     if client.tls is not None:
         env.update(client.tls.environment())
-    if os.environ.get("LEGATO_DATA_DIR"):
-        # Not the default data dir: the bridge must look for the key file there.
-        env["LEGATO_DATA_DIR"] = str(Path(os.environ["LEGATO_DATA_DIR"]).absolute())
+    if os.environ.get("LEGATO_DATA_DIR") or os.environ.get("XDG_DATA_HOME"):
+        # Not the default data dir: the bridge must look for the key file there,
+        # whatever environment its MCP client gives it.
+        env["LEGATO_DATA_DIR"] = str(default_data_dir().absolute())
     return config_snippet(kind, command=legato_executable(), agent=agent, env=env)
 
 
@@ -114,11 +124,30 @@ def _kept_key(client: Client, agent: str) -> str:
     return key
 
 
+def _needs_admin(args: argparse.Namespace, client: Client, agent: str) -> str:
+    """Why `--agent` was refused to a non-admin key, and how to act as the admin."""
+    if args.as_agent:
+        source, drop = f"--as {args.as_agent}", f"leave out --as {args.as_agent}"
+    elif args.key:
+        source, drop = "--key", "leave out --key"
+    else:
+        source, drop = "LEGATO_AGENT_KEY", "unset LEGATO_AGENT_KEY"
+    return (
+        f"legato: --agent {agent} creates or checks an agent, which takes the admin key; this "
+        f"command used the key of agent {client.whoami().name} ({source}). Act as the admin: "
+        f"{drop} (the admin key of your daemon is then used) or pass --key ADMIN_KEY. Without "
+        f"--agent, this prints the configuration of {source}'s own agent"
+    )
+
+
 def cmd_mcp_config(client: Client, args: argparse.Namespace, out: Output) -> int:
     """Prints the MCP configuration for an agent: the daemon, this executable, no key."""
     if args.agent:
         agent = args.agent
-        known = {a.name: a for a in client.list_agents(include_revoked=True)}
+        try:
+            known = {a.name: a for a in client.list_agents(include_revoked=True)}
+        except PermissionDeniedError:
+            raise SystemExit(_needs_admin(args, client, agent)) from None
         if agent not in known:
             _, key = client.create_agent(agent, labels=args.label or default_labels(agent))
             print(f"legato: created agent {agent}", file=sys.stderr)
@@ -140,9 +169,11 @@ def cmd_mcp_config(client: Client, args: argparse.Namespace, out: Output) -> int
                     "legato: --label is for a new agent; `legato agent update` changes labels",
                     file=sys.stderr,
                 )
-    elif args.key or os.environ.get("LEGATO_AGENT_KEY"):
+    elif args.as_agent or args.key or os.environ.get("LEGATO_AGENT_KEY"):
         # An agent's own key (e.g. on a remote agent's machine): kept in its key file.
-        key = args.key or os.environ["LEGATO_AGENT_KEY"]
+        # The key this command authenticated with, whose agent whoami names: with
+        # --as A, LEGATO_AGENT_KEY may hold another agent's key.
+        key = args.api_key
         agent = client.whoami().name
         print(keep_key(agent, key), file=sys.stderr)
     else:
@@ -150,9 +181,42 @@ def cmd_mcp_config(client: Client, args: argparse.Namespace, out: Output) -> int
             "legato: say which agent the MCP client acts as: --agent NAME (created if new), "
             "or --key / LEGATO_AGENT_KEY with that agent's key"
         )
+    text = snippet(args.client, agent, client)
+    if args.client == "codex" and _codex_table_already_there(text):
+        return 0
     print(f"# {args.client}: {MCP_FILES[args.client]}", file=sys.stderr)
-    print(snippet(args.client, agent, client), end="")
+    print(text, end="")
     return 0
+
+
+def _codex_table_already_there(table: str) -> bool:
+    """When stdout is appended to a TOML file that has an `[mcp_servers.legato]` table
+    already (`>> ~/.codex/config.toml` run twice), a second would break the file
+    (\"Cannot declare ('mcp_servers', 'legato') twice\"). The same table: True, nothing
+    to append. Another: refuses, naming it. Anything else: False, print it."""
+    import stat
+    import tomllib
+
+    try:
+        if not stat.S_ISREG(os.fstat(sys.stdout.fileno()).st_mode):
+            return False
+        with open(f"/dev/fd/{sys.stdout.fileno()}", "rb") as file:
+            existing = tomllib.load(file).get("mcp_servers", {}).get("legato")
+    except (OSError, ValueError):  # not a file we can read back, or not TOML
+        return False
+    if existing is None:
+        return False
+    if existing == tomllib.loads(table)["mcp_servers"]["legato"]:
+        print(
+            "legato: that file has this [mcp_servers.legato] table already; left as it is",
+            file=sys.stderr,
+        )
+        return True
+    raise SystemExit(
+        f"legato: that file has an [mcp_servers.legato] table already (args {existing.get('args')}"
+        "); a second would break it. Remove that table first, or pick the agent per session "
+        "with codex -c 'mcp_servers.legato.args=[...]'"
+    )
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:

@@ -59,14 +59,17 @@ def event_json(event: TaskEvent) -> dict[str, Any]:
     return document
 
 
-def task_line(task: Task) -> str:
+def task_line(task: Task, *, claimant: bool = True) -> str:
+    """One line of `task`; `claimant=False` leaves out who claimed it (an event's line
+    says who acted instead)."""
     parts = [
         task.id,
         task.status.value,
         " ".join(task.labels),
-        f"attempt {task.attempt}/{task.max_attempts}",
+        # As the daemon counts toward max_attempts: handed-back attempts do not count.
+        f"attempt {task.attempt - task.released}/{task.max_attempts}",
     ]
-    if task.claimed_by and task.status is TaskStatus.CLAIMED:
+    if claimant and task.claimed_by and task.status is TaskStatus.CLAIMED:
         parts.append(f"claimed by {task.claimed_by}")
     return "  ".join(parts)
 
@@ -120,8 +123,10 @@ def task_text(task: Task) -> str:
         lines.append(f"  context:    {dump(task.context)}")
     if task.result is not None:
         lines.append(f"  result:     {dump(task.result)}")
-    if task.error:
+    if task.error and task.status in (TaskStatus.FAILED, TaskStatus.CANCELED):
         lines.append(f"  error:      {task.error}")
+    elif task.error and task.status is TaskStatus.PENDING:
+        lines.append(f"  requeued:   {task.error}")  # why its last attempt ended
     if task.question:
         lines.append(f"  question:   {task.question}")
     if task.answer:
@@ -206,7 +211,7 @@ class Output:
         if self.as_json:
             print(dump(event_json(event)), flush=True)
         else:
-            line = f"{event.seq:>6}  {event.type.value:<9}  {task_line(event.task)}"
+            line = f"{event.seq:>6}  {event.type.value:<9}  {task_line(event.task, claimant=False)}"
             print(f"{line}  by {event.actor}", flush=True)
 
     def agent(self, agent: Agent) -> None:

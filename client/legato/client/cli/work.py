@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,19 @@ def _report_unreachable(address: str) -> logging.Handler:
     logger.addHandler(handler)
     logger.setLevel(min(logger.level or logging.INFO, logging.INFO))
     return handler
+
+
+def _work_key(explicit: str | None) -> str:
+    """`legato work`'s key: `--key`, else `LEGATO_AGENT_KEY`; never the admin key of
+    the data dir, which the command would get in its environment."""
+    key = explicit or os.environ.get("LEGATO_AGENT_KEY")
+    if not key:
+        raise SystemExit(
+            "legato: say which agent `legato work` works as: --as NAME (its key file; "
+            "`legato agent add NAME` creates it). It does not fall back to the admin key, "
+            "which the command would get as LEGATO_AGENT_KEY"
+        )
+    return key
 
 
 def cmd_work(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -119,7 +133,7 @@ def register(commands: Any, parents: Parents) -> None:
     work.add_argument(
         "--once", action="store_true", help="handle one task, then exit: 0 if it is done, else 1"
     )
-    work.set_defaults(run=cmd_work, precheck=_check_command)
+    work.set_defaults(run=cmd_work, precheck=_check_command, resolve_key=_work_key)
 
     demo = commands.add_parser(
         "demo",
