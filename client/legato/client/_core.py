@@ -363,17 +363,9 @@ class ClientCore:
         tls_key: PathLike | None = None,
     ):
         self.address = address or default_address()
-        key = api_key if api_key is not None else os.environ.get("LEGATO_AGENT_KEY", "")
-        if not key:
-            raise ValueError(
-                "no API key: pass api_key= or set LEGATO_AGENT_KEY "
-                "(`legato agent add NAME --label @LABEL` prints one)"
-            )
-        if any(c.isspace() for c in key):
-            raise ValueError("the API key has white space in it; paste it as printed (lgt_...)")
         self.timeout = timeout
-        # Sent with every call; the daemon keeps only the key's hash.
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {key}"),)
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self.use_key(api_key if api_key is not None else os.environ.get("LEGATO_AGENT_KEY", ""))
         self.tls = ClientTLS.resolve(tls_ca, tls_cert, tls_key)
         self._credentials: grpc.ChannelCredentials | None = None
         if self.tls is not None:
@@ -385,6 +377,22 @@ class ClientCore:
                 )
             self._credentials = self.tls.credentials()
         self._closed = False
+
+    def use_key(self, api_key: str) -> None:
+        """Makes every call from now on carry `api_key` (after a rotation, say).
+
+        Calls in flight, watch streams and the heartbeats of held jobs go on; each
+        later call, heartbeats included, authenticates with the new key.
+        """
+        if not api_key:
+            raise ValueError(
+                "no API key: pass api_key= or set LEGATO_AGENT_KEY "
+                "(`legato agent add NAME --label @LABEL` prints one)"
+            )
+        if any(c.isspace() for c in api_key):
+            raise ValueError("the API key has white space in it; paste it as printed (lgt_...)")
+        # Sent with every call; the daemon keeps only the key's hash.
+        self._metadata = (("authorization", f"Bearer {api_key}"),)
 
     def _rpc_error(self, exc: grpc.RpcError) -> RPCError:
         """The `RPCError` for a failed call; an unreachable daemon's says what TLS

@@ -239,8 +239,8 @@ class Bridge:
         self._api_key = key
         if self._client is not None:
             # On the open client, not a new one: the claims it holds keep heartbeating
-            # through it. Every call reads its metadata afresh.
-            self._client._metadata = (("authorization", f"Bearer {key}"),)
+            # through it.
+            self._client.use_key(key)
         return True
 
     async def restart_daemon(self) -> bool:
