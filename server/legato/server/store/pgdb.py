@@ -497,6 +497,8 @@ class PgDatabase:
         tx = Tx(conn, waits or not savepoints)
         deferred: list[_Job[Any]] = []
         done: list[_Job[Any]] = []
+        finish: Callable[[], None] | None = None
+        succeeded: list[Any] = []
         try:
             with conn.pipeline() as pipeline:
                 conn.execute("BEGIN")
@@ -533,14 +535,15 @@ class PgDatabase:
                     done.append(job)
                 else:
                     succeeded = [job.outcome for job in done if job.error is None]
-                    finish = self._before_commit(conn, succeeded) if succeeded else None
-                    conn.execute("COMMIT")
-                    if finish is not None:
-                        finish()  # sends COMMIT too, and fails if it does
-                    else:
-                        pipeline.sync()
                     if succeeded:
-                        self.committed(succeeded)
+                        finish = self._before_commit(conn, succeeded)
+                    conn.execute("COMMIT")
+                # Leaving the pipeline syncs: the counter's statement, COMMIT and
+                # the sync go out together, and their answers come back in one
+                # round trip (an error in either is raised here).
+            if finish is not None:
+                finish()  # its results are in: no round trip
+                self.committed(succeeded)
         except BaseException as exc:  # nothing of the group committed
             self._check_connection(conn, exc)
             with contextlib.suppress(psycopg.Error):

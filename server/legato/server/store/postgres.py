@@ -47,6 +47,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -79,7 +80,7 @@ from legato.server.store import (
     TaskPage,
     TaskQuery,
 )
-from legato.server.store.pgdb import BeforeCommit, Listener, PgDatabase, Tx
+from legato.server.store.pgdb import BeforeCommit, Contended, Listener, PgDatabase, Tx
 from legato.server.store.rows import (
     AGENT_COLUMNS,
     TASK_COLUMNS,
@@ -263,6 +264,43 @@ _TAKE_SEQ = (
     "%(s)s::text[]) WITH ORDINALITY AS u(r, ty, a, at, att, s, o)) "
     "SELECT last, pg_notify(%(channel)s, last::text) FROM c"
 )
+
+
+def _column_types() -> list[str]:
+    """The types of `TASK_COLUMNS`, from the table's definition: an INSERT ... SELECT
+    of parameters must say them (an untyped NULL would be text)."""
+    types = dict(re.findall(r"^\s+(\w+)\s+(\w+)", SCHEMA[0], re.MULTILINE))
+    return [types[column.strip()] for column in TASK_COLUMNS.split(",")]
+
+
+def _guarded_insert(waits: bool) -> str:
+    """A create without a parent in one statement: the task with the same
+    idempotency key, the creator's open count, and the insert of the task, its
+    labels and its count, made only if neither stops it. Inside a group (no
+    waiting) the insert also asks for the creator's lock, which it holds
+    already if the statement before got it."""
+    lock = "" if waits else " AND pg_try_advisory_xact_lock(%(lock)s)"
+    placeholders = ", ".join(f"%(v{i})s::{t}" for i, t in enumerate(_column_types()))
+    return (
+        "WITH k AS (SELECT rowid, "
+        f"{TASK_COLUMNS} FROM tasks WHERE created_by = %(by)s AND idempotency_key = %(key)s "
+        "AND %(key)s <> ''), "
+        "c AS (SELECT COALESCE(sum(n), 0) AS n FROM open_counts WHERE created_by = %(by)s), "
+        f"t AS (INSERT INTO tasks ({TASK_COLUMNS}) SELECT {placeholders} "
+        "WHERE NOT EXISTS (SELECT 1 FROM k) "
+        "AND (%(max)s::bigint IS NULL OR (SELECT n FROM c) < %(max)s::bigint)"
+        f"{lock} ON CONFLICT DO NOTHING RETURNING rowid), "
+        "l AS (INSERT INTO task_labels (label, task_rowid, pending) "
+        "SELECT label, t.rowid, %(pending)s FROM t, unnest(%(labels)s::text[]) AS label), "
+        "o AS (INSERT INTO open_counts (created_by, shard, n) SELECT %(by)s, %(shard)s, 1 FROM t "
+        "ON CONFLICT (created_by, shard) DO UPDATE SET n = open_counts.n + 1) "
+        "SELECT (SELECT rowid FROM t), (SELECT n FROM c), k.* FROM (VALUES (1)) AS one(x) "
+        "LEFT JOIN k ON true"
+    )
+
+
+# By whether the statement may wait (`Tx.waits`).
+_GUARDED_INSERT = {waits: _guarded_insert(waits) for waits in (False, True)}
 
 
 @dataclass(slots=True)
@@ -584,73 +622,123 @@ class PostgresStore:
         creator_lock = _lock_key(self.schema, "creator", task.created_by)
 
         def create(tx: Tx) -> Written[tuple[TaskRecord, bool]]:
+            if task.parent_id:
+                return self._create_child(tx, task, max_open, parent_check, creator_lock)
             conn = tx.conn
             # One create per creator at a time across daemons: the idempotency
-            # check and the cap count below hold until this one commits. All
-            # four are sent at once; each runs after the lock is taken.
+            # check and the cap count hold until this one commits. The lock, then
+            # one statement that checks and inserts (its snapshot is taken once
+            # the lock is held), are sent together: one round trip.
             locked = conn.execute(tx.advisory_sql(), (creator_lock,))
-            same_key = (
-                conn.execute(
-                    f"{_SELECT_TASK} WHERE created_by = %s AND idempotency_key = %s",
-                    (task.created_by, task.idempotency_key),
-                )
-                if task.idempotency_key
-                else None
+            guarded = conn.execute(
+                _GUARDED_INSERT[tx.waits],
+                {
+                    **{
+                        f"v{i}": value
+                        for i, value in enumerate(task_values(replace(task, root_id=task.id)))
+                    },
+                    "by": task.created_by,
+                    "key": task.idempotency_key,
+                    "max": max_open,
+                    "lock": creator_lock,
+                    "pending": task.status is Status.PENDING,
+                    "labels": list(task.labels),
+                    "shard": self._shard,
+                },
             )
-            open_tasks = (
-                conn.execute(
-                    "SELECT COALESCE(sum(n), 0) FROM open_counts WHERE created_by = %s",
-                    (task.created_by,),
-                )
-                if max_open is not None
-                else None
-            )
-            # FOR SHARE: a cancel of the parent's tree (which locks it for
-            # update) waits for this child, and then sees it.
-            parent_row = (
-                conn.execute(
-                    f"{_SELECT_TASK} WHERE id = %s FOR SHARE{tx.nowait}", (task.parent_id,)
-                )
-                if task.parent_id
-                else None
-            )
+            row = tx.fetched(guarded.fetchone)
             tx.got_advisory(locked)
-            if same_key is not None:
-                row = tx.fetched(same_key.fetchone)
-                if row is not None:
-                    original = task_from_row(row[1:])
-                    if same_request(original, task):
-                        return (original, False), []
-                    raise AlreadyExists(
-                        f"idempotency_key {task.idempotency_key!r} was already used for a "
-                        f"different task ({original.id}); use a new key for a new task"
-                    )
-            if open_tasks is not None and max_open is not None:
-                row = tx.fetched(open_tasks.fetchone)
-                open_count = 0 if row is None else int(row[0])
-                if open_count >= max_open:
-                    raise ResourceExhausted(
-                        f"agent {task.created_by!r} already has {open_count} open (pending or "
-                        f"claimed) tasks, the limit; wait for some to finish or cancel them"
-                    )
+            assert row is not None
+            rowid, open_count, original_row = row[0], int(row[1]), row[2:]
+            if original_row[0] is not None:
+                original = task_from_row(original_row[1:])
+                if same_request(original, task):
+                    return (original, False), []
+                raise AlreadyExists(
+                    f"idempotency_key {task.idempotency_key!r} was already used for a "
+                    f"different task ({original.id}); use a new key for a new task"
+                )
+            if max_open is not None and open_count >= max_open:
+                raise ResourceExhausted(
+                    f"agent {task.created_by!r} already has {open_count} open (pending or "
+                    f"claimed) tasks, the limit; wait for some to finish or cancel them"
+                )
+            if rowid is None:
+                # Neither the key nor the cap: a conflict the lock did not cover
+                # (taken inside the statement, not before it). Alone it waits.
+                if tx.waits:
+                    raise AlreadyExists(f"task id {task.id} is taken; retry")
+                raise Contended("the creator's lock was taken during the insert")
             new = replace(task, root_id=task.id)
-            if parent_row is not None:
-                row = tx.fetched(parent_row.fetchone)
-                if row is None:
-                    raise NotFound(access.parent_not_found(task.parent_id))
-                parent = task_from_row(row[1:])
-                if parent_check is not None:
-                    parent_check(parent)
-                if parent.depth + 1 > MAX_DEPTH:
-                    raise InvalidArgument(
-                        f"parent_id {parent.id} is at depth {parent.depth}: delegation chains "
-                        f"are at most {MAX_DEPTH} levels below their root"
-                    )
-                new = replace(task, root_id=parent.root_id, depth=parent.depth + 1)
-            rowid = _insert_task(conn, new, self._shard)
-            return (new, True), [_pending(rowid, new, EventType.CREATED, new.created_by)]
+            return (new, True), [_pending(int(rowid), new, EventType.CREATED, new.created_by)]
 
         return await self._write(create)
+
+    def _create_child(
+        self,
+        tx: Tx,
+        task: TaskRecord,
+        max_open: int | None,
+        parent_check: Callable[[TaskRecord], None] | None,
+        creator_lock: int,
+    ) -> Written[tuple[TaskRecord, bool]]:
+        """A create under a parent: the parent's row decides the child's root and depth."""
+        conn = tx.conn
+        # As in `create_task`, and the parent FOR SHARE: a cancel of the parent's
+        # tree (which locks it for update) waits for this child, and then sees it.
+        locked = conn.execute(tx.advisory_sql(), (creator_lock,))
+        same_key = (
+            conn.execute(
+                f"{_SELECT_TASK} WHERE created_by = %s AND idempotency_key = %s",
+                (task.created_by, task.idempotency_key),
+            )
+            if task.idempotency_key
+            else None
+        )
+        open_tasks = (
+            conn.execute(
+                "SELECT COALESCE(sum(n), 0) FROM open_counts WHERE created_by = %s",
+                (task.created_by,),
+            )
+            if max_open is not None
+            else None
+        )
+        parent_row = conn.execute(
+            f"{_SELECT_TASK} WHERE id = %s FOR SHARE{tx.nowait}", (task.parent_id,)
+        )
+        tx.got_advisory(locked)
+        if same_key is not None:
+            row = tx.fetched(same_key.fetchone)
+            if row is not None:
+                original = task_from_row(row[1:])
+                if same_request(original, task):
+                    return (original, False), []
+                raise AlreadyExists(
+                    f"idempotency_key {task.idempotency_key!r} was already used for a "
+                    f"different task ({original.id}); use a new key for a new task"
+                )
+        if open_tasks is not None and max_open is not None:
+            row = tx.fetched(open_tasks.fetchone)
+            open_count = 0 if row is None else int(row[0])
+            if open_count >= max_open:
+                raise ResourceExhausted(
+                    f"agent {task.created_by!r} already has {open_count} open (pending or "
+                    f"claimed) tasks, the limit; wait for some to finish or cancel them"
+                )
+        row = tx.fetched(parent_row.fetchone)
+        if row is None:
+            raise NotFound(access.parent_not_found(task.parent_id))
+        parent = task_from_row(row[1:])
+        if parent_check is not None:
+            parent_check(parent)
+        if parent.depth + 1 > MAX_DEPTH:
+            raise InvalidArgument(
+                f"parent_id {parent.id} is at depth {parent.depth}: delegation chains "
+                f"are at most {MAX_DEPTH} levels below their root"
+            )
+        new = replace(task, root_id=parent.root_id, depth=parent.depth + 1)
+        rowid = _insert_task(conn, new, self._shard)
+        return (new, True), [_pending(rowid, new, EventType.CREATED, new.created_by)]
 
     async def update(self, task_id: str, decide: Decide, *, actor: str) -> TaskRecord:
         def update(tx: Tx) -> Written[TaskRecord]:
