@@ -80,7 +80,14 @@ from legato.server.store import (
     TaskPage,
     TaskQuery,
 )
-from legato.server.store.pgdb import BeforeCommit, Contended, Listener, PgDatabase, Tx
+from legato.server.store.pgdb import (
+    Batch,
+    BeforeCommit,
+    Contended,
+    Listener,
+    PgDatabase,
+    Tx,
+)
 from legato.server.store.rows import (
     AGENT_COLUMNS,
     TASK_COLUMNS,
@@ -298,6 +305,41 @@ def _guarded_insert(waits: bool) -> str:
         "LEFT JOIN k ON true"
     )
 
+
+def _insert_many() -> str:
+    """Tasks without a parent, one per element of the column arrays, inserted
+    only if every creator stays within its cap (`max`, NULL: no cap) with all
+    of them and no idempotency key was used before: all or none (a key used
+    twice among them is a conflict, and they go one by one)."""
+    types = _column_types()
+    arrays = ", ".join(f"%(c{i})s::{t}[]" for i, t in enumerate(types))
+    names = ", ".join(f"j.{c.strip()}" for c in TASK_COLUMNS.split(","))
+    return (
+        f"WITH j AS (SELECT * FROM unnest({arrays}, %(max)s::bigint[], %(pending)s::boolean[]) "
+        f"WITH ORDINALITY AS j({TASK_COLUMNS}, max_open, pending, o)), "
+        "w AS (SELECT created_by, count(*) AS k, min(max_open) AS max_open FROM j "
+        "GROUP BY created_by), "
+        "ok AS (SELECT COALESCE(bool_and(w.max_open IS NULL OR w.k + COALESCE((SELECT sum(n) "
+        "FROM open_counts c WHERE c.created_by = w.created_by), 0) <= w.max_open), true) "
+        "AND NOT EXISTS (SELECT 1 FROM j JOIN tasks x ON x.created_by = j.created_by "
+        "AND x.idempotency_key = j.idempotency_key AND x.idempotency_key <> '') AS ok "
+        "FROM w), "
+        f"t AS (INSERT INTO tasks ({TASK_COLUMNS}) SELECT {names} FROM j "
+        "WHERE (SELECT ok FROM ok) ORDER BY j.o ON CONFLICT DO NOTHING RETURNING rowid, id), "
+        "l AS (INSERT INTO task_labels (label, task_rowid, pending) "
+        "SELECT label, t.rowid, j.pending FROM t JOIN j ON j.id = t.id, "
+        "json_array_elements_text(j.labels::json) AS label), "
+        "o AS (INSERT INTO open_counts (created_by, shard, n) "
+        "SELECT j.created_by, %(shard)s, count(*) FROM t JOIN j ON j.id = t.id "
+        "GROUP BY j.created_by "
+        "ON CONFLICT (created_by, shard) DO UPDATE SET n = open_counts.n + excluded.n) "
+        "SELECT id, rowid FROM t"
+    )
+
+
+_INSERT_MANY = _insert_many()
+# The `Batch` key of creates that `_create_many` can make together.
+_CREATE_MANY = "create"
 
 # By whether the statement may wait (`Tx.waits`).
 _GUARDED_INSERT = {waits: _guarded_insert(waits) for waits in (False, True)}
@@ -600,12 +642,12 @@ class PostgresStore:
                     future.set_exception(exc)
         self._until.clear()
 
-    async def _write(self, fn: Callable[[Tx], Written[T]]) -> T:
+    async def _write(self, fn: Callable[[Tx], Written[T]], batch: Batch | None = None) -> T:
         def publish(outcome: Written[T]) -> None:
             if outcome[1]:
                 self._committed_here(outcome[1])
 
-        value, pending = await self._db.write(fn, after_commit=publish)
+        value, pending = await self._db.write(fn, after_commit=publish, batch=batch)
         if pending:
             await self._until_published(pending[-1].event.seq)
         return value
@@ -672,7 +714,46 @@ class PostgresStore:
             new = replace(task, root_id=task.id)
             return (new, True), [_pending(int(rowid), new, EventType.CREATED, new.created_by)]
 
-        return await self._write(create)
+        batch = None
+        if not task.parent_id:
+            batch = Batch(_CREATE_MANY, (task, max_open), self._create_many)
+        return await self._write(create, batch)
+
+    def _create_many(
+        self, tx: Tx, items: list[tuple[TaskRecord, int | None]]
+    ) -> list[Written[tuple[TaskRecord, bool]]]:
+        """Creates several tasks without a parent in two statements: the
+        creators' locks, then one guarded insert of them all. `Contended` (the
+        set then runs one by one) if a lock is held elsewhere, a creator's cap
+        would be passed or an idempotency key was used before."""
+        conn = tx.conn
+        tasks = [replace(task, root_id=task.id) for task, _ in items]
+        creators = sorted({task.created_by for task in tasks})
+        locked = conn.execute(
+            "SELECT bool_and(pg_try_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k",
+            ([_lock_key(self.schema, "creator", creator) for creator in creators],),
+        )
+        columns = list(zip(*(task_values(task) for task in tasks), strict=True))
+        params: dict[str, Any] = {f"c{i}": list(column) for i, column in enumerate(columns)}
+        params |= {
+            "max": [max_open for _, max_open in items],
+            "pending": [task.status is Status.PENDING for task in tasks],
+            "shard": self._shard,
+        }
+        rows = tx.fetched(conn.execute(_INSERT_MANY, params).fetchall)
+        row = tx.fetched(locked.fetchone)
+        if row is None or not row[0]:
+            raise Contended("a creator's lock is held by another transaction")
+        if len(rows) != len(tasks):
+            raise Contended("a cap, a key used before, or a taken id: one by one")
+        rowids = {str(task_id): int(rowid) for task_id, rowid in rows}
+        return [
+            (
+                (task, True),
+                [_pending(rowids[task.id], task, EventType.CREATED, task.created_by)],
+            )
+            for task in tasks
+        ]
 
     def _create_child(
         self,
