@@ -6,7 +6,10 @@ the daemon's single writer thread, inside a transaction on the writer's own
 connection, and the awaiting coroutine is answered after COMMIT. Writes that
 queue up meanwhile share one transaction, each in its own SAVEPOINT (group
 commit), so a busy daemon pays one commit, one sync and one turn of the event
-counter (see `postgres`) for many writes. Cancelling a caller cannot leave a
+counter (see `postgres`) for many writes. Writes of one kind that say how
+(`Batch`: the creates) are made together in one statement, in one savepoint,
+all or none; if that statement cannot make them all, each runs on its own as
+any other write. Cancelling a caller cannot leave a
 transaction open: the thread runs it to COMMIT or ROLLBACK whatever the caller
 does.
 
