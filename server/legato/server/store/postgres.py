@@ -287,6 +287,19 @@ def _guarded_insert(waits: bool) -> str:
     waiting) the insert also asks for the creator's lock, which it holds
     already if the statement before got it."""
     lock = "" if waits else " AND pg_try_advisory_xact_lock(%(lock)s)"
+    # Alone in its transaction the create is its last statement before COMMIT:
+    # it takes the event counter itself (see `_TAKE_SEQ`), one statement fewer
+    # (measured: ~0.3 ms of a 1.4 ms create). The counter's lock is then held
+    # across the round trip that brings the row back, not only to COMMIT's flush.
+    numbered, seq = "", "NULL, NULL"
+    if waits:
+        numbered = (
+            ", s AS (UPDATE seq_counter SET last = last + 1 WHERE EXISTS (SELECT 1 FROM t) "
+            "RETURNING last), "
+            "e AS (INSERT INTO events (seq, task_rowid, type, actor, at, attempt, state) "
+            "SELECT s.last, t.rowid, %(ty)s, %(by)s, %(at)s, %(att)s, %(state)s FROM s, t)"
+        )
+        seq = "(SELECT last FROM s), (SELECT pg_notify(%(channel)s, last::text) FROM s)"
     placeholders = ", ".join(f"%(v{i})s::{t}" for i, t in enumerate(_column_types()))
     return (
         "WITH k AS (SELECT rowid, "
@@ -300,9 +313,9 @@ def _guarded_insert(waits: bool) -> str:
         "l AS (INSERT INTO task_labels (label, task_rowid, pending) "
         "SELECT label, t.rowid, %(pending)s FROM t, unnest(%(labels)s::text[]) AS label), "
         "o AS (INSERT INTO open_counts (created_by, shard, n) SELECT %(by)s, %(shard)s, 1 FROM t "
-        "ON CONFLICT (created_by, shard) DO UPDATE SET n = open_counts.n + 1) "
-        "SELECT (SELECT rowid FROM t), (SELECT n FROM c), k.* FROM (VALUES (1)) AS one(x) "
-        "LEFT JOIN k ON true"
+        "ON CONFLICT (created_by, shard) DO UPDATE SET n = open_counts.n + 1)"
+        f"{numbered} SELECT (SELECT rowid FROM t), (SELECT n FROM c), {seq}, k.* "
+        "FROM (VALUES (1)) AS one(x) LEFT JOIN k ON true"
     )
 
 
@@ -401,7 +414,8 @@ def _migrate(conn: psycopg.Connection[Any]) -> None:
 
 def _before_commit(channel: Callable[[], str]) -> BeforeCommit:
     def take_seq(conn: psycopg.Connection[Any], outcomes: list[Any]) -> Callable[[], None]:
-        pending: list[_Pending] = [p for outcome in outcomes for p in outcome[1]]
+        # Not those a write alone numbered itself (its seq is set already).
+        pending = [p for outcome in outcomes for p in outcome[1] if p.event.seq == 0]
         if not pending:
             return lambda: None
         n = len(pending)
@@ -667,6 +681,8 @@ class PostgresStore:
             if task.parent_id:
                 return self._create_child(tx, task, max_open, parent_check, creator_lock)
             conn = tx.conn
+            new = replace(task, root_id=task.id)
+            event = _pending(0, new, EventType.CREATED, new.created_by)
             # One create per creator at a time across daemons: the idempotency
             # check and the cap count hold until this one commits. The lock, then
             # one statement that checks and inserts (its snapshot is taken once
@@ -686,12 +702,17 @@ class PostgresStore:
                     "pending": task.status is Status.PENDING,
                     "labels": list(task.labels),
                     "shard": self._shard,
+                    "ty": int(EventType.CREATED),
+                    "at": event.event.at,
+                    "att": event.event.task.attempt,
+                    "state": event.state,
+                    "channel": self.events_channel,
                 },
             )
             row = tx.fetched(guarded.fetchone)
             tx.got_advisory(locked)
             assert row is not None
-            rowid, open_count, original_row = row[0], int(row[1]), row[2:]
+            rowid, open_count, seq, original_row = row[0], int(row[1]), row[2], row[4:]
             if original_row[0] is not None:
                 original = task_from_row(original_row[1:])
                 if same_request(original, task):
@@ -711,8 +732,10 @@ class PostgresStore:
                 if tx.waits:
                     raise AlreadyExists(f"task id {task.id} is taken; retry")
                 raise Contended("the creator's lock was taken during the insert")
-            new = replace(task, root_id=task.id)
-            return (new, True), [_pending(int(rowid), new, EventType.CREATED, new.created_by)]
+            event.rowid = int(rowid)
+            if seq is not None:  # numbered by the statement: `take_seq` passes it over
+                event.event = replace(event.event, seq=int(seq))
+            return (new, True), [event]
 
         batch = None
         if not task.parent_id:
