@@ -260,7 +260,8 @@ _CLAIM_ANY = (
     "ORDER BY l.task_rowid LIMIT 1 FOR NO KEY UPDATE OF tasks SKIP LOCKED"
 )
 
-# The last statement of every transaction that records events: turns the
+# The last statement of every transaction that records events (but a create
+# alone, which does the same itself, `_guarded_insert`): turns the
 # counter (its row lock is held to COMMIT, so seq follows commit order), inserts
 # the events with their numbers and notifies the seq reached.
 _TAKE_SEQ = (
