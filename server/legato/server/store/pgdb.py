@@ -6,7 +6,10 @@ the daemon's single writer thread, inside a transaction on the writer's own
 connection, and the awaiting coroutine is answered after COMMIT. Writes that
 queue up meanwhile share one transaction, each in its own SAVEPOINT (group
 commit), so a busy daemon pays one commit, one sync and one turn of the event
-counter (see `postgres`) for many writes. Cancelling a caller cannot leave a
+counter (see `postgres`) for many writes. Writes of one kind that say how
+(`Batch`: the creates) are made together in one statement, in one savepoint,
+all or none; if that statement cannot make them all, each runs on its own as
+any other write. Cancelling a caller cannot leave a
 transaction open: the thread runs it to COMMIT or ROLLBACK whatever the caller
 does.
 
@@ -207,11 +210,27 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """How a write can share one statement with like writes of its group.
+
+    `run(tx, items)` writes the `item` of each of several writes with the same
+    `key` at once and returns their outcomes in order. It is all or nothing:
+    if it raises (whatever the cause), what it wrote is rolled back and each
+    write runs on its own (`fn`), which gives each its own answer.
+    """
+
+    key: object
+    item: Any
+    run: Callable[[Tx, list[Any]], list[Any]]
+
+
 @dataclass
 class _Job(Generic[T]):
     fn: Callable[[Tx], T]
     future: asyncio.Future[T]
     after_commit: Callable[[T], None] | None = None
+    batch: Batch | None = None
     outcome: T | None = None
     error: BaseException | None = field(default=None)
 
@@ -350,17 +369,23 @@ class PgDatabase:
     # -- the calls ------------------------------------------------------------------
 
     async def write(
-        self, fn: Callable[[Tx], T], *, after_commit: Callable[[T], None] | None = None
+        self,
+        fn: Callable[[Tx], T],
+        *,
+        after_commit: Callable[[T], None] | None = None,
+        batch: Batch | None = None,
     ) -> T:
         """Runs `fn` in a write transaction and returns its value once committed.
 
         `after_commit` runs on the event loop right after the commit, in commit
         order across this daemon's writes, before any caller is answered.
+        With `batch`, the write may be made together with like writes queued
+        beside it, in one statement (`Batch`), instead of by `fn`.
         """
         if self._refusing:
             raise self._refusal()
         future: asyncio.Future[T] = self._loop.create_future()
-        self._writes.put(_Job(fn, future, after_commit))
+        self._writes.put(_Job(fn, future, after_commit, batch))
         return await future
 
     async def read(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
@@ -497,10 +522,15 @@ class PgDatabase:
         tx = Tx(conn, waits or not savepoints)
         deferred: list[_Job[Any]] = []
         done: list[_Job[Any]] = []
+        finish: Callable[[], None] | None = None
+        succeeded: list[Any] = []
         try:
             with conn.pipeline() as pipeline:
                 conn.execute("BEGIN")
-                for job in group:
+                alone = group
+                if savepoints:
+                    alone = self._run_batches(conn, pipeline, tx, group, done)
+                for job in alone:
                     if savepoints:
                         conn.execute("SAVEPOINT job")
                     try:
@@ -533,14 +563,15 @@ class PgDatabase:
                     done.append(job)
                 else:
                     succeeded = [job.outcome for job in done if job.error is None]
-                    finish = self._before_commit(conn, succeeded) if succeeded else None
-                    conn.execute("COMMIT")
-                    if finish is not None:
-                        finish()  # sends COMMIT too, and fails if it does
-                    else:
-                        pipeline.sync()
                     if succeeded:
-                        self.committed(succeeded)
+                        finish = self._before_commit(conn, succeeded)
+                    conn.execute("COMMIT")
+                # Leaving the pipeline syncs: the counter's statement, COMMIT and
+                # the sync go out together, and their answers come back in one
+                # round trip (an error in either is raised here).
+            if finish is not None:
+                finish()  # its results are in: no round trip
+                self.committed(succeeded)
         except BaseException as exc:  # nothing of the group committed
             self._check_connection(conn, exc)
             with contextlib.suppress(psycopg.Error):
@@ -549,6 +580,55 @@ class PgDatabase:
                 job.outcome, job.error = None, exc
         self._loop.call_soon_threadsafe(self._deliver, done)
         return deferred
+
+    def _run_batches(
+        self,
+        conn: psycopg.Connection[Any],
+        pipeline: psycopg.Pipeline,
+        tx: Tx,
+        group: list[_Job[Any]],
+        done: list[_Job[Any]],
+    ) -> list[_Job[Any]]:
+        """Writes together the group's writes that share a `Batch` key, each set
+        in its savepoint, and adds them to `done`; returns the writes left to run
+        one by one (their set's statement failed, or they have no set).
+
+        The writes of a set commit before the writes left, in the same
+        transaction: their order within the group is not their callers' order,
+        as it is not for callers that were waiting at the same moment anyway.
+        """
+        sets: dict[object, list[_Job[Any]]] = {}
+        for job in group:
+            if job.batch is not None:
+                sets.setdefault(job.batch.key, []).append(job)
+        left: list[_Job[Any]] = [job for job in group if job.batch is None]
+        for jobs in sets.values():
+            if len(jobs) == 1:
+                left.extend(jobs)
+                continue
+            batch = jobs[0].batch
+            assert batch is not None
+            conn.execute("SAVEPOINT batch")
+            try:
+                outcomes = batch.run(tx, [job.batch.item for job in jobs if job.batch])
+                if len(outcomes) != len(jobs):
+                    raise Contended(f"{len(outcomes)} outcomes for {len(jobs)} writes")
+                if _awaiting(pipeline):
+                    pipeline.sync()
+            except BaseException as exc:
+                self._check_connection(conn, exc)
+                self._resync(pipeline)
+                conn.execute("ROLLBACK TO batch")
+                left.extend(jobs)
+                continue
+            conn.execute("RELEASE batch")
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                job.outcome = outcome
+            done.extend(jobs)
+        # In the order they came: a write alone runs after the batches.
+        order = {id(job): n for n, job in enumerate(group)}
+        left.sort(key=lambda job: order[id(job)])
+        return left
 
     @staticmethod
     def _resync(pipeline: psycopg.Pipeline) -> None:

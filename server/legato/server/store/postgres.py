@@ -47,6 +47,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -79,7 +80,14 @@ from legato.server.store import (
     TaskPage,
     TaskQuery,
 )
-from legato.server.store.pgdb import BeforeCommit, Listener, PgDatabase, Tx
+from legato.server.store.pgdb import (
+    Batch,
+    BeforeCommit,
+    Contended,
+    Listener,
+    PgDatabase,
+    Tx,
+)
 from legato.server.store.rows import (
     AGENT_COLUMNS,
     TASK_COLUMNS,
@@ -252,7 +260,8 @@ _CLAIM_ANY = (
     "ORDER BY l.task_rowid LIMIT 1 FOR NO KEY UPDATE OF tasks SKIP LOCKED"
 )
 
-# The last statement of every transaction that records events: turns the
+# The last statement of every transaction that records events (but a create
+# alone, which does the same itself, `_guarded_insert`): turns the
 # counter (its row lock is held to COMMIT, so seq follows commit order), inserts
 # the events with their numbers and notifies the seq reached.
 _TAKE_SEQ = (
@@ -263,6 +272,91 @@ _TAKE_SEQ = (
     "%(s)s::text[]) WITH ORDINALITY AS u(r, ty, a, at, att, s, o)) "
     "SELECT last, pg_notify(%(channel)s, last::text) FROM c"
 )
+
+
+def _column_types() -> list[str]:
+    """The types of `TASK_COLUMNS`, from the table's definition: an INSERT ... SELECT
+    of parameters must say them (an untyped NULL would be text)."""
+    types = dict(re.findall(r"^\s+(\w+)\s+(\w+)", SCHEMA[0], re.MULTILINE))
+    return [types[column.strip()] for column in TASK_COLUMNS.split(",")]
+
+
+def _guarded_insert(waits: bool) -> str:
+    """A create without a parent in one statement: the task with the same
+    idempotency key, the creator's open count, and the insert of the task, its
+    labels and its count, made only if neither stops it. Inside a group (no
+    waiting) the insert also asks for the creator's lock, which it holds
+    already if the statement before got it."""
+    lock = "" if waits else " AND pg_try_advisory_xact_lock(%(lock)s)"
+    # Alone in its transaction the create is its last statement before COMMIT:
+    # it takes the event counter itself (see `_TAKE_SEQ`), one statement fewer
+    # (measured: ~0.3 ms of a 1.4 ms create). The counter's lock is then held
+    # across the round trip that brings the row back, not only to COMMIT's flush.
+    numbered, seq = "", "NULL, NULL"
+    if waits:
+        numbered = (
+            ", s AS (UPDATE seq_counter SET last = last + 1 WHERE EXISTS (SELECT 1 FROM t) "
+            "RETURNING last), "
+            "e AS (INSERT INTO events (seq, task_rowid, type, actor, at, attempt, state) "
+            "SELECT s.last, t.rowid, %(ty)s, %(by)s, %(at)s, %(att)s, %(state)s FROM s, t)"
+        )
+        seq = "(SELECT last FROM s), (SELECT pg_notify(%(channel)s, last::text) FROM s)"
+    placeholders = ", ".join(f"%(v{i})s::{t}" for i, t in enumerate(_column_types()))
+    return (
+        "WITH k AS (SELECT rowid, "
+        f"{TASK_COLUMNS} FROM tasks WHERE created_by = %(by)s AND idempotency_key = %(key)s "
+        "AND %(key)s <> ''), "
+        "c AS (SELECT COALESCE(sum(n), 0) AS n FROM open_counts WHERE created_by = %(by)s), "
+        f"t AS (INSERT INTO tasks ({TASK_COLUMNS}) SELECT {placeholders} "
+        "WHERE NOT EXISTS (SELECT 1 FROM k) "
+        "AND (%(max)s::bigint IS NULL OR (SELECT n FROM c) < %(max)s::bigint)"
+        f"{lock} ON CONFLICT DO NOTHING RETURNING rowid), "
+        "l AS (INSERT INTO task_labels (label, task_rowid, pending) "
+        "SELECT label, t.rowid, %(pending)s FROM t, unnest(%(labels)s::text[]) AS label), "
+        "o AS (INSERT INTO open_counts (created_by, shard, n) SELECT %(by)s, %(shard)s, 1 FROM t "
+        "ON CONFLICT (created_by, shard) DO UPDATE SET n = open_counts.n + 1)"
+        f"{numbered} SELECT (SELECT rowid FROM t), (SELECT n FROM c), {seq}, k.* "
+        "FROM (VALUES (1)) AS one(x) LEFT JOIN k ON true"
+    )
+
+
+def _insert_many() -> str:
+    """Tasks without a parent, one per element of the column arrays, inserted
+    only if every creator stays within its cap (`max`, NULL: no cap) with all
+    of them and no idempotency key was used before: all or none (a key used
+    twice among them is a conflict, and they go one by one)."""
+    types = _column_types()
+    arrays = ", ".join(f"%(c{i})s::{t}[]" for i, t in enumerate(types))
+    names = ", ".join(f"j.{c.strip()}" for c in TASK_COLUMNS.split(","))
+    return (
+        f"WITH j AS (SELECT * FROM unnest({arrays}, %(max)s::bigint[], %(pending)s::boolean[]) "
+        f"WITH ORDINALITY AS j({TASK_COLUMNS}, max_open, pending, o)), "
+        "w AS (SELECT created_by, count(*) AS k, min(max_open) AS max_open FROM j "
+        "GROUP BY created_by), "
+        "ok AS (SELECT COALESCE(bool_and(w.max_open IS NULL OR w.k + COALESCE((SELECT sum(n) "
+        "FROM open_counts c WHERE c.created_by = w.created_by), 0) <= w.max_open), true) "
+        "AND NOT EXISTS (SELECT 1 FROM j JOIN tasks x ON x.created_by = j.created_by "
+        "AND x.idempotency_key = j.idempotency_key AND x.idempotency_key <> '') AS ok "
+        "FROM w), "
+        f"t AS (INSERT INTO tasks ({TASK_COLUMNS}) SELECT {names} FROM j "
+        "WHERE (SELECT ok FROM ok) ORDER BY j.o ON CONFLICT DO NOTHING RETURNING rowid, id), "
+        "l AS (INSERT INTO task_labels (label, task_rowid, pending) "
+        "SELECT label, t.rowid, j.pending FROM t JOIN j ON j.id = t.id, "
+        "json_array_elements_text(j.labels::json) AS label), "
+        "o AS (INSERT INTO open_counts (created_by, shard, n) "
+        "SELECT j.created_by, %(shard)s, count(*) FROM t JOIN j ON j.id = t.id "
+        "GROUP BY j.created_by "
+        "ON CONFLICT (created_by, shard) DO UPDATE SET n = open_counts.n + excluded.n) "
+        "SELECT id, rowid FROM t"
+    )
+
+
+_INSERT_MANY = _insert_many()
+# The `Batch` key of creates that `_create_many` can make together.
+_CREATE_MANY = "create"
+
+# By whether the statement may wait (`Tx.waits`).
+_GUARDED_INSERT = {waits: _guarded_insert(waits) for waits in (False, True)}
 
 
 @dataclass(slots=True)
@@ -321,7 +415,8 @@ def _migrate(conn: psycopg.Connection[Any]) -> None:
 
 def _before_commit(channel: Callable[[], str]) -> BeforeCommit:
     def take_seq(conn: psycopg.Connection[Any], outcomes: list[Any]) -> Callable[[], None]:
-        pending: list[_Pending] = [p for outcome in outcomes for p in outcome[1]]
+        # Not those a write alone numbered itself (its seq is set already).
+        pending = [p for outcome in outcomes for p in outcome[1] if p.event.seq == 0]
         if not pending:
             return lambda: None
         n = len(pending)
@@ -562,12 +657,12 @@ class PostgresStore:
                     future.set_exception(exc)
         self._until.clear()
 
-    async def _write(self, fn: Callable[[Tx], Written[T]]) -> T:
+    async def _write(self, fn: Callable[[Tx], Written[T]], batch: Batch | None = None) -> T:
         def publish(outcome: Written[T]) -> None:
             if outcome[1]:
                 self._committed_here(outcome[1])
 
-        value, pending = await self._db.write(fn, after_commit=publish)
+        value, pending = await self._db.write(fn, after_commit=publish, batch=batch)
         if pending:
             await self._until_published(pending[-1].event.seq)
         return value
@@ -584,73 +679,171 @@ class PostgresStore:
         creator_lock = _lock_key(self.schema, "creator", task.created_by)
 
         def create(tx: Tx) -> Written[tuple[TaskRecord, bool]]:
+            if task.parent_id:
+                return self._create_child(tx, task, max_open, parent_check, creator_lock)
             conn = tx.conn
-            # One create per creator at a time across daemons: the idempotency
-            # check and the cap count below hold until this one commits. All
-            # four are sent at once; each runs after the lock is taken.
-            locked = conn.execute(tx.advisory_sql(), (creator_lock,))
-            same_key = (
-                conn.execute(
-                    f"{_SELECT_TASK} WHERE created_by = %s AND idempotency_key = %s",
-                    (task.created_by, task.idempotency_key),
-                )
-                if task.idempotency_key
-                else None
-            )
-            open_tasks = (
-                conn.execute(
-                    "SELECT COALESCE(sum(n), 0) FROM open_counts WHERE created_by = %s",
-                    (task.created_by,),
-                )
-                if max_open is not None
-                else None
-            )
-            # FOR SHARE: a cancel of the parent's tree (which locks it for
-            # update) waits for this child, and then sees it.
-            parent_row = (
-                conn.execute(
-                    f"{_SELECT_TASK} WHERE id = %s FOR SHARE{tx.nowait}", (task.parent_id,)
-                )
-                if task.parent_id
-                else None
-            )
-            tx.got_advisory(locked)
-            if same_key is not None:
-                row = tx.fetched(same_key.fetchone)
-                if row is not None:
-                    original = task_from_row(row[1:])
-                    if same_request(original, task):
-                        return (original, False), []
-                    raise AlreadyExists(
-                        f"idempotency_key {task.idempotency_key!r} was already used for a "
-                        f"different task ({original.id}); use a new key for a new task"
-                    )
-            if open_tasks is not None and max_open is not None:
-                row = tx.fetched(open_tasks.fetchone)
-                open_count = 0 if row is None else int(row[0])
-                if open_count >= max_open:
-                    raise ResourceExhausted(
-                        f"agent {task.created_by!r} already has {open_count} open (pending or "
-                        f"claimed) tasks, the limit; wait for some to finish or cancel them"
-                    )
             new = replace(task, root_id=task.id)
-            if parent_row is not None:
-                row = tx.fetched(parent_row.fetchone)
-                if row is None:
-                    raise NotFound(access.parent_not_found(task.parent_id))
-                parent = task_from_row(row[1:])
-                if parent_check is not None:
-                    parent_check(parent)
-                if parent.depth + 1 > MAX_DEPTH:
-                    raise InvalidArgument(
-                        f"parent_id {parent.id} is at depth {parent.depth}: delegation chains "
-                        f"are at most {MAX_DEPTH} levels below their root"
-                    )
-                new = replace(task, root_id=parent.root_id, depth=parent.depth + 1)
-            rowid = _insert_task(conn, new, self._shard)
-            return (new, True), [_pending(rowid, new, EventType.CREATED, new.created_by)]
+            event = _pending(0, new, EventType.CREATED, new.created_by)
+            # One create per creator at a time across daemons: the idempotency
+            # check and the cap count hold until this one commits. The lock, then
+            # one statement that checks and inserts (its snapshot is taken once
+            # the lock is held), are sent together: one round trip.
+            locked = conn.execute(tx.advisory_sql(), (creator_lock,))
+            guarded = conn.execute(
+                _GUARDED_INSERT[tx.waits],
+                {
+                    **{
+                        f"v{i}": value
+                        for i, value in enumerate(task_values(replace(task, root_id=task.id)))
+                    },
+                    "by": task.created_by,
+                    "key": task.idempotency_key,
+                    "max": max_open,
+                    "lock": creator_lock,
+                    "pending": task.status is Status.PENDING,
+                    "labels": list(task.labels),
+                    "shard": self._shard,
+                    "ty": int(EventType.CREATED),
+                    "at": event.event.at,
+                    "att": event.event.task.attempt,
+                    "state": event.state,
+                    "channel": self.events_channel,
+                },
+            )
+            row = tx.fetched(guarded.fetchone)
+            tx.got_advisory(locked)
+            assert row is not None
+            rowid, open_count, seq, original_row = row[0], int(row[1]), row[2], row[4:]
+            if original_row[0] is not None:
+                original = task_from_row(original_row[1:])
+                if same_request(original, task):
+                    return (original, False), []
+                raise AlreadyExists(
+                    f"idempotency_key {task.idempotency_key!r} was already used for a "
+                    f"different task ({original.id}); use a new key for a new task"
+                )
+            if max_open is not None and open_count >= max_open:
+                raise ResourceExhausted(
+                    f"agent {task.created_by!r} already has {open_count} open (pending or "
+                    f"claimed) tasks, the limit; wait for some to finish or cancel them"
+                )
+            if rowid is None:
+                # Neither the key nor the cap: a conflict the lock did not cover
+                # (taken inside the statement, not before it). Alone it waits.
+                if tx.waits:
+                    raise AlreadyExists(f"task id {task.id} is taken; retry")
+                raise Contended("the creator's lock was taken during the insert")
+            event.rowid = int(rowid)
+            if seq is not None:  # numbered by the statement: `take_seq` passes it over
+                event.event = replace(event.event, seq=int(seq))
+            return (new, True), [event]
 
-        return await self._write(create)
+        batch = None
+        if not task.parent_id:
+            batch = Batch(_CREATE_MANY, (task, max_open), self._create_many)
+        return await self._write(create, batch)
+
+    def _create_many(
+        self, tx: Tx, items: list[tuple[TaskRecord, int | None]]
+    ) -> list[Written[tuple[TaskRecord, bool]]]:
+        """Creates several tasks without a parent in two statements: the
+        creators' locks, then one guarded insert of them all. `Contended` (the
+        set then runs one by one) if a lock is held elsewhere, a creator's cap
+        would be passed or an idempotency key was used before."""
+        conn = tx.conn
+        tasks = [replace(task, root_id=task.id) for task, _ in items]
+        creators = sorted({task.created_by for task in tasks})
+        locked = conn.execute(
+            "SELECT bool_and(pg_try_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k",
+            ([_lock_key(self.schema, "creator", creator) for creator in creators],),
+        )
+        columns = list(zip(*(task_values(task) for task in tasks), strict=True))
+        params: dict[str, Any] = {f"c{i}": list(column) for i, column in enumerate(columns)}
+        params |= {
+            "max": [max_open for _, max_open in items],
+            "pending": [task.status is Status.PENDING for task in tasks],
+            "shard": self._shard,
+        }
+        rows = tx.fetched(conn.execute(_INSERT_MANY, params).fetchall)
+        row = tx.fetched(locked.fetchone)
+        if row is None or not row[0]:
+            raise Contended("a creator's lock is held by another transaction")
+        if len(rows) != len(tasks):
+            raise Contended("a cap, a key used before, or a taken id: one by one")
+        rowids = {str(task_id): int(rowid) for task_id, rowid in rows}
+        return [
+            (
+                (task, True),
+                [_pending(rowids[task.id], task, EventType.CREATED, task.created_by)],
+            )
+            for task in tasks
+        ]
+
+    def _create_child(
+        self,
+        tx: Tx,
+        task: TaskRecord,
+        max_open: int | None,
+        parent_check: Callable[[TaskRecord], None] | None,
+        creator_lock: int,
+    ) -> Written[tuple[TaskRecord, bool]]:
+        """A create under a parent: the parent's row decides the child's root and depth."""
+        conn = tx.conn
+        # As in `create_task`, and the parent FOR SHARE: a cancel of the parent's
+        # tree (which locks it for update) waits for this child, and then sees it.
+        locked = conn.execute(tx.advisory_sql(), (creator_lock,))
+        same_key = (
+            conn.execute(
+                f"{_SELECT_TASK} WHERE created_by = %s AND idempotency_key = %s",
+                (task.created_by, task.idempotency_key),
+            )
+            if task.idempotency_key
+            else None
+        )
+        open_tasks = (
+            conn.execute(
+                "SELECT COALESCE(sum(n), 0) FROM open_counts WHERE created_by = %s",
+                (task.created_by,),
+            )
+            if max_open is not None
+            else None
+        )
+        parent_row = conn.execute(
+            f"{_SELECT_TASK} WHERE id = %s FOR SHARE{tx.nowait}", (task.parent_id,)
+        )
+        tx.got_advisory(locked)
+        if same_key is not None:
+            row = tx.fetched(same_key.fetchone)
+            if row is not None:
+                original = task_from_row(row[1:])
+                if same_request(original, task):
+                    return (original, False), []
+                raise AlreadyExists(
+                    f"idempotency_key {task.idempotency_key!r} was already used for a "
+                    f"different task ({original.id}); use a new key for a new task"
+                )
+        if open_tasks is not None and max_open is not None:
+            row = tx.fetched(open_tasks.fetchone)
+            open_count = 0 if row is None else int(row[0])
+            if open_count >= max_open:
+                raise ResourceExhausted(
+                    f"agent {task.created_by!r} already has {open_count} open (pending or "
+                    f"claimed) tasks, the limit; wait for some to finish or cancel them"
+                )
+        row = tx.fetched(parent_row.fetchone)
+        if row is None:
+            raise NotFound(access.parent_not_found(task.parent_id))
+        parent = task_from_row(row[1:])
+        if parent_check is not None:
+            parent_check(parent)
+        if parent.depth + 1 > MAX_DEPTH:
+            raise InvalidArgument(
+                f"parent_id {parent.id} is at depth {parent.depth}: delegation chains "
+                f"are at most {MAX_DEPTH} levels below their root"
+            )
+        new = replace(task, root_id=parent.root_id, depth=parent.depth + 1)
+        rowid = _insert_task(conn, new, self._shard)
+        return (new, True), [_pending(rowid, new, EventType.CREATED, new.created_by)]
 
     async def update(self, task_id: str, decide: Decide, *, actor: str) -> TaskRecord:
         def update(tx: Tx) -> Written[TaskRecord]:
