@@ -1,6 +1,6 @@
 /**
  * Where the daemon listens by default: the same rule as the daemon's own
- * (`legato.server.paths`), so that a client run by the same user finds it with
+ * (`legato.common.paths`), so that a client run by the same user finds it with
  * no configuration.
  *
  * @module

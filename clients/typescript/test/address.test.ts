@@ -1,5 +1,5 @@
 /**
- * The default address: the same rule as the daemon's (legato.server.paths),
+ * The default address: the same rule as the daemon's (legato.common.paths),
  * checked against the Python implementation itself.
  */
 
@@ -17,7 +17,7 @@ import { PYTHON } from "./support/legato.js";
 const uid = process.getuid?.() ?? -1;
 
 function pythonDefaultAddress(env: Record<string, string>): string {
-  return execFileSync(PYTHON, ["-c", "from legato.server.paths import default_address; print(default_address())"], {
+  return execFileSync(PYTHON, ["-c", "from legato.common.paths import default_address; print(default_address())"], {
     env: { PATH: process.env.PATH ?? "", ...env },
     encoding: "utf8",
   }).trim();
