@@ -26,6 +26,16 @@ from bench.report import Table, number, spread, times
 from bench.stats import Results, Summary
 
 DASH = "\u2013"
+
+
+def _in_checkout(path: str) -> str:
+    """`path` relative to the checkout, as the file is read beside it; as given if outside."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parent.parent))
+    except ValueError:
+        return path
+
+
 TIMES = "\u00d7"
 
 
@@ -300,7 +310,7 @@ def profile_tables(results: Results) -> list[Table]:
             "is stripped: its frames are addresses). Shares are of ticks (wall time). CPU per "
             "thread is utime + stime of /proc/PID/task/TID/stat over the three recordings. "
             "A frame's self time is the samples where it is innermost. "
-            f"Raw files: {first['raw']}."
+            f"Raw files: {_in_checkout(first['raw'])}."
         ),
         section="ladder",
     )
