@@ -86,8 +86,11 @@ class AsyncEvent:
         return self._event.is_set()
 
     async def wait(self, timeout: float | None = None) -> bool:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel
+        # that arrives in the turn the event is set, and the canceled task runs on.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
         return self._event.is_set()
 
 
