@@ -38,6 +38,7 @@ from queue import Empty, SimpleQueue
 from typing import Any, Generic, TypeVar
 
 from legato.server.store import CommittedUnpublished, DatabaseFailed, Durability
+from legato.server.store.supervision import Supervised
 
 T = TypeVar("T")
 
@@ -114,10 +115,6 @@ class InjectedFailure(Exception):
     """What an `InjectedFault` raises."""
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 @dataclass
 class _Job(Generic[T]):
     fn: Callable[[sqlite3.Connection], T]
@@ -144,7 +141,7 @@ def connect(path: Path, durability: Durability, *, readonly: bool = False) -> sq
     return conn
 
 
-class Database:
+class Database(Supervised):
     """A SQLite database file served by one writer thread and a few reader threads."""
 
     def __init__(self, path: Path, *, durability: Durability = Durability.NORMAL, readers: int = 2):
@@ -216,15 +213,6 @@ class Database:
         """Runs `fn` on a reader connection; it may open its own read transaction."""
         return await self._submit(self._reads, fn, None)
 
-    @property
-    def failure(self) -> DatabaseFailed | None:
-        """Why the database failed, or None while it has not."""
-        return self._failure
-
-    async def failed(self) -> DatabaseFailed:
-        """Waits until the database fails and returns why; on a clean close it never does."""
-        return await asyncio.shield(self._failed)
-
     async def _submit(
         self,
         queue: SimpleQueue[_Job[Any] | None],
@@ -236,13 +224,6 @@ class Database:
         future: asyncio.Future[T] = self._loop.create_future()
         queue.put(_Job(fn, future, after_commit))
         return await future
-
-    def _refusal(self) -> Exception:
-        # A new exception for every caller: one shared instance would collect
-        # the traceback of each task it is raised in.
-        if self._failure is not None:
-            return DatabaseFailed(self._failure.reason)
-        return RuntimeError("the database is closed")
 
     def _gather(self, group: list[_Job[Any]]) -> bool:
         """Adds queued writes to `group` (up to MAX_GROUP); True if told to stop."""
@@ -335,29 +316,6 @@ class Database:
                 job.outcome, job.error = None, exc
         self._loop.call_soon_threadsafe(self._deliver, group)
 
-    def _deliver(self, group: list[_Job[Any]]) -> None:
-        unpublished: BaseException | None = None
-        for job in group:
-            if job.error is None and job.after_commit is not None:
-                # Each callback on its own: the rest of the group committed too,
-                # and is still published and answered.
-                try:
-                    job.after_commit(job.outcome)
-                except BaseException as exc:
-                    unpublished = unpublished or exc
-                    job.error = CommittedUnpublished(f"publishing it raised {_describe(exc)}")
-        if unpublished is not None:
-            # Watchers missed an event: the daemon can no longer be trusted to
-            # tell them, so it fails (before answering, so that health says so first).
-            self._fail(f"a post-commit callback raised {_describe(unpublished)}", unpublished, ())
-        for job in group:
-            if job.future.done():  # the caller was cancelled; the write stands
-                continue
-            if job.error is not None:
-                job.future.set_exception(job.error)
-            else:
-                job.future.set_result(job.outcome)
-
     def _reader(self, conn: sqlite3.Connection) -> None:
         job: _Job[Any] | None = None
         try:
@@ -379,50 +337,8 @@ class Database:
                 conn.close()
             self._died("reader", exc, () if job is None else (job,))
 
-    def _died(self, role: str, exc: BaseException, in_hand: Sequence[_Job[Any]]) -> None:
-        # On the dying thread: the loop owns the futures, so it does the rest. It
-        # runs after any delivery this thread scheduled before, so a job it had
-        # already answered is left as it is.
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
-            self._loop.call_soon_threadsafe(
-                self._fail, f"its {role} thread died: {_describe(exc)}", exc, list(in_hand)
-            )
-
-    def _fail(self, reason: str, exc: BaseException, in_hand: Sequence[_Job[Any]]) -> None:
-        """Fails the database, on the loop: answers every call waiting on it."""
-        if self._failure is None:
-            log.error(
-                "the database failed: %s; answering every pending call UNAVAILABLE, "
-                "the daemon stops",
-                reason,
-                exc_info=exc,
-            )
-            self._failure = DatabaseFailed(reason)
-            self._refusing = True
-            self._failed.set_result(self._failure)
-        else:
-            log.error("the database failed again: %s", reason, exc_info=exc)
-        for job in in_hand:
-            self._refuse(job)
-        # Calls queued but not taken: a dead thread will never take them. A live
-        # one may race us for them, which is fine: each job is taken once.
-        for queue in (self._writes, self._reads):
-            stops = 0
-            while True:
-                try:
-                    queued = queue.get_nowait()
-                except Empty:
-                    break
-                if queued is None:
-                    stops += 1
-                else:
-                    self._refuse(queued)
-            for _ in range(stops):  # close()'s, for the threads still alive
-                queue.put(None)
-
-    def _refuse(self, job: _Job[Any]) -> None:
-        if not job.future.done():
-            job.future.set_exception(self._refusal())
+    def _queues(self) -> Sequence[SimpleQueue[Any]]:
+        return (self._writes, self._reads)
 
     async def close(self) -> None:
         """Finishes queued work, then closes every connection."""

@@ -48,7 +48,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
@@ -58,7 +58,8 @@ import grpc
 import psycopg
 import psycopg_pool
 from legato.server.errors import DomainError
-from legato.server.store import CommittedUnpublished, DatabaseFailed, Durability
+from legato.server.store import DatabaseFailed, Durability
+from legato.server.store.supervision import Supervised, describe
 
 T = TypeVar("T")
 
@@ -206,10 +207,6 @@ def _awaiting(pipeline: psycopg.Pipeline) -> bool:
     return bool(commands) or bool(results)
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 @dataclass(frozen=True, slots=True)
 class Batch:
     """How a write can share one statement with like writes of its group.
@@ -276,7 +273,7 @@ class DbClock:
         self._offset_us = best[1]
 
 
-class PgDatabase:
+class PgDatabase(Supervised):
     """A PostgreSQL database as one daemon uses it (see the module docstring).
 
     `before_commit` runs on the writer thread inside each transaction, after
@@ -406,13 +403,6 @@ class PgDatabase:
         """A new asyncio connection of its own (the listening one)."""
         return psycopg.AsyncConnection.connect(self.url, autocommit=True, **kwargs)
 
-    @property
-    def failure(self) -> DatabaseFailed | None:
-        return self._failure
-
-    async def failed(self) -> DatabaseFailed:
-        return await asyncio.shield(self._failed)
-
     def fail(self, reason: str, exc: BaseException) -> None:
         """Fails the database from the loop (a part above it cannot go on)."""
         self._fail(reason, exc, ())
@@ -495,7 +485,7 @@ class PgDatabase:
         delay = RECONNECT_RETRY_S[0]
         while True:
             if self._closing.is_set():
-                raise ConnectionError(f"closed while reconnecting after: {_describe(cause)}")
+                raise ConnectionError(f"closed while reconnecting after: {describe(cause)}")
             try:
                 self._writer_conn = _connect_writer(self.url, self.durability)
                 break
@@ -504,7 +494,7 @@ class PgDatabase:
                 if left <= 0:
                     raise ConnectionError(
                         f"could not reconnect within {self._reconnect_s:g} s after "
-                        f"{_describe(cause)}; last try: {_describe(exc)}"
+                        f"{describe(cause)}; last try: {describe(exc)}"
                     ) from exc
                 self._closing.wait(min(delay, left))
                 delay = min(delay * 2, RECONNECT_RETRY_S[1])
@@ -645,67 +635,8 @@ class PgDatabase:
         if _is_broken(conn, exc) or not isinstance(exc, Exception):
             raise exc
 
-    def _deliver(self, group: list[_Job[Any]]) -> None:
-        unpublished: BaseException | None = None
-        for job in group:
-            if job.error is None and job.after_commit is not None:
-                try:
-                    job.after_commit(job.outcome)
-                except BaseException as exc:
-                    unpublished = unpublished or exc
-                    job.error = CommittedUnpublished(f"publishing it raised {_describe(exc)}")
-        if unpublished is not None:
-            self._fail(f"a post-commit callback raised {_describe(unpublished)}", unpublished, ())
-        for job in group:
-            if job.future.done():  # the caller was cancelled; the write stands
-                continue
-            if job.error is not None:
-                job.future.set_exception(job.error)
-            else:
-                job.future.set_result(job.outcome)
-
-    def _died(self, role: str, exc: BaseException, in_hand: Sequence[_Job[Any]]) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
-            self._loop.call_soon_threadsafe(
-                self._fail, f"its {role} thread died: {_describe(exc)}", exc, list(in_hand)
-            )
-
-    def _fail(self, reason: str, exc: BaseException, in_hand: Iterable[_Job[Any]]) -> None:
-        if self._failure is None:
-            log.error(
-                "the database failed: %s; answering every pending call UNAVAILABLE, "
-                "the daemon stops",
-                reason,
-                exc_info=exc,
-            )
-            self._failure = DatabaseFailed(reason)
-            self._refusing = True
-            self._failed.set_result(self._failure)
-        else:
-            log.error("the database failed again: %s", reason, exc_info=exc)
-        for job in in_hand:
-            self._refuse(job)
-        stops = 0
-        while True:
-            try:
-                queued = self._writes.get_nowait()
-            except Empty:
-                break
-            if queued is None:
-                stops += 1
-            else:
-                self._refuse(queued)
-        for _ in range(stops):
-            self._writes.put(None)
-
-    def _refusal(self) -> Exception:
-        if self._failure is not None:
-            return DatabaseFailed(self._failure.reason)
-        return RuntimeError("the database is closed")
-
-    def _refuse(self, job: _Job[Any]) -> None:
-        if not job.future.done():
-            job.future.set_exception(self._refusal())
+    def _queues(self) -> Sequence[SimpleQueue[Any]]:
+        return (self._writes,)
 
     # -- the clock --------------------------------------------------------------------
 
@@ -715,7 +646,7 @@ class PgDatabase:
             try:
                 await self.read(self.clock.measure)
             except Exception as exc:  # the next try will do; the offset holds meanwhile
-                log.warning("could not read the database's clock: %s", _describe(exc))
+                log.warning("could not read the database's clock: %s", describe(exc))
 
     # -- closing ------------------------------------------------------------------------
 

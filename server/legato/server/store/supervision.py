@@ -1,0 +1,129 @@
+"""What the database threads of both backends share (`db.Database` for SQLite,
+`store.pgdb.PgDatabase` for PostgreSQL): answering a committed group, and what
+follows once a thread dies — the database has failed, and no call waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from queue import Empty, SimpleQueue
+from typing import Any, Protocol
+
+from legato.server.store import CommittedUnpublished, DatabaseFailed
+
+log = logging.getLogger(__name__)
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Job(Protocol):
+    """One call waiting on a database thread (each backend has its own shape)."""
+
+    future: asyncio.Future[Any]
+    after_commit: Callable[[Any], None] | None
+    outcome: Any
+    error: BaseException | None
+
+
+class Supervised:
+    """Mixin of both databases. Their constructors set `_loop`, `_failure = None`,
+    `_failed` (a future of the loop) and `_refusing = False`; `_queues` names the
+    queues their threads take calls from."""
+
+    _loop: asyncio.AbstractEventLoop
+    _failure: DatabaseFailed | None
+    _failed: asyncio.Future[DatabaseFailed]
+    _refusing: bool
+
+    def _queues(self) -> Sequence[SimpleQueue[Any]]:
+        raise NotImplementedError
+
+    @property
+    def failure(self) -> DatabaseFailed | None:
+        """Why the database failed, or None while it has not."""
+        return self._failure
+
+    async def failed(self) -> DatabaseFailed:
+        """Waits until the database fails and returns why; on a clean close it never does."""
+        return await asyncio.shield(self._failed)
+
+    def _deliver(self, group: Sequence[Job]) -> None:
+        """On the loop, after the group committed: publishes, then answers each call."""
+        unpublished: BaseException | None = None
+        for job in group:
+            if job.error is None and job.after_commit is not None:
+                # Each callback on its own: the rest of the group committed too,
+                # and is still published and answered.
+                try:
+                    job.after_commit(job.outcome)
+                except BaseException as exc:
+                    unpublished = unpublished or exc
+                    job.error = CommittedUnpublished(f"publishing it raised {describe(exc)}")
+        if unpublished is not None:
+            # Watchers missed an event: the daemon can no longer be trusted to
+            # tell them, so it fails (before answering, so that health says so first).
+            self._fail(f"a post-commit callback raised {describe(unpublished)}", unpublished, ())
+        for job in group:
+            if job.future.done():  # the caller was cancelled; the write stands
+                continue
+            if job.error is not None:
+                job.future.set_exception(job.error)
+            else:
+                job.future.set_result(job.outcome)
+
+    def _died(self, role: str, exc: BaseException, in_hand: Sequence[Job]) -> None:
+        # On the dying thread: the loop owns the futures, so it does the rest. It
+        # runs after any delivery this thread scheduled before, so a job it had
+        # already answered is left as it is.
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
+            self._loop.call_soon_threadsafe(
+                self._fail, f"its {role} thread died: {describe(exc)}", exc, list(in_hand)
+            )
+
+    def _fail(self, reason: str, exc: BaseException, in_hand: Iterable[Job]) -> None:
+        """Fails the database, on the loop: answers every call waiting on it."""
+        if self._failure is None:
+            log.error(
+                "the database failed: %s; answering every pending call UNAVAILABLE, "
+                "the daemon stops",
+                reason,
+                exc_info=exc,
+            )
+            self._failure = DatabaseFailed(reason)
+            self._refusing = True
+            self._failed.set_result(self._failure)
+        else:
+            log.error("the database failed again: %s", reason, exc_info=exc)
+        for job in in_hand:
+            self._refuse(job)
+        # Calls queued but not taken: a dead thread will never take them. A live
+        # one may race us for them, which is fine: each job is taken once.
+        for queue in self._queues():
+            stops = 0
+            while True:
+                try:
+                    queued = queue.get_nowait()
+                except Empty:
+                    break
+                if queued is None:
+                    stops += 1
+                else:
+                    self._refuse(queued)
+            for _ in range(stops):  # close()'s, for the threads still alive
+                queue.put(None)
+
+    def _refusal(self) -> Exception:
+        # A new exception for every caller: one shared instance would collect
+        # the traceback of each task it is raised in.
+        if self._failure is not None:
+            return DatabaseFailed(self._failure.reason)
+        return RuntimeError("the database is closed")
+
+    def _refuse(self, job: Job) -> None:
+        if not job.future.done():
+            job.future.set_exception(self._refusal())
