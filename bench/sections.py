@@ -9,7 +9,6 @@ the next round), so a noisy neighbour hits both alike.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from legato.v1 import tasks_pb2
 from bench import ceilings, payloads
 from bench.dbgen import history_db
 from bench.loadgen import Worker, bearer
+from bench.mcp_start import Kind, spawn_to_answer
 from bench.payloads import (
     CREATOR,
     LABEL,
@@ -715,50 +715,7 @@ async def _timed_exec(argv: list[str], env: dict[str, str]) -> float:
 
 async def mcp_cold_start(env: dict[str, str]) -> float:
     """Seconds from spawning `legato mcp` to its answer to `initialize`."""
-    from mcp import types  # the SDK says which protocol version it speaks
-
-    initialize = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": types.LATEST_PROTOCOL_VERSION,
-            "capabilities": {},
-            "clientInfo": {"name": "legato-bench", "version": "1"},
-        },
-    }
-    started = time.perf_counter()
-    process = await asyncio.create_subprocess_exec(
-        str(LEGATO),
-        "mcp",
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    assert process.stdin is not None
-    assert process.stdout is not None
-    try:
-        process.stdin.write(json.dumps(initialize).encode() + b"\n")
-        await process.stdin.drain()
-        while True:
-            line = await asyncio.wait_for(process.stdout.readline(), 60)
-            if not line:
-                raise RuntimeError("legato mcp closed stdout before answering initialize")
-            message = json.loads(line)
-            if message.get("id") == 1:
-                break
-        seconds = time.perf_counter() - started
-        if "result" not in message:
-            raise RuntimeError(f"legato mcp refused initialize: {message}")
-    finally:
-        process.stdin.close()
-        try:
-            await asyncio.wait_for(process.wait(), 10)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-    return seconds
+    return await spawn_to_answer(Kind("legato mcp", [str(LEGATO), "mcp"]), env)
 
 
 async def startup_section(run: Run) -> None:
