@@ -8,7 +8,7 @@ PROTOS := $(wildcard proto/legato/v1/*.proto)
 TS      := clients/typescript
 TS_DEPS := $(TS)/node_modules/.package-lock.json
 
-.PHONY: install run demo test lint format proto proto-check sync sync-check bench bench-smoke bench-ladder bench-postgres bench-mcp \
+.PHONY: install run demo test lint format proto proto-check sync sync-check bench bench-smoke bench-ladder bench-ab bench-postgres bench-mcp \
 	chaos clean test-ts proto-ts proto-check-ts
 
 install: $(STAMP)
@@ -137,6 +137,12 @@ bench-ladder: install
 	$(BIN)/python -m pip install --quiet $(BENCH_TOOLS)
 	$(BIN)/python -m bench --section ladder --out bench/results/ladder \
 		$(foreach variant,$(VARIANTS),--variant $(variant))
+
+# legato against modified copies of its server (VARIANTS="name=DIR ...", each DIR
+# holding legato/server/): CreateTask, GetTask and ClaimTask, in the same rounds.
+bench-ab: install
+	$(BIN)/python -m bench.ab $(VARIANTS)
+
 # The PostgreSQL backend against the SQLite one and a PostgreSQL-native queue's
 # enqueue (pgqueuer, a benchmark-only dependency) on the server of
 # LEGATO_BENCH_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test);

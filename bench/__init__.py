@@ -15,5 +15,7 @@ form CI runs so the harness never rots. Modules, one per concern:
   time (`make bench-ladder` runs it alone); `naive`: its middle servers;
   `profiler`: py-spy recordings of a server under load; `components`: the
   pieces of legato's create timed alone; `ladder_report`: its tables and plot.
+- `ab`: legato against modified copies of its server on the unary calls of the
+  targets, in the same rounds (`make bench-ab VARIANTS="name=DIR ..."`).
 - `stats`, `report`: medians and ratios; the console table, BENCHMARKS.md, the plots.
 """
