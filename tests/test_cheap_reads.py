@@ -24,6 +24,7 @@ from conftest import Connect
 from legato.client import AsyncClient, Client, Task, TaskStatus
 from legato.client.errors import UnauthenticatedError
 from legato.server.daemon import Daemon
+from legato.server.db import Database
 from legato.server.store.sqlite import SqliteStore
 
 # The statements and query plans of the SQLite backend are the subject here;
@@ -45,7 +46,8 @@ def sqlite_store(daemon: Daemon) -> SqliteStore:
 @contextmanager
 def daemon_sql(daemon: Daemon) -> Iterator[list[str]]:
     """The statements the daemon's readers run meanwhile, parameters filled in."""
-    readers: list[sqlite3.Connection] = sqlite_store(daemon)._db._reader_conns
+    db = sqlite_store(daemon)._db
+    readers: list[sqlite3.Connection] = [*db._reader_conns, db._loop_conn]
     statements: list[str] = []
     for conn in readers:
         conn.set_trace_callback(statements.append)
@@ -268,3 +270,63 @@ async def test_sync_connect_and_a_cursorless_watch_list_no_tasks(
         client.close()
     assert LIST_TASKS not in recorder.methods
     assert GET_CURSOR in recorder.methods
+
+
+async def test_a_task_is_read_on_the_loop_as_soon_as_its_create_is_answered(
+    daemon: Daemon, connect: Connect
+) -> None:
+    """GetTask reads its row on the event loop: cheaper than a reader thread's
+    round trip, and it sees every write already acknowledged."""
+    db = sqlite_store(daemon)._db
+    on_loop: list[str] = []
+    on_threads: list[str] = []
+    db._loop_conn.set_trace_callback(on_loop.append)
+    for conn in db._reader_conns:
+        conn.set_trace_callback(on_threads.append)
+    try:
+        creator = await connect("creator", ["@somewhere"])
+        for i in range(20):
+            handle = await creator.create_task(f"read me {i}", labels=["@somewhere"])
+            assert (await creator.get_task(handle.id)).content == f"read me {i}"
+    finally:
+        for conn in [db._loop_conn, *db._reader_conns]:
+            conn.set_trace_callback(None)
+    assert sum("FROM tasks WHERE id =" in sql for sql in on_loop) == 20
+    assert not [sql for sql in on_threads if "FROM tasks WHERE id =" in sql]
+
+
+async def test_a_read_the_loop_finds_locked_moves_to_a_reader_thread(tmp_path: Path) -> None:
+    """The loop never waits for a lock: a busy read is run again on a thread."""
+    db = Database.open(tmp_path / "legato.db")
+    await db.write(lambda conn: conn.execute("CREATE TABLE t (x)").fetchall())
+    await db.write(lambda conn: conn.execute("INSERT INTO t VALUES (42)").fetchall())
+    loop_thread = threading.current_thread()
+    tried_on: list[str] = []
+
+    def read(conn: sqlite3.Connection) -> int:
+        tried_on.append("loop" if threading.current_thread() is loop_thread else "thread")
+        if threading.current_thread() is loop_thread:
+            conn.execute("BEGIN")
+            conn.execute("SELECT x FROM t").fetchall()  # a read transaction left open
+            busy = sqlite3.OperationalError("database is locked")
+            busy.sqlite_errorcode = sqlite3.SQLITE_BUSY
+            raise busy
+        value: int = conn.execute("SELECT x FROM t").fetchone()[0]
+        return value
+
+    try:
+        assert await db.read_on_loop(read) == 42
+        assert tried_on == ["loop", "thread"]
+        # The loop's connection was handed back clean: its next read sees new writes.
+        await db.write(lambda conn: conn.execute("UPDATE t SET x = 43").fetchall())
+        assert (
+            await db.read_on_loop(lambda conn: conn.execute("SELECT x FROM t").fetchone()[0]) == 43
+        )
+
+        def broken(conn: sqlite3.Connection) -> None:
+            conn.execute("SELECT x FROM nowhere")
+
+        with pytest.raises(sqlite3.OperationalError, match="no such table"):
+            await db.read_on_loop(broken)  # any other error is the caller's, not retried
+    finally:
+        await db.close()

@@ -11,7 +11,9 @@ SQLite traps impossible here: no two coroutines interleave statements inside
 one transaction, and cancelling a caller cannot leave a transaction open (the
 function runs to COMMIT or ROLLBACK on its thread whatever the caller does).
 Reads run on their own connections and threads, so they never wait behind a
-write's sync, and WAL gives each read a consistent snapshot.
+write's sync, and WAL gives each read a consistent snapshot. A read of one row
+by key is the exception (`read_on_loop`): it runs on the event loop, where it
+costs less than the hop to a thread and back.
 
 The threads are supervised: if one dies (or a post-commit callback raises),
 the database fails as a whole. Every call waiting on it is answered with
@@ -157,6 +159,9 @@ class Database(Supervised):
             self._writer_conn = connect(path, durability)
             self._reader_conns = [connect(path, durability, readonly=True) for _ in range(readers)]
             self._checkpoint_conn = connect(path, durability)
+            self._loop_conn = connect(path, durability, readonly=True)
+            # Never wait for a lock on the loop: a busy read moves to a thread.
+            self._loop_conn.execute("PRAGMA busy_timeout = 0")
         finally:
             os.umask(old_umask)
         self._checkpoint_due = threading.Event()
@@ -212,6 +217,31 @@ class Database(Supervised):
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Runs `fn` on a reader connection; it may open its own read transaction."""
         return await self._submit(self._reads, fn, None)
+
+    async def read_on_loop(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs `fn` on the event loop itself; for reads of a row or two by key.
+
+        GetTask at 32 in flight spent about 15 % less server CPU per call this
+        way (`python -m bench.ab`, BENCHMARKS.md): the hop to a reader thread
+        and back (two wake-ups, the GIL handed over twice) costs more than an
+        indexed lookup. WAL readers take no lock a writer holds, so the read
+        never waits for a commit; the rare lock it would wait for (another
+        process holding the file exclusively, WAL recovery) makes it fall back
+        to a reader thread instead of stalling the loop. `fn` must be bounded:
+        a read of one task costs at most what serializing that task costs.
+        """
+        if self._refusing:
+            raise self._refusal()
+        conn = self._loop_conn
+        try:
+            return fn(conn)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        return await self.read(fn)
 
     async def _submit(
         self,
@@ -350,6 +380,7 @@ class Database(Supervised):
         for _ in self._reader_conns:
             self._reads.put(None)
         await asyncio.to_thread(self._join)
+        self._loop_conn.close()
 
     def _join(self) -> None:
         for thread in self._threads:

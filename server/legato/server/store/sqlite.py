@@ -379,7 +379,7 @@ class SqliteStore:
             loaded = _load(conn, "id = ?", (task_id,))
             return None if loaded is None else loaded[1]
 
-        return await self._db.read(get)
+        return await self._db.read_on_loop(get)
 
     async def list_tasks(self, query: TaskQuery) -> TaskPage:
         """One page of tasks, oldest first, with the event cursor of the same snapshot."""
