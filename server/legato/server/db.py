@@ -4,7 +4,10 @@ Every write is a function run on the single writer thread inside
 `BEGIN IMMEDIATE ... COMMIT`; the awaiting coroutine gets its answer only after
 COMMIT. Writes that queue up while a commit is under way are committed
 together (group commit): each runs inside its own SAVEPOINT, so one that raises
-is rolled back alone, and all of them share one COMMIT and one sync.
+is rolled back alone, and all of them share one COMMIT and one sync. Writes of
+one kind that say how (`Batch`: the creates) are made together, a few
+statements for the whole set instead of a few per write, in one savepoint, all
+or none; if the set cannot be made whole, each runs on its own as any other.
 
 Running whole transactions as one function is what makes the usual asyncio
 SQLite traps impossible here: no two coroutines interleave statements inside
@@ -40,7 +43,7 @@ from queue import Empty, SimpleQueue
 from typing import Any, Generic, TypeVar
 
 from legato.server.store import CommittedUnpublished, DatabaseFailed, Durability
-from legato.server.store.supervision import Supervised
+from legato.server.store.supervision import Batch, Supervised, batch_sets, in_order
 
 T = TypeVar("T")
 
@@ -122,6 +125,7 @@ class _Job(Generic[T]):
     fn: Callable[[sqlite3.Connection], T]
     future: asyncio.Future[T]
     after_commit: Callable[[T], None] | None = None
+    batch: Batch[sqlite3.Connection] | None = None
     outcome: T | None = None
     error: BaseException | None = field(default=None)
 
@@ -205,18 +209,20 @@ class Database(Supervised):
         fn: Callable[[sqlite3.Connection], T],
         *,
         after_commit: Callable[[T], None] | None = None,
+        batch: Batch[sqlite3.Connection] | None = None,
     ) -> T:
         """Runs `fn` in a write transaction and returns its value once committed.
 
         `after_commit` runs on the event loop right after the commit, in commit
         order across all writes, before any caller is answered: the place to
-        publish what the write changed.
+        publish what the write changed. With `batch`, the write may be made
+        together with like writes of its group, by `batch.run`, instead of by `fn`.
         """
-        return await self._submit(self._writes, fn, after_commit)
+        return await self._submit(self._writes, fn, after_commit, batch)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Runs `fn` on a reader connection; it may open its own read transaction."""
-        return await self._submit(self._reads, fn, None)
+        return await self._submit(self._reads, fn, None, None)
 
     async def read_on_loop(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Runs `fn` on the event loop itself; for reads of a row or two by key.
@@ -248,11 +254,12 @@ class Database(Supervised):
         queue: SimpleQueue[_Job[Any] | None],
         fn: Callable[[sqlite3.Connection], T],
         after_commit: Callable[[T], None] | None,
+        batch: Batch[sqlite3.Connection] | None,
     ) -> T:
         if self._refusing:
             raise self._refusal()
         future: asyncio.Future[T] = self._loop.create_future()
-        queue.put(_Job(fn, future, after_commit))
+        queue.put(_Job(fn, future, after_commit, batch))
         return await future
 
     def _gather(self, group: list[_Job[Any]]) -> bool:
@@ -328,9 +335,11 @@ class Database(Supervised):
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _commit_group(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> None:
+        done: list[_Job[Any]] = []  # in the order they were written: seq order
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for job in group:
+            for job in self._run_batches(conn, group, done):
+                done.append(job)
                 conn.execute("SAVEPOINT job")
                 try:
                     job.outcome = job.fn(conn)
@@ -344,7 +353,40 @@ class Database(Supervised):
                 conn.execute("ROLLBACK")
             for job in group:
                 job.outcome, job.error = None, exc
-        self._loop.call_soon_threadsafe(self._deliver, group)
+            done = group
+        self._loop.call_soon_threadsafe(self._deliver, done)
+
+    @staticmethod
+    def _run_batches(
+        conn: sqlite3.Connection, group: list[_Job[Any]], done: list[_Job[Any]]
+    ) -> list[_Job[Any]]:
+        """Writes together the group's writes that share a `Batch` key, each set
+        in its savepoint, and adds them to `done`; returns the writes left to run
+        one by one (their set could not be made whole, or they have no set).
+
+        The writes of a set commit before the writes left, in the same
+        transaction: their order within the group is not their callers' order,
+        as it is not for callers that were waiting at the same moment anyway.
+        """
+        together, left = batch_sets(group)
+        for jobs in together:
+            batch = jobs[0].batch
+            assert batch is not None
+            conn.execute("SAVEPOINT batch")
+            try:
+                outcomes = batch.run(conn, [job.batch.item for job in jobs if job.batch])
+                if len(outcomes) != len(jobs):
+                    raise RuntimeError(f"{len(outcomes)} outcomes for {len(jobs)} writes")
+            except Exception:  # each write then runs alone and gets its own answer
+                conn.execute("ROLLBACK TO batch")
+                conn.execute("RELEASE batch")
+                left.extend(jobs)
+                continue
+            conn.execute("RELEASE batch")
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                job.outcome = outcome
+            done.extend(jobs)
+        return in_order(group, left)
 
     def _reader(self, conn: sqlite3.Connection) -> None:
         job: _Job[Any] | None = None
@@ -417,13 +459,14 @@ class _FaultyDatabase(Database):
         fn: Callable[[sqlite3.Connection], T],
         *,
         after_commit: Callable[[T], None] | None = None,
+        batch: Batch[sqlite3.Connection] | None = None,
     ) -> T:
         if after_commit is None or self._fault.part is not FaultPart.AFTER_COMMIT:
-            return await super().write(fn, after_commit=after_commit)
+            return await super().write(fn, after_commit=after_commit, batch=batch)
         publish = after_commit
 
         def publish_or_fail(outcome: T) -> None:
             self._trip(FaultPart.AFTER_COMMIT)
             publish(outcome)
 
-        return await super().write(fn, after_commit=publish_or_fail)
+        return await super().write(fn, after_commit=publish_or_fail, batch=batch)

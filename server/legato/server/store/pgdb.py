@@ -59,7 +59,7 @@ import psycopg
 import psycopg_pool
 from legato.server.errors import DomainError
 from legato.server.store import DatabaseFailed, Durability
-from legato.server.store.supervision import Supervised, describe
+from legato.server.store.supervision import Batch, Supervised, batch_sets, describe, in_order
 
 T = TypeVar("T")
 
@@ -207,27 +207,12 @@ def _awaiting(pipeline: psycopg.Pipeline) -> bool:
     return bool(commands) or bool(results)
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """How a write can share one statement with like writes of its group.
-
-    `run(tx, items)` writes the `item` of each of several writes with the same
-    `key` at once and returns their outcomes in order. It is all or nothing:
-    if it raises (whatever the cause), what it wrote is rolled back and each
-    write runs on its own (`fn`), which gives each its own answer.
-    """
-
-    key: object
-    item: Any
-    run: Callable[[Tx, list[Any]], list[Any]]
-
-
 @dataclass
 class _Job(Generic[T]):
     fn: Callable[[Tx], T]
     future: asyncio.Future[T]
     after_commit: Callable[[T], None] | None = None
-    batch: Batch | None = None
+    batch: Batch[Tx] | None = None
     outcome: T | None = None
     error: BaseException | None = field(default=None)
 
@@ -370,7 +355,7 @@ class PgDatabase(Supervised):
         fn: Callable[[Tx], T],
         *,
         after_commit: Callable[[T], None] | None = None,
-        batch: Batch | None = None,
+        batch: Batch[Tx] | None = None,
     ) -> T:
         """Runs `fn` in a write transaction and returns its value once committed.
 
@@ -587,15 +572,8 @@ class PgDatabase(Supervised):
         transaction: their order within the group is not their callers' order,
         as it is not for callers that were waiting at the same moment anyway.
         """
-        sets: dict[object, list[_Job[Any]]] = {}
-        for job in group:
-            if job.batch is not None:
-                sets.setdefault(job.batch.key, []).append(job)
-        left: list[_Job[Any]] = [job for job in group if job.batch is None]
-        for jobs in sets.values():
-            if len(jobs) == 1:
-                left.extend(jobs)
-                continue
+        together, left = batch_sets(group)
+        for jobs in together:
             batch = jobs[0].batch
             assert batch is not None
             conn.execute("SAVEPOINT batch")
@@ -616,9 +594,7 @@ class PgDatabase(Supervised):
                 job.outcome = outcome
             done.extend(jobs)
         # In the order they came: a write alone runs after the batches.
-        order = {id(job): n for n, job in enumerate(group)}
-        left.sort(key=lambda job: order[id(job)])
-        return left
+        return in_order(group, left)
 
     @staticmethod
     def _resync(pipeline: psycopg.Pipeline) -> None:

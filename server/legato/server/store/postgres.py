@@ -81,7 +81,6 @@ from legato.server.store import (
     TaskQuery,
 )
 from legato.server.store.pgdb import (
-    Batch,
     BeforeCommit,
     Contended,
     Listener,
@@ -100,6 +99,7 @@ from legato.server.store.rows import (
     task_from_row,
     task_values,
 )
+from legato.server.store.supervision import Batch
 from psycopg import conninfo
 
 T = TypeVar("T")
@@ -657,7 +657,7 @@ class PostgresStore:
                     future.set_exception(exc)
         self._until.clear()
 
-    async def _write(self, fn: Callable[[Tx], Written[T]], batch: Batch | None = None) -> T:
+    async def _write(self, fn: Callable[[Tx], Written[T]], batch: Batch[Tx] | None = None) -> T:
         def publish(outcome: Written[T]) -> None:
             if outcome[1]:
                 self._committed_here(outcome[1])

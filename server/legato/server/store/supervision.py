@@ -9,16 +9,61 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from queue import Empty, SimpleQueue
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from legato.server.store import CommittedUnpublished, DatabaseFailed
 
 log = logging.getLogger(__name__)
 
 
+C = TypeVar("C")
+
+
 def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True, slots=True)
+class Batch(Generic[C]):
+    """How a write can share one statement with like writes of its group.
+
+    `run(conn, items)` writes the `item` of each of several writes with the
+    same `key` at once and returns their outcomes in order. It is all or
+    nothing: if it raises (whatever the cause), what it wrote is rolled back
+    and each write runs on its own (its `fn`), which gives each its own answer.
+    """
+
+    key: object
+    item: Any
+    run: Callable[[C, list[Any]], list[Any]]
+
+
+class _Batched(Protocol):
+    @property
+    def batch(self) -> Batch[Any] | None: ...
+
+
+J = TypeVar("J", bound=_Batched)
+
+
+def batch_sets(group: Sequence[J]) -> tuple[list[list[J]], list[J]]:
+    """The sets of two or more writes of `group` that share a `Batch` key, and
+    the writes left to run one by one, in their order."""
+    sets: dict[object, list[J]] = {}
+    for job in group:
+        if job.batch is not None:
+            sets.setdefault(job.batch.key, []).append(job)
+    together = [jobs for jobs in sets.values() if len(jobs) > 1]
+    batched = {id(job) for jobs in together for job in jobs}
+    return together, [job for job in group if id(job) not in batched]
+
+
+def in_order(group: Sequence[J], jobs: Iterable[J]) -> list[J]:
+    """`jobs` (writes of `group`) in the order they have in `group`."""
+    position = {id(job): n for n, job in enumerate(group)}
+    return sorted(jobs, key=lambda job: position[id(job)])
 
 
 class Job(Protocol):
