@@ -17,5 +17,7 @@ form CI runs so the harness never rots. Modules, one per concern:
   pieces of legato's create timed alone; `ladder_report`: its tables and plot.
 - `ab`: legato against modified copies of its server on the unary calls of the
   targets, in the same rounds (`make bench-ab VARIANTS="name=DIR ..."`).
+- `ids`: random against time-ordered task ids and idempotency keys, at the
+  SQLite writer, on a history.
 - `stats`, `report`: medians and ratios; the console table, BENCHMARKS.md, the plots.
 """

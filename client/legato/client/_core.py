@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -77,8 +77,12 @@ def method_name(method: object) -> str:
 
 def new_idempotency_key() -> str:
     """A key for a create that the caller gave none: unique, so that only a
-    repeat of this very call (a retry after a lost reply) finds the same task."""
-    return f"auto-{uuid.uuid4().hex}"
+    repeat of this very call (a retry after a lost reply) finds the same task.
+
+    The time (in microseconds) comes first and 64 random bits after it, so keys
+    made later sort after: the daemon's index of keys then grows at its end
+    instead of taking a random page of it on every create."""
+    return f"auto-{time.time_ns() // 1000:016x}{secrets.token_hex(8)}"
 
 
 def duration(seconds: float | None) -> duration_pb2.Duration | None:

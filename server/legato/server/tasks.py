@@ -12,6 +12,7 @@ import base64
 import binascii
 import logging
 import secrets
+import time
 from collections.abc import AsyncGenerator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,25 @@ MAX_CHUNK_BYTES = 64 * 1024
 CLAIMABLE_AGAIN = frozenset({EventType.CREATED, EventType.REQUEUED, EventType.RELEASED})
 
 
+# The URL-safe base64 alphabet, and the same 64 characters in ASCII order.
+_SORTABLE = bytes.maketrans(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+    b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz",
+)
+
+
 def new_task_id() -> str:
-    return "t_" + secrets.token_urlsafe(16)
+    """`t_` and 24 URL-safe characters: the creation time in milliseconds
+    (8 characters), then 96 random bits, encoded so that ids sort by time.
+
+    Random ids put every create on its own leaf of the id index, a page of the
+    WAL each; ids made one after the other share the index's last leaf. On a
+    history of 200,000 tasks, 32 creates a transaction (`python -m bench.ids`):
+    2.13 against 3.26 WAL frames and 0.87x the writer's time per create; with
+    the clients' time-ordered idempotency keys too, 0.95 frames and 0.64x.
+    """
+    raw = (time.time_ns() // 1_000_000).to_bytes(6, "big") + secrets.token_bytes(12)
+    return "t_" + base64.urlsafe_b64encode(raw).translate(_SORTABLE).decode()
 
 
 def new_lease_token() -> str:
