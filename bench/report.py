@@ -22,6 +22,9 @@ from bench.procs import REPO
 from bench.profiles import Profile
 from bench.stats import Results, Summary
 
+# What was tried and measured round by round, kept by hand; a full run puts it
+# in BENCHMARKS.md after the ladder.
+FINDINGS = REPO / "bench" / "findings.md"
 DASH = "\u2013"  # en dash
 TIMES = "\u00d7"  # multiplication sign
 
@@ -604,6 +607,9 @@ def markdown(
             lines += [f"![ladder]({ladder_plot_name})", ""]
         for table in ladder:
             lines += [table.markdown(), ""]
+    if ran is None and FINDINGS.exists():
+        # Hand-kept: what each round tried and measured, which a run cannot regenerate.
+        lines += [FINDINGS.read_text().strip(), ""]
     if results.notes or results.errors:
         lines += ["## Notes", ""]
         lines += [f"- {note}" for note in results.notes]
