@@ -295,8 +295,16 @@ async def test_a_task_is_read_on_the_loop_as_soon_as_its_create_is_answered(
     assert not [sql for sql in on_threads if "FROM tasks WHERE id =" in sql]
 
 
-async def test_a_read_the_loop_finds_locked_moves_to_a_reader_thread(tmp_path: Path) -> None:
-    """The loop never waits for a lock: a busy read is run again on a thread."""
+@pytest.mark.parametrize(
+    "code",
+    [sqlite3.SQLITE_BUSY, sqlite3.SQLITE_BUSY_RECOVERY, sqlite3.SQLITE_LOCKED_SHAREDCACHE],
+    ids=["busy", "busy-recovery", "locked-sharedcache"],
+)
+async def test_a_read_the_loop_finds_locked_moves_to_a_reader_thread(
+    tmp_path: Path, code: int
+) -> None:
+    """The loop never waits for a lock: a busy read is run again on a thread,
+    whatever extended code SQLite gives the busy or locked condition."""
     db = Database.open(tmp_path / "legato.db")
     await db.write(lambda conn: conn.execute("CREATE TABLE t (x)").fetchall())
     await db.write(lambda conn: conn.execute("INSERT INTO t VALUES (42)").fetchall())
@@ -309,7 +317,7 @@ async def test_a_read_the_loop_finds_locked_moves_to_a_reader_thread(tmp_path: P
             conn.execute("BEGIN")
             conn.execute("SELECT x FROM t").fetchall()  # a read transaction left open
             busy = sqlite3.OperationalError("database is locked")
-            busy.sqlite_errorcode = sqlite3.SQLITE_BUSY
+            busy.sqlite_errorcode = code
             raise busy
         value: int = conn.execute("SELECT x FROM t").fetchone()[0]
         return value

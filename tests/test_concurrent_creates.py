@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from legato.client import AsyncClient, EventType
 from legato.client.errors import AlreadyExistsError, ResourceExhaustedError
 from legato.server.daemon import Config, Daemon
+from legato.server.db import Database
+from legato.server.errors import ResourceExhausted
+from legato.server.model import TaskRecord
 from legato.server.store.sqlite import SqliteStore
+from legato.server.store.supervision import Batch
+from legato.server.tasks import new_task_id
 
 
 async def test_a_burst_of_creates_past_the_cap_makes_exactly_the_cap(config: Config) -> None:
@@ -126,3 +136,100 @@ async def test_creates_that_arrive_together_are_written_by_one_statement(config:
             tasks = {t.id: t for t in (await admin.list_tasks(page_size=1000)).tasks}
             assert {h.id for h in handles} == set(tasks)
             assert all(tasks[h.id].content == f"t{i}" for i, h in enumerate(handles))
+
+
+def _task(creator: str, content: str) -> TaskRecord:
+    now = time.time_ns() // 1000
+    return TaskRecord(
+        id=new_task_id(),
+        content=content,
+        labels=("@x",),
+        context=b"",
+        created_by=creator,
+        created_at=now,
+        max_attempts=3,
+        updated_at=now,
+    )
+
+
+async def test_a_creator_at_its_cap_does_not_keep_the_others_from_being_written_together(
+    tmp_path: Path,
+) -> None:
+    """Creates of several agents in one group: the one at its cap is refused on
+    its own, and each other agent's creates still share one statement."""
+    store = await SqliteStore.open(tmp_path / "legato.db")
+    try:
+        for i in range(3):
+            await store.create_task(_task("full", f"kept {i}"), max_open=3)
+        statements: list[str] = []
+        store._db._writer_conn.set_trace_callback(statements.append)
+        # Hold the writer, so that every create below waits in one group.
+        holds, release = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> bool:
+            holds.set()
+            return release.wait(10)
+
+        holding = asyncio.create_task(store._db.write(hold))
+        assert await asyncio.to_thread(holds.wait, 10)
+        creates = [
+            asyncio.create_task(store.create_task(_task(creator, f"{creator} {n}"), max_open=3))
+            for n in range(3)
+            for creator in ("full", "one", "two")
+        ]
+        await asyncio.sleep(0)  # each create runs up to its queued write
+        assert store._db._writes.qsize() == len(creates)
+        release.set()
+        assert await holding
+        outcomes = await asyncio.gather(*creates, return_exceptions=True)
+        store._db._writer_conn.set_trace_callback(None)
+    finally:
+        await store.close()
+    refused = [o for o in outcomes if isinstance(o, ResourceExhausted)]
+    made = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(refused) == 3 and len(made) == 6, outcomes
+    assert {task.created_by for task, _ in made} == {"one", "two"}
+    inserts = list(dict.fromkeys(s for s in statements if s.startswith("INSERT INTO tasks")))
+    # One statement for each of the two others; none for the refused creates.
+    assert len(inserts) == 2, inserts
+    assert all(s.count("), (") == 2 for s in inserts)
+
+
+async def test_a_set_that_fails_together_is_written_one_by_one_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A set's statement failing for an unexpected reason loses no write: each
+    runs on its own, and the failure is logged, not hidden by the fallback."""
+    db = Database.open(tmp_path / "legato.db")
+    try:
+        await db.write(lambda conn: conn.execute("CREATE TABLE t (x)").fetchall())
+
+        def broken(conn: sqlite3.Connection, items: list[int]) -> list[int]:
+            conn.execute("INSERT INTO t VALUES (-1)")  # rolled back with the set
+            raise RuntimeError("a defect in the set's statement")
+
+        def alone(x: int) -> Callable[[sqlite3.Connection], int]:
+            return lambda conn: conn.execute("INSERT INTO t VALUES (?)", (x,)).rowcount
+
+        holds, release = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> bool:
+            holds.set()
+            return release.wait(10)
+
+        holding = asyncio.create_task(db.write(hold))
+        assert await asyncio.to_thread(holds.wait, 10)
+        writes = [
+            asyncio.create_task(db.write(alone(x), batch=Batch("set", x, broken))) for x in range(4)
+        ]
+        await asyncio.sleep(0)  # each write runs up to its place in the queue
+        assert db._writes.qsize() == 4
+        release.set()
+        assert await holding
+        assert await asyncio.gather(*writes) == [1, 1, 1, 1]
+        rows = await db.read(lambda conn: conn.execute("SELECT x FROM t ORDER BY x").fetchall())
+        assert rows == [(0,), (1,), (2,), (3,)]
+    finally:
+        await db.close()
+    assert "a set of 4 writes failed together" in caplog.text
+    assert "a defect in the set's statement" in caplog.text

@@ -43,7 +43,13 @@ from queue import Empty, SimpleQueue
 from typing import Any, Generic, TypeVar
 
 from legato.server.store import CommittedUnpublished, DatabaseFailed, Durability
-from legato.server.store.supervision import Batch, Supervised, batch_sets, in_order
+from legato.server.store.supervision import (
+    Batch,
+    BatchDeclined,
+    Supervised,
+    batch_sets,
+    in_order,
+)
 
 T = TypeVar("T")
 
@@ -242,7 +248,8 @@ class Database(Supervised):
         try:
             return fn(conn)
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            # The primary code: WAL recovery is SQLITE_BUSY_RECOVERY, say.
+            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise
         finally:
             if conn.in_transaction:
@@ -377,7 +384,15 @@ class Database(Supervised):
                 outcomes = batch.run(conn, [job.batch.item for job in jobs if job.batch])
                 if len(outcomes) != len(jobs):
                     raise RuntimeError(f"{len(outcomes)} outcomes for {len(jobs)} writes")
-            except Exception:  # each write then runs alone and gets its own answer
+            except Exception as exc:  # each write then runs alone and gets its own answer
+                if not conn.in_transaction:
+                    raise  # SQLite ended the transaction itself (disk full, I/O): the group fails
+                if not isinstance(exc, BatchDeclined):
+                    log.warning(
+                        "a set of %d writes failed together; running them one by one",
+                        len(jobs),
+                        exc_info=exc,
+                    )
                 conn.execute("ROLLBACK TO batch")
                 conn.execute("RELEASE batch")
                 left.extend(jobs)

@@ -59,7 +59,9 @@ _SORTABLE = bytes.maketrans(
 
 def new_task_id() -> str:
     """`t_` and 24 URL-safe characters: the creation time in milliseconds
-    (8 characters), then 96 random bits, encoded so that ids sort by time.
+    (8 characters), then 96 random bits, encoded so that ids of different
+    milliseconds sort by time in bytewise order (SQLite's; a PostgreSQL column
+    under a locale's collation orders them less strictly).
 
     Random ids put every create on its own leaf of the id index, a page of the
     WAL each; ids made one after the other share the index's last leaf. On a

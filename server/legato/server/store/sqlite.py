@@ -57,7 +57,7 @@ from legato.server.store.rows import (
     task_from_row,
     task_values,
 )
-from legato.server.store.supervision import Batch
+from legato.server.store.supervision import Batch, BatchDeclined
 
 T = TypeVar("T")
 
@@ -300,7 +300,9 @@ class SqliteStore:
 
         batch = None
         if not task.parent_id:
-            batch = Batch(_CREATE_MANY, (task, max_open), _create_many)
+            # By creator: one at its cap or retrying a create sends only its own
+            # set one by one.
+            batch = Batch((_CREATE_MANY, task.created_by), (task, max_open), _create_many)
         return await self._write(create, batch)
 
     async def update(self, task_id: str, decide: Decide, *, actor: str) -> TaskRecord:
@@ -894,7 +896,7 @@ def _load(
 _CREATE_MANY = "create"
 
 
-class _OneByOne(Exception):
+class _OneByOne(BatchDeclined):
     """A set of creates `_create_many` cannot make whole: each runs on its own."""
 
 
@@ -917,7 +919,10 @@ def _create_many(
     wanted: dict[str, int] = {}
     for task in tasks:
         wanted[task.created_by] = wanted.get(task.created_by, 0) + 1
-    caps = {task.created_by: cap for task, cap in items if cap is not None}
+    caps: dict[str, int] = {}
+    for task, cap in items:
+        if cap is not None:
+            caps[task.created_by] = min(cap, caps.get(task.created_by, cap))
     if caps:
         creators = list(caps)
         open_now = dict(

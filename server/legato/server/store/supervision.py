@@ -40,6 +40,11 @@ class Batch(Generic[C]):
     run: Callable[[C, list[Any]], list[Any]]
 
 
+class BatchDeclined(Exception):
+    """Raised by a `Batch.run` for a set it will not write whole (a key used
+    before, a cap): each write then runs alone, as expected, without a warning."""
+
+
 class _Batched(Protocol):
     @property
     def batch(self) -> Batch[Any] | None: ...
