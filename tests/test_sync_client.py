@@ -16,6 +16,7 @@ from itertools import islice
 import grpc
 import pytest
 from legato.client import (
+    AsyncClient,
     Client,
     EventType,
     TaskCanceledError,
@@ -160,3 +161,27 @@ async def test_a_closed_client_refuses_every_call(daemon: Daemon, agent_key: Age
         return refused
 
     assert len(await asyncio.to_thread(use_after_close)) == 7
+
+
+async def test_a_call_the_client_is_closed_under_raises_that_it_is_closed(
+    daemon: Daemon, agent_key: AgentKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call that passed the open check just before `close()` (a job's heartbeat
+    thread, say) meets a closed channel: it raises the client's RuntimeError,
+    which the heartbeat ends on quietly, not the channel's own error."""
+    key = await agent_key("coder", ["@x"])
+
+    def call_under_close() -> None:
+        client = Client(daemon.config.address, api_key=key)
+        handle = client.create_task("one task", labels=["@x"])
+        client.close()
+        monkeypatch.setattr(client, "_check_open", lambda: None)  # the check passed before
+        with pytest.raises(RuntimeError, match="closed"):
+            client.get_task(handle.id)
+
+    await asyncio.to_thread(call_under_close)
+    async with AsyncClient(daemon.config.address, api_key=key) as async_client:
+        handle = await async_client.create_task("another", labels=["@x"])
+    monkeypatch.setattr(async_client, "_check_open", lambda: None)
+    with pytest.raises(RuntimeError, match="closed"):
+        await async_client.get_task(handle.id)

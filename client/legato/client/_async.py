@@ -33,6 +33,7 @@ from legato.client._concurrency import (
 )
 from legato.client._core import (
     CHANNEL_OPTIONS,
+    CLOSED,
     DEFAULT_WORK_LEASE,
     DEFAULT_WORK_WAIT,
     HANDLER_STOP_WAIT,
@@ -180,6 +181,10 @@ class AsyncClient(ClientCore):
             )
         except grpc.aio.AioRpcError as exc:
             raise self._rpc_error(exc) from None
+        except Exception as exc:
+            if self._closed:  # closed during the call: the channel refused it
+                raise RuntimeError(CLOSED) from exc
+            raise
         return response
 
     async def _call_retrying(

@@ -75,6 +75,10 @@ def method_name(method: object) -> str:
     return str(path).rsplit("/", 1)[-1] or "the call"
 
 
+# What a call on a closed client raises (a RuntimeError), on either face.
+CLOSED = "this legato client is closed; create a new one"
+
+
 def new_idempotency_key() -> str:
     """A key for a create that the caller gave none: unique, so that only a
     repeat of this very call (a retry after a lost reply) finds the same task.
@@ -414,7 +418,7 @@ class ClientCore:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("this legato client is closed; create a new one")
+            raise RuntimeError(CLOSED)
 
     @staticmethod
     def _create_request(

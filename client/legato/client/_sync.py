@@ -35,6 +35,7 @@ from legato.client._concurrency import (
 )
 from legato.client._core import (
     CHANNEL_OPTIONS,
+    CLOSED,
     DEFAULT_WORK_LEASE,
     DEFAULT_WORK_WAIT,
     HANDLER_STOP_WAIT,
@@ -180,6 +181,10 @@ class Client(ClientCore):
             response: Response = unary(method, request, timeout, self._metadata, on_call)
         except grpc.RpcError as exc:
             raise self._rpc_error(exc) from None
+        except Exception as exc:
+            if self._closed:  # closed during the call: the channel refused it
+                raise RuntimeError(CLOSED) from exc
+            raise
         return response
 
     def _call_retrying(
