@@ -352,7 +352,7 @@ def _insert_many() -> str:
 
 
 _INSERT_MANY = _insert_many()
-# The `Batch` key of creates that `_create_many` can make together.
+# With the creator, the `Batch` key of creates that `_create_many` makes together.
 _CREATE_MANY = "create"
 
 # By whether the statement may wait (`Tx.waits`).
@@ -740,7 +740,9 @@ class PostgresStore:
 
         batch = None
         if not task.parent_id:
-            batch = Batch(_CREATE_MANY, (task, max_open), self._create_many)
+            # By creator, as on SQLite: one at its cap or retrying a create sends
+            # only its own set one by one.
+            batch = Batch((_CREATE_MANY, task.created_by), (task, max_open), self._create_many)
         return await self._write(create, batch)
 
     def _create_many(

@@ -892,7 +892,7 @@ def _load(
     return None if row is None else (row[0], task_from_row(row[1:]))
 
 
-# The `Batch` key of creates that `_create_many` can make together.
+# With the creator, the `Batch` key of creates that `_create_many` makes together.
 _CREATE_MANY = "create"
 
 
