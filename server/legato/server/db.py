@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -47,8 +48,8 @@ from legato.server.store.supervision import (
     Batch,
     BatchDeclined,
     Supervised,
-    batch_sets,
-    in_order,
+    run_set,
+    write_sets,
 )
 
 T = TypeVar("T")
@@ -345,7 +346,8 @@ class Database(Supervised):
         done: list[_Job[Any]] = []  # in the order they were written: seq order
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for job in self._run_batches(conn, group, done):
+            write_set = functools.partial(self._write_set, conn)
+            for job in write_sets(group, done, write_set):
                 done.append(job)
                 conn.execute("SAVEPOINT job")
                 try:
@@ -364,44 +366,27 @@ class Database(Supervised):
         self._loop.call_soon_threadsafe(self._deliver, done)
 
     @staticmethod
-    def _run_batches(
-        conn: sqlite3.Connection, group: list[_Job[Any]], done: list[_Job[Any]]
-    ) -> list[_Job[Any]]:
-        """Writes together the group's writes that share a `Batch` key, each set
-        in its savepoint, and adds them to `done`; returns the writes left to run
-        one by one (their set could not be made whole, or they have no set).
-
-        The writes of a set commit before the writes left, in the same
-        transaction: their order within the group is not their callers' order,
-        as it is not for callers that were waiting at the same moment anyway.
-        """
-        together, left = batch_sets(group)
-        for jobs in together:
-            batch = jobs[0].batch
-            assert batch is not None
-            conn.execute("SAVEPOINT batch")
-            try:
-                outcomes = batch.run(conn, [job.batch.item for job in jobs if job.batch])
-                if len(outcomes) != len(jobs):
-                    raise RuntimeError(f"{len(outcomes)} outcomes for {len(jobs)} writes")
-            except Exception as exc:  # each write then runs alone and gets its own answer
-                if not conn.in_transaction:
-                    raise  # SQLite ended the transaction itself (disk full, I/O): the group fails
-                if not isinstance(exc, BatchDeclined):
-                    log.warning(
-                        "a set of %d writes failed together; running them one by one",
-                        len(jobs),
-                        exc_info=exc,
-                    )
-                conn.execute("ROLLBACK TO batch")
-                conn.execute("RELEASE batch")
-                left.extend(jobs)
-                continue
+    def _write_set(
+        conn: sqlite3.Connection, batch: Batch[sqlite3.Connection], jobs: list[_Job[Any]]
+    ) -> list[Any] | None:
+        """One set of `write_sets`, in its savepoint; None: each write runs alone."""
+        conn.execute("SAVEPOINT batch")
+        try:
+            outcomes = run_set(batch, conn, jobs)
+        except Exception as exc:
+            if not conn.in_transaction:
+                raise  # SQLite ended the transaction itself (disk full, I/O): the group fails
+            if not isinstance(exc, BatchDeclined):
+                log.warning(
+                    "a set of %d writes failed together; running them one by one",
+                    len(jobs),
+                    exc_info=exc,
+                )
+            conn.execute("ROLLBACK TO batch")
             conn.execute("RELEASE batch")
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                job.outcome = outcome
-            done.extend(jobs)
-        return in_order(group, left)
+            return None
+        conn.execute("RELEASE batch")
+        return outcomes
 
     def _reader(self, conn: sqlite3.Connection) -> None:
         job: _Job[Any] | None = None

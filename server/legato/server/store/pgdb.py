@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -59,7 +60,7 @@ import psycopg
 import psycopg_pool
 from legato.server.errors import DomainError
 from legato.server.store import DatabaseFailed, Durability
-from legato.server.store.supervision import Batch, Supervised, batch_sets, describe, in_order
+from legato.server.store.supervision import Batch, Supervised, describe, run_set, write_sets
 
 T = TypeVar("T")
 
@@ -504,7 +505,8 @@ class PgDatabase(Supervised):
                 conn.execute("BEGIN")
                 alone = group
                 if savepoints:
-                    alone = self._run_batches(conn, pipeline, tx, group, done)
+                    write_set = functools.partial(self._write_set, conn, pipeline, tx)
+                    alone = write_sets(group, done, write_set)
                 for job in alone:
                     if savepoints:
                         conn.execute("SAVEPOINT job")
@@ -556,45 +558,27 @@ class PgDatabase(Supervised):
         self._loop.call_soon_threadsafe(self._deliver, done)
         return deferred
 
-    def _run_batches(
+    def _write_set(
         self,
         conn: psycopg.Connection[Any],
         pipeline: psycopg.Pipeline,
         tx: Tx,
-        group: list[_Job[Any]],
-        done: list[_Job[Any]],
-    ) -> list[_Job[Any]]:
-        """Writes together the group's writes that share a `Batch` key, each set
-        in its savepoint, and adds them to `done`; returns the writes left to run
-        one by one (their set's statement failed, or they have no set).
-
-        The writes of a set commit before the writes left, in the same
-        transaction: their order within the group is not their callers' order,
-        as it is not for callers that were waiting at the same moment anyway.
-        """
-        together, left = batch_sets(group)
-        for jobs in together:
-            batch = jobs[0].batch
-            assert batch is not None
-            conn.execute("SAVEPOINT batch")
-            try:
-                outcomes = batch.run(tx, [job.batch.item for job in jobs if job.batch])
-                if len(outcomes) != len(jobs):
-                    raise Contended(f"{len(outcomes)} outcomes for {len(jobs)} writes")
-                if _awaiting(pipeline):
-                    pipeline.sync()
-            except BaseException as exc:
-                self._check_connection(conn, exc)
-                self._resync(pipeline)
-                conn.execute("ROLLBACK TO batch")
-                left.extend(jobs)
-                continue
-            conn.execute("RELEASE batch")
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                job.outcome = outcome
-            done.extend(jobs)
-        # In the order they came: a write alone runs after the batches.
-        return in_order(group, left)
+        batch: Batch[Tx],
+        jobs: list[_Job[Any]],
+    ) -> list[Any] | None:
+        """One set of `write_sets`, in its savepoint; None: each write runs alone."""
+        conn.execute("SAVEPOINT batch")
+        try:
+            outcomes = run_set(batch, tx, jobs)
+            if _awaiting(pipeline):
+                pipeline.sync()
+        except BaseException as exc:
+            self._check_connection(conn, exc)
+            self._resync(pipeline)
+            conn.execute("ROLLBACK TO batch")
+            return None
+        conn.execute("RELEASE batch")
+        return outcomes
 
     @staticmethod
     def _resync(pipeline: psycopg.Pipeline) -> None:

@@ -49,8 +49,36 @@ class _Batched(Protocol):
     @property
     def batch(self) -> Batch[Any] | None: ...
 
+    outcome: Any
+
 
 J = TypeVar("J", bound=_Batched)
+
+
+def write_sets(
+    group: Sequence[J], done: list[J], write_set: Callable[[Batch[Any], list[J]], list[Any] | None]
+) -> list[J]:
+    """Writes together the group's writes that share a `Batch` key, each set by
+    `write_set` (in its savepoint; None if the set could not be made whole),
+    and adds them to `done`; returns the writes left to run one by one (their
+    set failed, or they have no set), in their order.
+
+    The writes of a set commit before the writes left, in the same
+    transaction: their order within the group is not their callers' order,
+    as it is not for callers that were waiting at the same moment anyway.
+    """
+    together, left = batch_sets(group)
+    for jobs in together:
+        batch = jobs[0].batch
+        assert batch is not None
+        outcomes = write_set(batch, jobs)
+        if outcomes is None:
+            left.extend(jobs)
+            continue
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            job.outcome = outcome
+        done.extend(jobs)
+    return in_order(group, left)
 
 
 def batch_sets(group: Sequence[J]) -> tuple[list[list[J]], list[J]]:
@@ -63,6 +91,15 @@ def batch_sets(group: Sequence[J]) -> tuple[list[list[J]], list[J]]:
     together = [jobs for jobs in sets.values() if len(jobs) > 1]
     batched = {id(job) for jobs in together for job in jobs}
     return together, [job for job in group if id(job) not in batched]
+
+
+def run_set(batch: Batch[C], conn: C, jobs: Sequence[J]) -> list[Any]:
+    """`batch.run` on the items of `jobs`; raises if it does not answer each
+    (inside the set's savepoint, so that the set then runs one by one)."""
+    outcomes = batch.run(conn, [job.batch.item for job in jobs if job.batch is not None])
+    if len(outcomes) != len(jobs):
+        raise RuntimeError(f"{len(outcomes)} outcomes for {len(jobs)} writes")
+    return outcomes
 
 
 def in_order(group: Sequence[J], jobs: Iterable[J]) -> list[J]:
