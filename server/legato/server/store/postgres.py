@@ -56,7 +56,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from legato.server import access, limits
-from legato.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from legato.server.errors import AlreadyExists, InvalidArgument, NotFound
 from legato.server.model import (
     EVENT_OVERHEAD,
     FIELD_OVERHEAD,
@@ -91,10 +91,11 @@ from legato.server.store.rows import (
     AGENT_COLUMNS,
     TASK_COLUMNS,
     agent_from_row,
+    check_open_count,
     event_columns,
     event_from_row,
     prefixed,
-    same_request,
+    repeat_of,
     state_json,
     task_from_row,
     task_values,
@@ -715,18 +716,9 @@ class PostgresStore:
             assert row is not None
             rowid, open_count, seq, original_row = row[0], int(row[1]), row[2], row[4:]
             if original_row[0] is not None:
-                original = task_from_row(original_row[1:])
-                if same_request(original, task):
-                    return (original, False), []
-                raise AlreadyExists(
-                    f"idempotency_key {task.idempotency_key!r} was already used for a "
-                    f"different task ({original.id}); use a new key for a new task"
-                )
-            if max_open is not None and open_count >= max_open:
-                raise ResourceExhausted(
-                    f"agent {task.created_by!r} already has {open_count} open (pending or "
-                    f"claimed) tasks, the limit; wait for some to finish or cancel them"
-                )
+                return (repeat_of(task_from_row(original_row[1:]), task), False), []
+            if max_open is not None:
+                check_open_count(task.created_by, open_count, max_open)
             if rowid is None:
                 # Neither the key nor the cap: a conflict the lock did not cover
                 # (taken inside the statement, not before it). Alone it waits.
@@ -817,21 +809,10 @@ class PostgresStore:
         if same_key is not None:
             row = tx.fetched(same_key.fetchone)
             if row is not None:
-                original = task_from_row(row[1:])
-                if same_request(original, task):
-                    return (original, False), []
-                raise AlreadyExists(
-                    f"idempotency_key {task.idempotency_key!r} was already used for a "
-                    f"different task ({original.id}); use a new key for a new task"
-                )
+                return (repeat_of(task_from_row(row[1:]), task), False), []
         if open_tasks is not None and max_open is not None:
             row = tx.fetched(open_tasks.fetchone)
-            open_count = 0 if row is None else int(row[0])
-            if open_count >= max_open:
-                raise ResourceExhausted(
-                    f"agent {task.created_by!r} already has {open_count} open (pending or "
-                    f"claimed) tasks, the limit; wait for some to finish or cancel them"
-                )
+            check_open_count(task.created_by, 0 if row is None else int(row[0]), max_open)
         row = tx.fetched(parent_row.fetchone)
         if row is None:
             raise NotFound(access.parent_not_found(task.parent_id))

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from legato.server.errors import AlreadyExists, ResourceExhausted
 from legato.server.model import (
     AgentRecord,
     Event,
@@ -164,6 +165,26 @@ def same_request(original: TaskRecord, retry: TaskRecord) -> bool:
         and original.parent_id == retry.parent_id
         and original.max_attempts == retry.max_attempts
     )
+
+
+def repeat_of(original: TaskRecord, task: TaskRecord) -> TaskRecord:
+    """What a create of `task` with the idempotency key of the stored `original`
+    answers: the original for the same request, ALREADY_EXISTS for another."""
+    if same_request(original, task):
+        return original
+    raise AlreadyExists(
+        f"idempotency_key {task.idempotency_key!r} was already used for a "
+        f"different task ({original.id}); use a new key for a new task"
+    )
+
+
+def check_open_count(creator: str, open_count: int, max_open: int) -> None:
+    """RESOURCE_EXHAUSTED if `creator`, with `open_count` tasks open, is at its cap."""
+    if open_count >= max_open:
+        raise ResourceExhausted(
+            f"agent {creator!r} already has {open_count} open (pending or "
+            f"claimed) tasks, the limit; wait for some to finish or cancel them"
+        )
 
 
 def task_values(task: TaskRecord) -> tuple[Any, ...]:

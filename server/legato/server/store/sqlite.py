@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from legato.server import access, limits
 from legato.server.db import Database
-from legato.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from legato.server.errors import AlreadyExists, InvalidArgument, NotFound
 from legato.server.model import (
     AgentRecord,
     Clock,
@@ -49,10 +49,11 @@ from legato.server.store.rows import (
     TASK_COLUMNS,
     agent_from_row,
     agent_row,
+    check_open_count,
     event_columns,
     events_within,
     prefixed,
-    same_request,
+    repeat_of,
     state_json,
     task_from_row,
     task_values,
@@ -264,23 +265,12 @@ class SqliteStore:
                     (task.created_by, task.idempotency_key),
                 ).fetchone()
                 if row is not None:
-                    original = task_from_row(row[1:])
-                    if same_request(original, task):
-                        return (original, False), []
-                    raise AlreadyExists(
-                        f"idempotency_key {task.idempotency_key!r} was already used for a "
-                        f"different task ({original.id}); use a new key for a new task"
-                    )
+                    return (repeat_of(task_from_row(row[1:]), task), False), []
             if max_open is not None:
                 row = conn.execute(
                     "SELECT n FROM open_tasks WHERE created_by = ?", (task.created_by,)
                 ).fetchone()
-                open_count = 0 if row is None else row[0]
-                if open_count >= max_open:
-                    raise ResourceExhausted(
-                        f"agent {task.created_by!r} already has {open_count} open (pending or "
-                        f"claimed) tasks, the limit; wait for some to finish or cancel them"
-                    )
+                check_open_count(task.created_by, 0 if row is None else row[0], max_open)
             new = replace(task, root_id=task.id)
             if task.parent_id:
                 loaded = _load(conn, "id = ?", (task.parent_id,))
