@@ -123,7 +123,7 @@ async def measure(variants: Sequence[tuple[str, Path]], rounds: int, seconds: fl
                     if server.daemon is not None:
                         cpu = server.daemon.proc.cpu_seconds() - cpu_before
                         results.add(f"{call}.{server.name}.cpu", cpu / calls * 1e6)
-                    if method == "CreateTask" and server.daemon in [s.daemon for s in normal]:
+                    if method == "CreateTask" and server in normal:
                         supply[server.name] += calls
                     if claims:
                         supply[server.name] -= calls

@@ -68,17 +68,19 @@ def write_sets(
     as it is not for callers that were waiting at the same moment anyway.
     """
     together, left = batch_sets(group)
+    failed: list[J] = []
     for jobs in together:
         batch = jobs[0].batch
         assert batch is not None
         outcomes = write_set(batch, jobs)
         if outcomes is None:
-            left.extend(jobs)
+            failed.extend(jobs)
             continue
         for job, outcome in zip(jobs, outcomes, strict=True):
             job.outcome = outcome
         done.extend(jobs)
-    return in_order(group, left)
+    # `left` is in the group's order already: only a failed set needs sorting in.
+    return _in_order(group, [*left, *failed]) if failed else left
 
 
 def batch_sets(group: Sequence[J]) -> tuple[list[list[J]], list[J]]:
@@ -102,7 +104,7 @@ def run_set(batch: Batch[C], conn: C, jobs: Sequence[J]) -> list[Any]:
     return outcomes
 
 
-def in_order(group: Sequence[J], jobs: Iterable[J]) -> list[J]:
+def _in_order(group: Sequence[J], jobs: Iterable[J]) -> list[J]:
     """`jobs` (writes of `group`) in the order they have in `group`."""
     position = {id(job): n for n, job in enumerate(group)}
     return sorted(jobs, key=lambda job: position[id(job)])
